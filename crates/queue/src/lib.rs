@@ -1,1 +1,59 @@
-//! placeholder
+//! The virtqueue core of vblk.
+//!
+//! - [`layout`]: the split ring's byte layout, shared by the device and the driver side.
+//! - [`split`]: the device side of a split ring: pop + validate chains, used ring,
+//!   notification suppression.
+//! - [`chain`]: a validated chain and byte-stream access to its buffers.
+//!
+//! Spec references are to Virtual I/O Device (VIRTIO) Version 1.2.
+
+pub mod chain;
+pub mod layout;
+pub mod split;
+
+pub use chain::{Chain, Reader, StreamError, Writer};
+pub use layout::{need_event, Descriptor, SplitLayout, MAX_QUEUE_SIZE};
+pub use split::{AddrSpace, Popped, RingAddrs, RingFeatures, SplitQueue};
+
+use vblk_virtio::MemoryError;
+
+/// The ring itself is unusable: the queue stops until it is set up again.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueueError {
+    #[error("queue size {0} is not a power of two in 1..=32768")]
+    InvalidSize(u32),
+    #[error("ring address: {0}")]
+    RingMemory(#[from] MemoryError),
+    #[error("avail index jumped from {last} to {now}, more than the queue size {size}")]
+    AvailIdxJump { last: u16, now: u16, size: u16 },
+    #[error("avail ring names head {head}, queue size is {size}")]
+    HeadOutOfRange { head: u16, size: u16 },
+    #[error("head {head} made available again while still in flight")]
+    HeadInFlight { head: u16 },
+}
+
+/// One descriptor chain is invalid: that request is refused (used length 0), the queue
+/// goes on.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("descriptor next index {next} out of range ({limit} entries)")]
+    NextOutOfRange { next: u16, limit: u32 },
+    #[error("descriptor chain longer than {limit} entries (or a loop)")]
+    TooLong { limit: u32 },
+    #[error("zero-length descriptor")]
+    ZeroLength,
+    #[error("buffer: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("indirect descriptor but VIRTIO_RING_F_INDIRECT_DESC not negotiated")]
+    IndirectNotNegotiated,
+    #[error("indirect descriptor with the NEXT flag")]
+    IndirectWithNext,
+    #[error("indirect descriptor not at the head of the chain")]
+    IndirectNotFirst,
+    #[error("indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    #[error("indirect table length {0} is not a non-zero multiple of 16")]
+    IndirectBadLength(u32),
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+}

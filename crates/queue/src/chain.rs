@@ -1,0 +1,234 @@
+//! A descriptor chain after validation: the request's buffers as two lists, the
+//! device-readable part and the device-writable part (§2.7.4), each an [`Iov`] list that
+//! points straight into guest memory.
+//!
+//! A chain is validated once, when it is popped ([`crate::SplitQueue::pop`]); everything
+//! above this layer reads the readable part as a byte stream ([`Reader`]) and writes the
+//! writable part as one ([`Writer`]), never looking at descriptors again. The chain keeps
+//! the memory table its buffers point into alive until it is completed.
+//!
+//! `Chain` values are meant to be recycled: [`Chain::reset`] keeps the vectors'
+//! capacity, so popping requests does not allocate once the slots are warm.
+
+use std::sync::Arc;
+
+use vblk_virtio::{GuestMemory, Iov, MemoryError};
+
+/// A validated descriptor chain.
+#[derive(Debug, Default)]
+pub struct Chain {
+    head: u16,
+    mem: Option<Arc<GuestMemory>>,
+    readable: Vec<Iov>,
+    writable: Vec<Iov>,
+    readable_len: u64,
+    writable_len: u64,
+}
+
+/// Why a byte-stream access to a chain failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("the chain has only {available} bytes left, {wanted} wanted")]
+    Short { available: u64, wanted: u64 },
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("the chain holds no memory table")]
+    Detached,
+}
+
+impl Chain {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Start a new chain with head `head` in memory `mem`, keeping vector capacity.
+    pub fn reset(&mut self, head: u16, mem: &Arc<GuestMemory>) {
+        self.head = head;
+        self.mem = Some(Arc::clone(mem));
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
+    }
+
+    /// Drop the reference to guest memory (after completion).
+    pub fn release(&mut self) {
+        self.mem = None;
+        self.readable.clear();
+        self.writable.clear();
+    }
+
+    pub(crate) fn push_readable(&mut self, iov: Iov) {
+        self.readable_len += iov.len() as u64;
+        self.readable.push(iov);
+    }
+
+    pub(crate) fn push_writable(&mut self, iov: Iov) {
+        self.writable_len += iov.len() as u64;
+        self.writable.push(iov);
+    }
+
+    /// Index of the head descriptor: what goes into the used ring.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    pub fn memory(&self) -> Option<&Arc<GuestMemory>> {
+        self.mem.as_ref()
+    }
+
+    pub fn readable(&self) -> &[Iov] {
+        &self.readable
+    }
+
+    pub fn writable(&self) -> &[Iov] {
+        &self.writable
+    }
+
+    pub fn readable_len(&self) -> u64 {
+        self.readable_len
+    }
+
+    pub fn writable_len(&self) -> u64 {
+        self.writable_len
+    }
+
+    pub fn has_writable_after_readable(&self) -> bool {
+        !self.writable.is_empty()
+    }
+
+    /// The device-readable bytes as a stream.
+    pub fn reader(&self) -> Reader<'_> {
+        Reader { mem: self.mem.as_deref(), iovs: &self.readable, pos: Cursor::default(), remaining: self.readable_len }
+    }
+
+    /// The device-writable bytes as a stream.
+    pub fn writer(&self) -> Writer<'_> {
+        Writer { mem: self.mem.as_deref(), iovs: &self.writable, pos: Cursor::default(), remaining: self.writable_len }
+    }
+}
+
+/// Position inside an `Iov` list.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cursor {
+    index: usize,
+    offset: u32,
+}
+
+impl Cursor {
+    /// Walk `n` bytes of `iovs`, calling `f(iov, offset, len, done)` for each piece.
+    fn walk(
+        &mut self,
+        iovs: &[Iov],
+        mut n: u64,
+        mut f: impl FnMut(Iov, u32, usize, usize) -> Result<(), StreamError>,
+    ) -> Result<(), StreamError> {
+        let mut done = 0usize;
+        while n > 0 {
+            let Some(iov) = iovs.get(self.index) else { break };
+            let left = iov.len() - self.offset;
+            let take = (left as u64).min(n) as u32;
+            f(*iov, self.offset, take as usize, done)?;
+            done += take as usize;
+            n -= take as u64;
+            self.offset += take;
+            if self.offset == iov.len() {
+                self.index += 1;
+                self.offset = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// The rest of `iovs` from here, as sub-buffers, limited to `limit` bytes.
+    fn rest(&self, iovs: &[Iov], mut limit: u64, out: &mut Vec<Iov>) {
+        for (i, iov) in iovs.iter().enumerate().skip(self.index) {
+            if limit == 0 {
+                break;
+            }
+            let start = if i == self.index { self.offset } else { 0 };
+            let (_, tail) = iov.split_at(start);
+            let (piece, _) = tail.split_at(limit.min(tail.len() as u64) as u32);
+            if !piece.is_empty() {
+                limit -= piece.len() as u64;
+                out.push(piece);
+            }
+        }
+    }
+}
+
+/// Reads the device-readable part of a chain as a byte stream.
+pub struct Reader<'a> {
+    mem: Option<&'a GuestMemory>,
+    iovs: &'a [Iov],
+    pos: Cursor,
+    remaining: u64,
+}
+
+impl Reader<'_> {
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Fill `buf` from the stream, across descriptor boundaries.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), StreamError> {
+        let wanted = buf.len() as u64;
+        if wanted > self.remaining {
+            return Err(StreamError::Short { available: self.remaining, wanted });
+        }
+        let mem = self.mem.ok_or(StreamError::Detached)?;
+        self.pos.walk(self.iovs, wanted, |iov, off, len, done| {
+            mem.read_iov(iov, off, &mut buf[done..done + len]).map_err(StreamError::from)
+        })?;
+        self.remaining -= wanted;
+        Ok(())
+    }
+
+    /// The unread bytes as buffers (for handing to the backend), without consuming them.
+    pub fn rest(&self, out: &mut Vec<Iov>) {
+        self.pos.rest(self.iovs, self.remaining, out);
+    }
+}
+
+/// Writes the device-writable part of a chain as a byte stream.
+pub struct Writer<'a> {
+    mem: Option<&'a GuestMemory>,
+    iovs: &'a [Iov],
+    pos: Cursor,
+    remaining: u64,
+}
+
+impl Writer<'_> {
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Write all of `buf` to the stream.
+    pub fn write_all(&mut self, buf: &[u8]) -> Result<(), StreamError> {
+        let wanted = buf.len() as u64;
+        if wanted > self.remaining {
+            return Err(StreamError::Short { available: self.remaining, wanted });
+        }
+        let mem = self.mem.ok_or(StreamError::Detached)?;
+        self.pos.walk(self.iovs, wanted, |iov, off, len, done| {
+            mem.write_iov(iov, off, &buf[done..done + len]).map_err(StreamError::from)
+        })?;
+        self.remaining -= wanted;
+        Ok(())
+    }
+
+    /// Up to `limit` unwritten bytes as buffers (for the backend to fill), not consumed.
+    pub fn rest(&self, limit: u64, out: &mut Vec<Iov>) {
+        self.pos.rest(self.iovs, limit.min(self.remaining), out);
+    }
+
+    /// Skip `n` bytes (they were filled by the backend).
+    pub fn skip(&mut self, n: u64) -> Result<(), StreamError> {
+        if n > self.remaining {
+            return Err(StreamError::Short { available: self.remaining, wanted: n });
+        }
+        self.pos.walk(self.iovs, n, |_, _, _, _| Ok(()))?;
+        self.remaining -= n;
+        Ok(())
+    }
+}

@@ -1,0 +1,378 @@
+//! The split virtqueue, device side (virtio 1.2 §2.7): QEMU's `virtqueue_pop` /
+//! `virtqueue_push` / `virtio_notify`, written against a hostile driver.
+//!
+//! - [`SplitQueue::pop`] reads the next available head and validates its whole chain once
+//!   into a [`Chain`]. Every index and address the driver wrote is checked before use.
+//! - [`SplitQueue::add_used`] + [`SplitQueue::publish_used`] return chains to the driver;
+//!   `publish_used` tells whether the driver wants an interrupt (EVENT_IDX `used_event`,
+//!   or `VRING_AVAIL_F_NO_INTERRUPT`).
+//! - [`SplitQueue::enable_notification`] asks for kicks again before the device sleeps
+//!   (EVENT_IDX `avail_event`) and reports work that raced with it.
+//!
+//! Two kinds of failure: a bad *chain* (a loop, a buffer outside memory, …) refuses that
+//! request only: it is returned with used length 0. A bad *ring* (avail index jumping past
+//! the queue size, a head out of range, a head made available twice while in flight)
+//! breaks the queue: nothing more is read from it until it is set up again.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use vblk_virtio::{GuestArea, GuestMemory, MemoryError};
+
+use crate::chain::Chain;
+use crate::layout::{Descriptor, SplitLayout, DESC_SIZE};
+use crate::layout::{AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, USED_ALIGN};
+use crate::{need_event, ChainError, QueueError};
+
+/// Where a split ring lives and what was negotiated for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingAddrs {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// Which address space [`RingAddrs`] are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrSpace {
+    /// Guest-physical addresses (virtio-pci, in-process tests).
+    GuestPhysical,
+    /// The frontend's virtual addresses (vhost-user `SET_VRING_ADDR`).
+    FrontendVirtual,
+}
+
+/// Ring features the queue needs to know about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingFeatures {
+    pub event_idx: bool,
+    pub indirect: bool,
+}
+
+/// What [`SplitQueue::pop`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Popped {
+    /// Nothing available.
+    Empty,
+    /// A valid chain was written into the caller's [`Chain`].
+    Chain,
+    /// The chain with head `head` is invalid; it must be completed with used length 0.
+    Refused { head: u16, error: ChainError },
+}
+
+/// Device side of a split virtqueue.
+pub struct SplitQueue {
+    layout: SplitLayout,
+    features: RingFeatures,
+    mem: Arc<GuestMemory>,
+    desc: GuestArea,
+    avail: GuestArea,
+    used: GuestArea,
+    /// Next available-ring slot to read (the vhost-user "vring base").
+    next_avail: u16,
+    /// Last `avail.idx` read (shadow: re-read only when we caught up with it).
+    shadow_avail: u16,
+    /// Next used-ring slot to fill.
+    next_used: u16,
+    /// `used.idx` as last published.
+    published_used: u16,
+    /// `used.idx` at the last notification check (Linux vhost's `signalled_used`).
+    signalled_used: Option<u16>,
+    /// Heads handed out and not yet completed.
+    in_flight: Vec<bool>,
+    num_in_flight: u16,
+    broken: Option<QueueError>,
+}
+
+impl SplitQueue {
+    /// Set up a queue of `size` entries whose rings are at `addrs`.
+    pub fn new(
+        mem: Arc<GuestMemory>,
+        size: u32,
+        addrs: RingAddrs,
+        space: AddrSpace,
+        features: RingFeatures,
+    ) -> Result<Self, QueueError> {
+        let layout = SplitLayout::new(size).ok_or(QueueError::InvalidSize(size))?;
+        let area = |addr, len, align| -> Result<GuestArea, MemoryError> {
+            match space {
+                AddrSpace::GuestPhysical => mem.area_at_gpa(addr, len, align),
+                AddrSpace::FrontendVirtual => mem.area_at_uva(addr, len, align),
+            }
+        };
+        let desc = area(addrs.desc, layout.desc_table_len(), DESC_ALIGN)?;
+        let avail = area(addrs.avail, layout.avail_len(), AVAIL_ALIGN)?;
+        let used = area(addrs.used, layout.used_len(), USED_ALIGN)?;
+        let next_used = used.load_u16(SplitLayout::IDX);
+        Ok(SplitQueue {
+            layout,
+            features,
+            mem,
+            desc,
+            avail,
+            used,
+            next_avail: 0,
+            shadow_avail: 0,
+            next_used,
+            published_used: next_used,
+            signalled_used: None,
+            in_flight: vec![false; size as usize],
+            num_in_flight: 0,
+            broken: None,
+        })
+    }
+
+    pub fn size(&self) -> u16 {
+        self.layout.size
+    }
+
+    pub fn features(&self) -> RingFeatures {
+        self.features
+    }
+
+    /// Index of the next available entry to process (`GET_VRING_BASE`).
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
+    /// Start processing at available entry `idx` (`SET_VRING_BASE`).
+    pub fn set_next_avail(&mut self, idx: u16) {
+        self.next_avail = idx;
+        self.shadow_avail = idx;
+    }
+
+    pub fn next_used(&self) -> u16 {
+        self.next_used
+    }
+
+    /// Requests popped and not yet completed. Never more than the queue size.
+    pub fn num_in_flight(&self) -> u16 {
+        self.num_in_flight
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// Why the queue stopped, if it did.
+    pub fn broken(&self) -> Option<&QueueError> {
+        self.broken.as_ref()
+    }
+
+    fn fail(&mut self, e: QueueError) -> QueueError {
+        self.broken = Some(e.clone());
+        e
+    }
+
+    /// Read `avail.idx` and check the driver did not make more than `size` entries
+    /// available beyond what we already consumed.
+    fn refresh_avail(&mut self) -> Result<u16, QueueError> {
+        let idx = self.avail.load_u16(SplitLayout::IDX);
+        // Read ring entries and descriptors only after seeing the index (§2.7.13.3 pairs
+        // with the driver's write barrier before publishing it).
+        fence(Ordering::Acquire);
+        if idx.wrapping_sub(self.next_avail) > self.layout.size {
+            return Err(self.fail(QueueError::AvailIdxJump {
+                last: self.next_avail,
+                now: idx,
+                size: self.layout.size,
+            }));
+        }
+        self.shadow_avail = idx;
+        Ok(idx)
+    }
+
+    /// Are there available entries we have not popped? (Re-reads `avail.idx`.)
+    pub fn has_available(&mut self) -> Result<bool, QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        Ok(self.refresh_avail()? != self.next_avail)
+    }
+
+    /// Pop the next available chain into `chain`.
+    pub fn pop(&mut self, chain: &mut Chain) -> Result<Popped, QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        if self.shadow_avail == self.next_avail && self.refresh_avail()? == self.next_avail {
+            return Ok(Popped::Empty);
+        }
+        let head = self.avail.load_u16(self.layout.avail_entry(self.next_avail));
+        if head >= self.layout.size {
+            return Err(self.fail(QueueError::HeadOutOfRange { head, size: self.layout.size }));
+        }
+        if self.in_flight[head as usize] {
+            return Err(self.fail(QueueError::HeadInFlight { head }));
+        }
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.in_flight[head as usize] = true;
+        self.num_in_flight += 1;
+        chain.reset(head, &self.mem);
+        match self.walk(head, chain) {
+            Ok(()) => Ok(Popped::Chain),
+            Err(error) => {
+                chain.release();
+                Ok(Popped::Refused { head, error })
+            }
+        }
+    }
+
+    fn read_desc(&self, i: u16) -> Descriptor {
+        let mut b = [0u8; DESC_SIZE];
+        self.desc.read(self.layout.desc(i), &mut b);
+        Descriptor::from_bytes(&b)
+    }
+
+    /// Walk the chain at `head` (§2.7.5, §2.7.5.3) into `chain`.
+    fn walk(&self, head: u16, chain: &mut Chain) -> Result<(), ChainError> {
+        let size = self.layout.size;
+        let first = self.read_desc(head);
+        if first.is_indirect() {
+            if !self.features.indirect {
+                return Err(ChainError::IndirectNotNegotiated);
+            }
+            if first.has_next() {
+                return Err(ChainError::IndirectWithNext);
+            }
+            return self.walk_indirect(first, chain);
+        }
+        let mut d = first;
+        let mut count: u32 = 1;
+        loop {
+            if d.is_indirect() {
+                return Err(ChainError::IndirectNotFirst);
+            }
+            self.push_buffer(&d, chain)?;
+            if !d.has_next() {
+                return Ok(());
+            }
+            if d.next >= size {
+                return Err(ChainError::NextOutOfRange { next: d.next, limit: size as u32 });
+            }
+            count += 1;
+            // A chain visits each descriptor at most once; more means a loop.
+            if count > size as u32 {
+                return Err(ChainError::TooLong { limit: size as u32 });
+            }
+            d = self.read_desc(d.next);
+        }
+    }
+
+    /// Walk an indirect table (§2.7.5.3.1): a length that is a non-zero multiple of 16, at
+    /// most `size` entries, inside guest memory, no nested tables.
+    fn walk_indirect(&self, table: Descriptor, chain: &mut Chain) -> Result<(), ChainError> {
+        if table.len == 0 || table.len as usize % DESC_SIZE != 0 {
+            return Err(ChainError::IndirectBadLength(table.len));
+        }
+        let entries = table.len / DESC_SIZE as u32;
+        if entries > self.layout.size as u32 {
+            return Err(ChainError::TooLong { limit: self.layout.size as u32 });
+        }
+        let iov = self.mem.iov(table.addr, table.len)?;
+        let read = |i: u32| -> Result<Descriptor, ChainError> {
+            let mut b = [0u8; DESC_SIZE];
+            self.mem.read_iov(iov, i * DESC_SIZE as u32, &mut b)?;
+            Ok(Descriptor::from_bytes(&b))
+        };
+        let mut i = 0u32;
+        for _ in 0..entries {
+            let d = read(i)?;
+            if d.is_indirect() {
+                return Err(ChainError::NestedIndirect);
+            }
+            self.push_buffer(&d, chain)?;
+            if !d.has_next() {
+                return Ok(());
+            }
+            if d.next as u32 >= entries {
+                return Err(ChainError::NextOutOfRange { next: d.next, limit: entries });
+            }
+            i = d.next as u32;
+        }
+        Err(ChainError::TooLong { limit: entries })
+    }
+
+    fn push_buffer(&self, d: &Descriptor, chain: &mut Chain) -> Result<(), ChainError> {
+        if d.len == 0 {
+            return Err(ChainError::ZeroLength);
+        }
+        let iov = self.mem.iov(d.addr, d.len)?;
+        if d.is_write_only() {
+            chain.push_writable(iov);
+        } else if chain.has_writable_after_readable() {
+            // §2.7.4.2: device-readable descriptors come before device-writable ones.
+            return Err(ChainError::ReadableAfterWritable);
+        } else {
+            chain.push_readable(iov);
+        }
+        Ok(())
+    }
+
+    /// Put `head` in the used ring with `len` bytes written. Not visible to the driver
+    /// until [`publish_used`](Self::publish_used).
+    ///
+    /// `head` must come from [`pop`](Self::pop) and not have been completed yet; anything
+    /// else is ignored (and reported), so a vblk bug cannot corrupt the ring.
+    pub fn add_used(&mut self, head: u16, len: u32) -> bool {
+        match self.in_flight.get_mut(head as usize) {
+            Some(f) if *f => *f = false,
+            _ => return false,
+        }
+        self.num_in_flight -= 1;
+        let off = self.layout.used_entry(self.next_used);
+        self.used.store_u32(off, head as u32);
+        self.used.store_u32(off + 4, len);
+        self.next_used = self.next_used.wrapping_add(1);
+        true
+    }
+
+    /// Make all added used entries visible and decide whether the driver wants to be
+    /// notified (§2.7.7.2 / §2.7.10). Returns `true` if the caller must signal it.
+    pub fn publish_used(&mut self) -> bool {
+        if self.next_used == self.published_used {
+            return false;
+        }
+        // Used entries before the index (§2.7.8 step 5 pairs with the driver's read barrier).
+        fence(Ordering::Release);
+        self.used.store_u16(SplitLayout::IDX, self.next_used);
+        self.published_used = self.next_used;
+        // The index store must be visible before we read the driver's suppression state,
+        // or we could miss a notification the driver now waits for.
+        fence(Ordering::SeqCst);
+        if self.features.event_idx {
+            let event = self.avail.load_u16(self.layout.used_event());
+            let new = self.next_used;
+            match self.signalled_used.replace(new) {
+                None => true,
+                Some(old) => need_event(event, new, old),
+            }
+        } else {
+            self.avail.load_u16(SplitLayout::FLAGS) & AVAIL_F_NO_INTERRUPT == 0
+        }
+    }
+
+    /// Ask the driver to kick us for anything after what we have popped, then check for
+    /// work that arrived meanwhile. Returns `true` if there is more to pop: the caller must
+    /// process it instead of sleeping.
+    pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        if self.features.event_idx {
+            self.used.store_u16(self.layout.avail_event(), self.next_avail);
+        } else {
+            self.used.store_u16(SplitLayout::FLAGS, 0);
+        }
+        fence(Ordering::SeqCst);
+        self.has_available()
+    }
+
+    /// Tell the driver kicks are not needed (we are polling the ring).
+    pub fn disable_notification(&mut self) {
+        if !self.features.event_idx {
+            self.used.store_u16(SplitLayout::FLAGS, crate::layout::USED_F_NO_NOTIFY);
+        }
+        // With EVENT_IDX, simply not advancing avail_event suppresses kicks.
+    }
+}
+
+#[cfg(test)]
+#[path = "split_tests.rs"]
+mod tests;
