@@ -1,1 +1,16 @@
-//! placeholder
+//! The virtio-blk device engine (virtio 1.2 §5.2).
+//!
+//! - [`config`]: offered features and the config space.
+//! - [`request`]: a validated chain becomes a typed [`request::Request`] (or an error
+//!   status), like QEMU's `virtio_blk_handle_request`.
+//! - [`pipeline`]: one queue's pipeline: pop → parse → backend I/O → finish (status byte,
+//!   used ring) → publish. Transport-agnostic: the vhost-user worker threads and the
+//!   in-process loopback both drive it.
+
+pub mod config;
+pub mod pipeline;
+pub mod request;
+
+pub use config::DeviceParams;
+pub use pipeline::{split_tag, BlkQueue, QueueStats};
+pub use request::{Parsed, Request, RequestError};

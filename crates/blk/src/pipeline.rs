@@ -1,0 +1,247 @@
+//! One virtio-blk queue, from popped chain to used ring.
+//!
+//! ```text
+//!  avail ring ──pop──▶ Chain ──parse──▶ Request ──start──▶ backend I/O (io_uring)
+//!                                         │                        │
+//!                                         │ (GET_ID, errors)       ▼ Completion
+//!                                         └──────────▶ finish: status byte, used ring
+//!                                                              │
+//!                                               publish ──▶ "notify?" (caller signals)
+//! ```
+//!
+//! A request lives in the slot of its head descriptor from pop to finish: the queue
+//! guarantees a head is never handed out twice while in flight, so at most `size`
+//! requests are pending and slots are never allocated on the hot path. A pending slot
+//! holds its chain, and the chain holds the guest memory table, so memory stays mapped
+//! while the kernel may still write into it.
+
+use std::sync::Arc;
+
+use vblk_backend::{Completion, Engine, IoOp, OpKind};
+use vblk_queue::{Chain, Popped, QueueError, SplitQueue};
+use vblk_virtio::blk::Status;
+use vblk_virtio::Iov;
+
+use crate::config::DeviceParams;
+use crate::request::{data_buffers, parse, Parsed, Request, RequestError};
+
+/// Bits of a backend tag that carry the head index; the bits above name the queue.
+pub const TAG_HEAD_BITS: u32 = 16;
+
+/// Split a backend tag into (queue id, head).
+pub fn split_tag(tag: u64) -> (u64, u16) {
+    (tag >> TAG_HEAD_BITS, (tag & 0xffff) as u16)
+}
+
+/// A request between start and finish.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    status: Iov,
+    used_len: u32,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    chain: Chain,
+    pending: Option<Pending>,
+}
+
+/// Counters for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    pub requests: u64,
+    pub refused_chains: u64,
+    pub errors: u64,
+}
+
+/// The device-side pipeline of one queue.
+pub struct BlkQueue {
+    queue: SplitQueue,
+    params: Arc<DeviceParams>,
+    /// Queue id in the high bits of every backend tag this queue issues.
+    tag_base: u64,
+    slots: Vec<Slot>,
+    /// The chain `pop` fills; swapped into the head's slot.
+    spare_chain: Chain,
+    spare_iovs: Vec<Vec<libc::iovec>>,
+    scratch: Vec<Iov>,
+    stats: QueueStats,
+}
+
+impl BlkQueue {
+    pub fn new(queue: SplitQueue, params: Arc<DeviceParams>, queue_id: u16) -> Self {
+        let size = queue.size() as usize;
+        BlkQueue {
+            slots: (0..size).map(|_| Slot::default()).collect(),
+            queue,
+            params,
+            tag_base: (queue_id as u64) << TAG_HEAD_BITS,
+            spare_chain: Chain::new(),
+            spare_iovs: Vec::new(),
+            scratch: Vec::new(),
+            stats: QueueStats::default(),
+        }
+    }
+
+    pub fn queue(&self) -> &SplitQueue {
+        &self.queue
+    }
+
+    pub fn queue_mut(&mut self) -> &mut SplitQueue {
+        &mut self.queue
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// Requests started and not finished.
+    pub fn in_flight(&self) -> u16 {
+        self.queue.num_in_flight()
+    }
+
+    /// Pop every available chain and start it. Returns how many chains were popped.
+    /// An error means the ring is broken (the queue stops; the caller reports it).
+    pub fn process_available(&mut self, io: &mut Engine) -> Result<usize, QueueError> {
+        let mut n = 0;
+        loop {
+            match self.queue.pop(&mut self.spare_chain)? {
+                Popped::Empty => break,
+                Popped::Refused { head, error } => {
+                    tracing::warn!(head, %error, "refusing descriptor chain");
+                    self.stats.refused_chains += 1;
+                    self.queue.add_used(head, 0);
+                }
+                Popped::Chain => {
+                    let head = self.spare_chain.head();
+                    std::mem::swap(&mut self.spare_chain, &mut self.slots[head as usize].chain);
+                    self.start(head, io);
+                }
+            }
+            n += 1;
+        }
+        if n > 0 {
+            if let Err(e) = io.submit() {
+                tracing::error!(%e, "backend submit failed");
+            }
+        }
+        Ok(n)
+    }
+
+    /// Parse the chain in `head`'s slot and start it, or finish it at once.
+    fn start(&mut self, head: u16, io: &mut Engine) {
+        self.stats.requests += 1;
+        let slot = &mut self.slots[head as usize];
+        let (status, request) = match parse(&slot.chain, &self.params) {
+            Parsed::Unanswerable(error) => {
+                tracing::debug!(head, %error, "request without a status byte");
+                self.stats.errors += 1;
+                slot.chain.release();
+                self.queue.add_used(head, 0);
+                return;
+            }
+            Parsed::Answerable { status, request, .. } => (status, request),
+        };
+        let used_len = slot.chain.writable_len().min(u32::MAX as u64) as u32;
+        slot.pending = Some(Pending { status, used_len });
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return self.finish(head, Err(e)),
+        };
+        let fua = !self.params.writeback();
+        let tag = self.tag_base | head as u64;
+        let op = match request {
+            Request::Read { len: 0, .. } | Request::Write { len: 0, .. } => return self.finish(head, Ok(())),
+            Request::Read { offset, len } | Request::Write { offset, len } => {
+                self.scratch.clear();
+                data_buffers(&slot.chain, &request, &mut self.scratch);
+                let mut iovs = self.spare_iovs.pop().unwrap_or_default();
+                iovs.extend(self.scratch.iter().map(Iov::as_iovec));
+                let kind = if matches!(request, Request::Read { .. }) { OpKind::Read } else { OpKind::Write };
+                IoOp { kind, offset, len, iovs, fua, tag }
+            }
+            Request::Flush => IoOp::without_data(OpKind::Flush, 0, 0, false, tag),
+            Request::Discard { offset, len } => IoOp::without_data(OpKind::Discard, offset, len, fua, tag),
+            Request::WriteZeroes { offset, len, unmap } => {
+                IoOp::without_data(OpKind::WriteZeroes { unmap }, offset, len, fua, tag)
+            }
+            Request::GetId { len } => {
+                let serial = self.params.serial;
+                let r = slot.chain.writer().write_all(&serial[..len as usize]);
+                return self.finish(head, r.map_err(|e| RequestError::Memory(e.to_string())));
+            }
+        };
+        // SAFETY: the iovecs point into guest memory that `slot.chain` keeps mapped (it
+        // holds an Arc of the memory table). The chain stays in the slot until this op's
+        // completion reaches `complete`, and `Drop` leaks the table rather than unmap it
+        // if the queue is dropped with I/O still in flight.
+        if let Err(op) = unsafe { io.push(op) } {
+            tracing::error!(head, "backend queue full; failing request");
+            self.recycle(op);
+            self.finish(head, Err(RequestError::BackendFull));
+        }
+    }
+
+    /// A backend completion for one of this queue's requests.
+    pub fn complete(&mut self, c: Completion) {
+        let (_, head) = split_tag(c.op.tag);
+        let result = c.result.map(|_| ()).map_err(|e| RequestError::Backend(e.to_string()));
+        self.recycle(c.op);
+        self.finish(head, result);
+    }
+
+    fn recycle(&mut self, mut op: IoOp) {
+        if op.iovs.capacity() > 0 {
+            op.iovs.clear();
+            self.spare_iovs.push(op.iovs);
+        }
+    }
+
+    /// The one place a request ends: write its status byte and put it in the used ring.
+    fn finish(&mut self, head: u16, result: Result<(), RequestError>) {
+        let Some(slot) = self.slots.get_mut(head as usize) else { return };
+        let Some(p) = slot.pending.take() else {
+            tracing::error!(head, "completion for a request that is not pending");
+            return;
+        };
+        let status = match &result {
+            Ok(()) => Status::Ok,
+            Err(e) => {
+                self.stats.errors += 1;
+                tracing::debug!(head, error = %e, "request failed");
+                e.status()
+            }
+        };
+        if let Some(mem) = slot.chain.memory() {
+            // The status iov was validated with this chain's memory; a failure here would
+            // be a vblk bug, and the used length then still returns the chain.
+            let _ = mem.write_iov(p.status, 0, &[status as u8]);
+        }
+        slot.chain.release();
+        self.queue.add_used(head, p.used_len);
+    }
+
+    /// Publish finished requests to the used ring. `true`: the driver wants a notification.
+    pub fn publish(&mut self) -> bool {
+        self.queue.publish_used()
+    }
+
+    /// Re-enable kicks before sleeping; `true` if more work arrived meanwhile.
+    pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        self.queue.enable_notification()
+    }
+}
+
+impl Drop for BlkQueue {
+    fn drop(&mut self) {
+        for slot in &mut self.slots {
+            if slot.pending.is_some() {
+                // The kernel may still write into this request's buffers: never unmap them.
+                if let Some(mem) = slot.chain.memory() {
+                    tracing::error!("queue dropped with I/O in flight; leaking its guest memory mapping");
+                    std::mem::forget(Arc::clone(mem));
+                }
+            }
+        }
+    }
+}

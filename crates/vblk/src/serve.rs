@@ -1,0 +1,181 @@
+//! `vblk serve`: open (or create) the image, listen on the socket, print how to attach
+//! QEMU, serve frontends until SIGINT/SIGTERM, then drain, flush and clean up.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use vblk_backend::{Disk, DiskOptions, EngineKind};
+use vblk_blk::DeviceParams;
+use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
+
+use crate::size::{human, parse_size};
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum BackendKind {
+    /// A raw image file or a block device.
+    File,
+    /// No storage: reads and writes complete at once (for benchmarks).
+    Null,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum EngineArg {
+    /// io_uring, or plain syscalls where io_uring is unavailable.
+    Auto,
+    /// io_uring only.
+    IoUring,
+    /// Plain blocking syscalls.
+    Sync,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Raw image file or block device; created sparse (at --size) if absent.
+    #[arg(default_value = "vblk.img")]
+    pub image: PathBuf,
+    /// Path of the vhost-user unix socket.
+    #[arg(long, default_value = "vblk.sock")]
+    pub socket: PathBuf,
+    /// Size of a newly created image (or of the null backend), e.g. 1G, 512M.
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Export the disk read-only.
+    #[arg(long)]
+    pub readonly: bool,
+    /// Number of virtqueues offered to the guest [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: Option<u16>,
+    /// Largest virtqueue size accepted (a power of two).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+    /// Worker threads; queue i is served by thread i % N [default: one per queue].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    /// Device serial returned by GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "vblk")]
+    pub serial: String,
+    /// Use the host page cache instead of O_DIRECT.
+    #[arg(long)]
+    pub no_direct: bool,
+    /// Storage backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::File)]
+    pub backend: BackendKind,
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    pub engine: EngineArg,
+    /// Permission bits of the socket file (octal).
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u32 = s.parse().map_err(|_| format!("invalid queue size '{s}'"))?;
+    if !(2..=32768).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("queue size {n} must be a power of two between 2 and 32768"));
+    }
+    Ok(n as u16)
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o777).ok_or_else(|| format!("invalid mode '{s}'"))
+}
+
+const DEFAULT_SIZE: u64 = 1 << 30;
+
+fn open_disk(args: &ServeArgs) -> Result<Disk> {
+    if args.backend == BackendKind::Null {
+        return Ok(Disk::null(args.size.unwrap_or(DEFAULT_SIZE)));
+    }
+    let exists = args.image.exists();
+    if !exists && args.readonly {
+        bail!("image {} does not exist (a read-only export cannot create it)", args.image.display());
+    }
+    if let Some(size) = args.size {
+        if size == 0 || size % 512 != 0 {
+            bail!("--size must be a non-zero multiple of 512 bytes (got {size})");
+        }
+    }
+    if exists && args.size.is_some() {
+        tracing::warn!("{} exists; --size only applies to new images", args.image.display());
+    }
+    let opts = DiskOptions {
+        readonly: args.readonly,
+        direct: !args.no_direct,
+        create_size: if exists { None } else { Some(args.size.unwrap_or(DEFAULT_SIZE)) },
+    };
+    let disk = Disk::open(&args.image, &opts).with_context(|| format!("cannot open image {}", args.image.display()))?;
+    if disk.size() < 512 {
+        bail!("image {} is smaller than one sector", args.image.display());
+    }
+    if !exists {
+        eprintln!("vblk: created {} ({}, sparse)", args.image.display(), human(disk.size()));
+    }
+    Ok(disk)
+}
+
+/// The QEMU arguments that attach this daemon's disk.
+fn qemu_command(socket: &Path, num_queues: u16) -> String {
+    format!(
+        "qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2G \\\n  \
+         -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id=vblk0,path={},reconnect-ms=1000 \\\n  \
+         -device vhost-user-blk-pci,chardev=vblk0,num-queues={num_queues} \\\n  \
+         ...your kernel/disk options",
+        socket.display()
+    )
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let num_queues =
+        args.num_queues.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16));
+    let threads = args.threads.unwrap_or(num_queues) as usize;
+    let disk = Arc::new(open_disk(&args)?);
+    let params = Arc::new(DeviceParams::new(
+        disk.size(),
+        args.readonly,
+        disk.logical_block_size(),
+        &args.serial,
+        num_queues,
+        args.queue_size,
+    ));
+    let engine = match args.engine {
+        EngineArg::Auto => EngineKind::Auto,
+        EngineArg::IoUring => EngineKind::Uring,
+        EngineArg::Sync => EngineKind::Sync,
+    };
+    // Fail early if the chosen engine cannot run here.
+    vblk_backend::Engine::new(Arc::clone(&disk), engine, 1).context("cannot start the I/O engine")?;
+    let device = VblkDevice::new(Arc::clone(&params), Arc::clone(&disk), DataPlaneOptions { threads, engine });
+    let server = Server::bind(&args.socket, args.socket_mode, device)?;
+    let socket = std::fs::canonicalize(&args.socket).unwrap_or_else(|_| args.socket.clone());
+
+    let (shutdown_rx, shutdown_tx) = UnixStream::pair().context("socketpair")?;
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::low_level::pipe::register(sig, shutdown_tx.try_clone()?).context("installing signal handler")?;
+    }
+
+    eprintln!(
+        "vblk: serving {} on {} ({} queue{}, {} thread{}{})",
+        disk.describe(),
+        socket.display(),
+        num_queues,
+        if num_queues == 1 { "" } else { "s" },
+        threads.min(num_queues as usize),
+        if threads.min(num_queues as usize) == 1 { "" } else { "s" },
+        if args.readonly { ", read-only" } else { "" },
+    );
+    eprintln!("vblk: attach it with:\n{}", qemu_command(&socket, num_queues));
+
+    server.run(shutdown_rx.as_raw_fd())?;
+    tracing::info!("shutting down: flushing the disk");
+    if !args.readonly {
+        disk.flush_sync().context("final flush failed")?;
+    }
+    drop(server);
+    eprintln!("vblk: stopped");
+    Ok(())
+}

@@ -1,0 +1,564 @@
+//! The control plane: vhost-user messages applied to the device's state.
+//!
+//! The `vhost` crate parses messages, checks their sizes and fds, and calls the
+//! [`VhostUserBackendReqHandlerMut`] methods below; this module owns what they mean for
+//! vblk. Rules it keeps:
+//!
+//! - A ring runs in a worker when it has a size, addresses, a kick fd (`SET_VRING_KICK`
+//!   starts it, `GET_VRING_BASE` stops it) and is enabled (rings start disabled once
+//!   `VHOST_USER_F_PROTOCOL_FEATURES` is negotiated).
+//! - A message that changes a ring stops that ring's worker first (draining its I/O) and
+//!   restarts it afterwards; one that changes the memory table stops them all. So no
+//!   worker ever sees a ring or a memory table change under it, and no mapping is
+//!   dropped while I/O into it is in flight.
+//! - Every index, size and address is checked; a bad one gets an error reply.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vblk_backend::{Disk, Engine, EngineKind};
+use vblk_blk::DeviceParams;
+use vblk_queue::{AddrSpace, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
+use vblk_virtio::blk::{features as blkf, BlkConfig};
+use vblk_virtio::features as vf;
+use vblk_virtio::{GuestMemory, RegionSpec};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
+use vhost::VhostUserMemoryRegionBase;
+
+use crate::worker::{RingSetup, RingStop, Worker};
+
+/// Memory slots offered with `CONFIGURE_MEM_SLOTS`.
+pub const MAX_MEM_SLOTS: u64 = 32;
+
+/// Errors of the control plane. Each becomes an error reply (or, for messages that
+/// expect a value, a disconnect).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("vring index {0} out of range")]
+    BadRingIndex(u32),
+    #[error("vring size {0} invalid (power of two up to {1})")]
+    BadRingSize(u32, u16),
+    #[error("vring base {0} out of range")]
+    BadRingBase(u32),
+    #[error("vring {0}: {1}")]
+    Ring(usize, vblk_queue::QueueError),
+    #[error("memory table: {0}")]
+    Memory(#[from] vblk_virtio::MemoryError),
+    #[error("more than {MAX_MEM_SLOTS} memory regions")]
+    TooManyRegions,
+    #[error("features {0:#x} were not offered")]
+    BadFeatures(u64),
+    #[error("config access at {offset}+{len} refused")]
+    BadConfigAccess { offset: u32, len: usize },
+    #[error("polling a vring without a kick fd is not supported")]
+    NoKickFd,
+    #[error("{0} is not supported")]
+    Unsupported(&'static str),
+    #[error("backend: {0}")]
+    Backend(#[from] vblk_backend::BackendError),
+    #[error("starting a worker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl From<DeviceError> for vhost::vhost_user::Error {
+    fn from(e: DeviceError) -> Self {
+        tracing::warn!(error = %e, "vhost-user request refused");
+        vhost::vhost_user::Error::ReqHandlerError(std::io::Error::other(e.to_string()))
+    }
+}
+
+type VuResult<T> = vhost::vhost_user::Result<T>;
+
+/// How the daemon runs the data plane.
+#[derive(Clone, Debug)]
+pub struct DataPlaneOptions {
+    /// Worker threads; ring `i` is served by thread `i % threads`.
+    pub threads: usize,
+    pub engine: EngineKind,
+}
+
+#[derive(Default)]
+struct VringConfig {
+    size: Option<u16>,
+    addrs: Option<RingAddrs>,
+    base: u16,
+    kick: Option<Arc<File>>,
+    call: Option<Arc<File>>,
+    err: Option<Arc<File>>,
+    enabled: bool,
+    started: bool,
+    broken: bool,
+}
+
+/// The vhost-user-blk device: everything one frontend connection set up.
+pub struct VblkDevice {
+    params: Arc<DeviceParams>,
+    disk: Arc<Disk>,
+    opts: DataPlaneOptions,
+    acked_features: u64,
+    acked_protocol: u64,
+    mem: Arc<GuestMemory>,
+    vrings: Vec<VringConfig>,
+    workers: Vec<Option<Worker>>,
+    /// A request that expects a reply failed: the connection must be dropped, as the
+    /// frontend would otherwise wait for an answer that never comes.
+    fatal: bool,
+}
+
+impl VblkDevice {
+    pub fn new(params: Arc<DeviceParams>, disk: Arc<Disk>, opts: DataPlaneOptions) -> Self {
+        let n = params.num_queues as usize;
+        let threads = opts.threads.clamp(1, n.max(1));
+        VblkDevice {
+            params,
+            disk,
+            opts: DataPlaneOptions { threads, ..opts },
+            acked_features: 0,
+            acked_protocol: 0,
+            mem: Arc::new(GuestMemory::empty()),
+            vrings: (0..n).map(|_| VringConfig::default()).collect(),
+            workers: (0..threads).map(|_| None).collect(),
+            fatal: false,
+        }
+    }
+
+    pub fn params(&self) -> &Arc<DeviceParams> {
+        &self.params
+    }
+
+    /// Did a request that needed a reply fail? (Clears the flag.)
+    pub fn take_fatal(&mut self) -> bool {
+        std::mem::take(&mut self.fatal)
+    }
+
+    /// The frontend went away: drain and stop every worker, drop all fds and mappings,
+    /// and be ready for the next frontend.
+    pub fn disconnect(&mut self) {
+        for t in 0..self.workers.len() {
+            self.stop_worker(t);
+        }
+        let n = self.vrings.len();
+        self.vrings = (0..n).map(|_| VringConfig::default()).collect();
+        self.mem = Arc::new(GuestMemory::empty());
+        self.acked_features = 0;
+        self.acked_protocol = 0;
+        self.fatal = false;
+    }
+
+    fn protocol_features_negotiated(&self) -> bool {
+        self.acked_features & vf::VHOST_USER_PROTOCOL_FEATURES != 0
+    }
+
+    fn ring_features(&self) -> RingFeatures {
+        RingFeatures {
+            event_idx: self.acked_features & vf::RING_EVENT_IDX != 0,
+            indirect: self.acked_features & vf::RING_INDIRECT_DESC != 0,
+        }
+    }
+
+    fn ring_index(&self, index: u32) -> Result<usize, DeviceError> {
+        let i = index as usize;
+        if i < self.vrings.len() {
+            Ok(i)
+        } else {
+            Err(DeviceError::BadRingIndex(index))
+        }
+    }
+
+    fn worker_of(&self, ring: usize) -> usize {
+        ring % self.workers.len()
+    }
+
+    /// Stop worker `t` (draining its I/O) and record where its rings stopped.
+    fn stop_worker(&mut self, t: usize) {
+        if let Some(w) = self.workers[t].take() {
+            for RingStop { index, next_avail, broken } in w.stop() {
+                let v = &mut self.vrings[index];
+                v.base = next_avail;
+                v.broken |= broken;
+            }
+        }
+    }
+
+    fn ready(&self, v: &VringConfig) -> bool {
+        v.started && v.enabled && !v.broken && v.size.is_some() && v.addrs.is_some() && v.kick.is_some()
+    }
+
+    fn build_queue(&self, i: usize) -> Result<SplitQueue, DeviceError> {
+        let v = &self.vrings[i];
+        let (Some(size), Some(addrs)) = (v.size, v.addrs) else {
+            return Err(DeviceError::Unsupported("a ring without size or addresses"));
+        };
+        let mut q = SplitQueue::new(
+            Arc::clone(&self.mem),
+            size as u32,
+            addrs,
+            AddrSpace::FrontendVirtual,
+            self.ring_features(),
+        )
+        .map_err(|e| DeviceError::Ring(i, e))?;
+        q.set_next_avail(v.base);
+        Ok(q)
+    }
+
+    /// Start worker `t` for its ready rings (if any).
+    fn start_worker(&mut self, t: usize) -> Result<(), DeviceError> {
+        debug_assert!(self.workers[t].is_none());
+        let mut rings = Vec::new();
+        let mut depth = 0u32;
+        for i in (t..self.vrings.len()).step_by(self.workers.len()) {
+            if !self.ready(&self.vrings[i]) {
+                continue;
+            }
+            let queue = self.build_queue(i)?;
+            depth += queue.size() as u32;
+            let v = &self.vrings[i];
+            let kick = v.kick.clone().ok_or(DeviceError::NoKickFd)?;
+            rings.push(RingSetup { index: i, queue, kick, call: v.call.clone(), err: v.err.clone() });
+        }
+        if rings.is_empty() {
+            return Ok(());
+        }
+        let engine = Engine::new(Arc::clone(&self.disk), self.opts.engine, depth)?;
+        tracing::debug!(worker = t, rings = ?rings.iter().map(|r| r.index).collect::<Vec<_>>(), "starting worker");
+        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params)).map_err(DeviceError::Thread)?;
+        self.workers[t] = Some(w);
+        Ok(())
+    }
+
+    /// Apply `f` to ring `i` with its worker stopped, then restart the worker.
+    fn with_ring<T>(
+        &mut self,
+        index: u32,
+        f: impl FnOnce(&mut Self, usize) -> Result<T, DeviceError>,
+    ) -> Result<T, DeviceError> {
+        let i = self.ring_index(index)?;
+        let t = self.worker_of(i);
+        self.stop_worker(t);
+        let r = f(self, i);
+        let s = self.start_worker(t);
+        let r = r?;
+        s?;
+        Ok(r)
+    }
+
+    /// Apply `f` with every worker stopped (memory table, features), then restart them.
+    fn with_all_stopped<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, DeviceError>) -> Result<T, DeviceError> {
+        for t in 0..self.workers.len() {
+            self.stop_worker(t);
+        }
+        let r = f(self);
+        let mut first_err = None;
+        for t in 0..self.workers.len() {
+            if let Err(e) = self.start_worker(t) {
+                tracing::error!(worker = t, error = %e, "cannot restart worker");
+                first_err.get_or_insert(e);
+            }
+        }
+        let r = r?;
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(r),
+        }
+    }
+
+    /// Ring addresses must lie in the current memory table (checked again at start).
+    fn check_addrs(&self, size: u16, a: &RingAddrs) -> Result<(), DeviceError> {
+        let l = SplitLayout { size };
+        self.mem.uva_to_gpa(a.desc, l.desc_table_len())?;
+        self.mem.uva_to_gpa(a.avail, l.avail_len())?;
+        self.mem.uva_to_gpa(a.used, l.used_len())?;
+        Ok(())
+    }
+
+    fn set_memory(&mut self, mem: GuestMemory) -> Result<(), DeviceError> {
+        if mem.num_regions() as u64 > MAX_MEM_SLOTS {
+            return Err(DeviceError::TooManyRegions);
+        }
+        self.with_all_stopped(|d| {
+            d.mem = Arc::new(mem);
+            Ok(())
+        })
+    }
+
+    fn fail<T>(&mut self, e: DeviceError) -> VuResult<T> {
+        self.fatal = true;
+        Err(e.into())
+    }
+}
+
+fn spec(r: &VhostUserMemoryRegion) -> RegionSpec {
+    RegionSpec {
+        guest_phys_addr: r.guest_phys_addr,
+        size: r.memory_size,
+        user_addr: r.user_addr,
+        mmap_offset: r.mmap_offset,
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for VblkDevice {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.disconnect();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.disconnect();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.params.offered_features() | vf::VHOST_USER_PROTOCOL_FEATURES)
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        let offered = self.params.offered_features() | vf::VHOST_USER_PROTOCOL_FEATURES;
+        if features & !offered != 0 {
+            return Err(DeviceError::BadFeatures(features & !offered).into());
+        }
+        self.with_all_stopped(|d| {
+            d.acked_features = features;
+            d.params.ack_features(features);
+            if !d.protocol_features_negotiated() {
+                // Without protocol features rings are enabled from the start.
+                for v in &mut d.vrings {
+                    v.enabled = true;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let regions: Vec<(RegionSpec, File)> = ctx.iter().map(spec).zip(files).collect();
+        let mem = GuestMemory::from_files(&regions).map_err(DeviceError::from)?;
+        self.set_memory(mem)?;
+        Ok(None)
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        if self.mem.num_regions() as u64 >= MAX_MEM_SLOTS {
+            return Err(DeviceError::TooManyRegions.into());
+        }
+        let mapped = vblk_virtio::memory::MappedRegion::map(spec(region), &fd).map_err(DeviceError::from)?;
+        let mem = self.mem.with_region(Arc::new(mapped)).map_err(DeviceError::from)?;
+        self.set_memory(mem)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let mem = self.mem.without_region(&spec(region)).map_err(DeviceError::from)?;
+        self.set_memory(mem)?;
+        Ok(())
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let max = self.params.queue_size;
+        self.with_ring(index, |d, i| {
+            let layout = SplitLayout::new(num).filter(|l| l.size <= max).ok_or(DeviceError::BadRingSize(num, max))?;
+            d.vrings[i].size = Some(layout.size);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        self.with_ring(index, |d, i| {
+            let addrs = RingAddrs { desc: descriptor, avail: available, used };
+            if let Some(size) = d.vrings[i].size {
+                d.check_addrs(size, &addrs)?;
+            }
+            d.vrings[i].addrs = Some(addrs);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        self.with_ring(index, |d, i| {
+            d.vrings[i].base = u16::try_from(base).map_err(|_| DeviceError::BadRingBase(base))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        let r = self.with_ring(index, |d, i| {
+            let v = &mut d.vrings[i];
+            v.started = false;
+            v.broken = false;
+            v.kick = None;
+            Ok(VhostUserVringState::new(index, v.base as u32))
+        });
+        match r {
+            Ok(s) => Ok(s),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let fd = fd.ok_or(DeviceError::NoKickFd)?;
+        set_nonblocking(&fd);
+        self.with_ring(index as u32, |d, i| {
+            let v = &mut d.vrings[i];
+            v.kick = Some(Arc::new(fd));
+            v.started = true;
+            v.broken = false;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.with_ring(index as u32, |d, i| {
+            d.vrings[i].call = fd.map(Arc::new);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.with_ring(index as u32, |d, i| {
+            d.vrings[i].err = fd.map(Arc::new);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        // REPLY_ACK is added by the vhost crate. STATUS is not offered: vhost 0.18's
+        // message loop does not dispatch SET_STATUS/GET_STATUS.
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.acked_protocol = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.vrings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        self.with_ring(index, |d, i| {
+            d.vrings[i].enabled = enable;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        let bytes = self.params.config().to_bytes();
+        let start = offset as usize;
+        match start.checked_add(size as usize).filter(|&end| end <= BlkConfig::SIZE) {
+            Some(end) => Ok(bytes[start..end].to_vec()),
+            None => self.fail(DeviceError::BadConfigAccess { offset, len: size as usize }),
+        }
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        // Only the write-cache byte is writable, and only with CONFIG_WCE (§5.2.5.1).
+        if offset as usize != BlkConfig::WRITEBACK_OFFSET
+            || buf.len() != 1
+            || self.acked_features & blkf::CONFIG_WCE == 0
+        {
+            return Err(DeviceError::BadConfigAccess { offset, len: buf.len() }.into());
+        }
+        let on = buf[0] != 0;
+        tracing::info!(writeback = on, "driver set the write cache mode");
+        self.params.set_writeback(on && self.acked_features & blkf::FLUSH != 0);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {
+        Err(DeviceError::Unsupported("GPU_SET_SOCKET").into())
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        self.fail(DeviceError::Unsupported("GET_SHARED_OBJECT"))
+    }
+
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        self.fail(DeviceError::Unsupported("GET_INFLIGHT_FD"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(DeviceError::Unsupported("SET_INFLIGHT_FD").into())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        self.fail(DeviceError::Unsupported("SET_DEVICE_STATE_FD"))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        self.fail(DeviceError::Unsupported("CHECK_DEVICE_STATE"))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        self.fail(DeviceError::Unsupported("GET_SHMEM_CONFIG"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        self.fail(DeviceError::Unsupported("SET_LOG_BASE"))
+    }
+}
+
+fn set_nonblocking(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor we own; failures only leave it blocking, and the
+    // worker reads a kick only after poll reported it readable.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+    }
+}
+
+impl Drop for VblkDevice {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}

@@ -1,0 +1,244 @@
+//! Worker threads: the data plane.
+//!
+//! Each worker owns some queues (ring `i` goes to worker `i % threads`) and one backend
+//! [`Engine`] (one io_uring). It sleeps in `poll(2)` on:
+//!
+//! - its stop eventfd (the control plane wants the rings back),
+//! - the engine's completion eventfd,
+//! - the kick eventfd of every ring it serves.
+//!
+//! A kick runs the queue's pipeline ([`BlkQueue::process_available`]) until the ring is
+//! empty with notifications re-enabled; completions finish requests; after each round
+//! every queue with finished requests publishes its used ring and, if the driver wants
+//! it, signals the call eventfd ([`RingWorker::publish`] is the one place that does).
+//!
+//! Stopping drains: the worker waits for every in-flight I/O to complete and be
+//! published before it returns its rings' positions, so the control plane may then
+//! change the rings or unmap memory.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vblk_backend::{Completion, Engine};
+use vblk_blk::{split_tag, BlkQueue, DeviceParams};
+use vblk_queue::SplitQueue;
+
+/// One ring handed to a worker, fully validated by the control plane.
+pub(crate) struct RingSetup {
+    pub index: usize,
+    pub queue: SplitQueue,
+    pub kick: Arc<File>,
+    pub call: Option<Arc<File>>,
+    pub err: Option<Arc<File>>,
+}
+
+/// Where a ring stopped: the vring base to report in `GET_VRING_BASE`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RingStop {
+    pub index: usize,
+    pub next_avail: u16,
+    pub broken: bool,
+}
+
+/// A running worker thread.
+pub(crate) struct Worker {
+    stop: Arc<File>,
+    handle: JoinHandle<Vec<RingStop>>,
+}
+
+fn eventfd() -> std::io::Result<File> {
+    // SAFETY: plain syscall, result checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and owned by nobody else.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Signal an eventfd (a call or err notification, or our stop fd).
+pub(crate) fn signal(f: &File) {
+    if let Err(e) = (&*f).write_all(&1u64.to_ne_bytes()) {
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            tracing::warn!(error = %e, "eventfd write failed");
+        }
+    }
+}
+
+/// Consume an eventfd's counter (kicks).
+fn drain(f: &File) {
+    let mut b = [0u8; 8];
+    let _ = (&*f).read(&mut b);
+}
+
+impl Worker {
+    pub fn spawn(id: usize, rings: Vec<RingSetup>, engine: Engine, params: Arc<DeviceParams>) -> std::io::Result<Self> {
+        let stop = Arc::new(eventfd()?);
+        let stop2 = Arc::clone(&stop);
+        let handle = std::thread::Builder::new().name(format!("vblk-worker-{id}")).spawn(move || {
+            let rings = rings
+                .into_iter()
+                .enumerate()
+                .map(|(n, r)| RingWorker {
+                    index: r.index,
+                    queue: BlkQueue::new(r.queue, Arc::clone(&params), n as u16),
+                    kick: r.kick,
+                    call: r.call,
+                    err: r.err,
+                    broken: false,
+                })
+                .collect();
+            let mut w = WorkerLoop { stop: stop2, engine, rings, completions: Vec::new() };
+            w.run()
+        })?;
+        Ok(Worker { stop, handle })
+    }
+
+    /// Stop the thread after draining its in-flight I/O; returns where each ring stopped.
+    pub fn stop(self) -> Vec<RingStop> {
+        signal(&self.stop);
+        match self.handle.join() {
+            Ok(stops) => stops,
+            Err(_) => {
+                tracing::error!("worker thread panicked");
+                Vec::new()
+            }
+        }
+    }
+}
+
+struct RingWorker {
+    index: usize,
+    queue: BlkQueue,
+    kick: Arc<File>,
+    call: Option<Arc<File>>,
+    err: Option<Arc<File>>,
+    broken: bool,
+}
+
+impl RingWorker {
+    /// Run the pipeline until the ring is empty and kicks are re-enabled.
+    fn service(&mut self, engine: &mut Engine) {
+        if self.broken {
+            return;
+        }
+        loop {
+            let more = self.queue.process_available(engine).and_then(|_| self.queue.enable_notification());
+            match more {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::error!(ring = self.index, error = %e, "virtqueue broken; stopping it");
+                    self.broken = true;
+                    if let Some(err) = &self.err {
+                        signal(err);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Publish finished requests and notify the driver if it asked for it.
+    fn publish(&mut self) {
+        if self.queue.publish() {
+            if let Some(call) = &self.call {
+                signal(call);
+            }
+        }
+    }
+}
+
+struct WorkerLoop {
+    stop: Arc<File>,
+    engine: Engine,
+    rings: Vec<RingWorker>,
+    completions: Vec<Completion>,
+}
+
+impl WorkerLoop {
+    fn run(&mut self) -> Vec<RingStop> {
+        let mut fds: Vec<libc::pollfd> = [self.stop.as_raw_fd(), self.engine.completion_fd()]
+            .into_iter()
+            .chain(self.rings.iter().map(|r| r.kick.as_raw_fd()))
+            .map(|fd: RawFd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+            .collect();
+        // Work may have been made available while the ring was being (re)configured.
+        for r in &mut self.rings {
+            r.service(&mut self.engine);
+        }
+        self.publish_all();
+        loop {
+            // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "poll failed; worker stopping");
+                break;
+            }
+            if fds[0].revents != 0 {
+                break;
+            }
+            if fds[1].revents != 0 {
+                self.reap();
+            }
+            for (i, r) in self.rings.iter_mut().enumerate() {
+                let pfd = &mut fds[2 + i];
+                if pfd.revents == 0 {
+                    continue;
+                }
+                drain(&r.kick);
+                r.service(&mut self.engine);
+                if r.broken {
+                    // Stop listening to a broken ring's kicks (poll skips negative fds).
+                    pfd.fd = -1;
+                }
+            }
+            self.publish_all();
+        }
+        self.drain_in_flight();
+        self.rings
+            .iter()
+            .map(|r| RingStop { index: r.index, next_avail: r.queue.queue().next_avail(), broken: r.broken })
+            .collect()
+    }
+
+    fn dispatch(&mut self) {
+        for c in self.completions.drain(..) {
+            let (qid, _) = split_tag(c.op.tag);
+            match self.rings.get_mut(qid as usize) {
+                Some(r) => r.queue.complete(c),
+                None => tracing::error!(tag = c.op.tag, "completion for an unknown queue"),
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        self.engine.reap(&mut self.completions);
+        self.dispatch();
+    }
+
+    fn publish_all(&mut self) {
+        for r in &mut self.rings {
+            r.publish();
+        }
+    }
+
+    /// Wait for every started I/O to complete and publish it.
+    fn drain_in_flight(&mut self) {
+        while self.engine.in_flight() > 0 {
+            if let Err(e) = self.engine.wait(&mut self.completions) {
+                tracing::error!(error = %e, "waiting for in-flight I/O failed");
+                break;
+            }
+            self.dispatch();
+        }
+        self.publish_all();
+    }
+}
