@@ -11,8 +11,10 @@ pub const MAX_DISCARD_SECTORS: u32 = 0x3f_ffff;
 pub const MAX_DISCARD_SEG: u32 = 1;
 /// Largest single data buffer the driver may use (`size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
-/// Most data segments per request: readv/writev take at most `IOV_MAX` (1024) buffers.
-pub const MAX_DATA_SEGMENTS: u32 = 1024;
+/// Most data segments per request (`seg_max` never exceeds it): with the header and
+/// the status descriptor a chain then fits one 1024-entry indirect table, and the data
+/// fits one readv/writev (`IOV_MAX` = 1024).
+pub const MAX_DATA_SEGMENTS: u32 = 1022;
 
 /// Everything about the exported disk that request handling needs. Shared by all queues.
 #[derive(Debug)]

@@ -201,7 +201,7 @@ fn segments(n: usize) -> Result<(), RequestError> {
 /// Byte offset of `[sector, sector + len)` if `len` is whole sectors and the range lies
 /// inside the disk; overflow-safe.
 fn sector_range(sector: u64, len: u64, params: &DeviceParams) -> Result<u64, RequestError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::Unaligned(len));
     }
     let out = RequestError::OutOfRange { sector, len };

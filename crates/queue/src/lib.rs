@@ -4,16 +4,19 @@
 //! - [`split`]: the device side of a split ring: pop + validate chains, used ring,
 //!   notification suppression.
 //! - [`chain`]: a validated chain and byte-stream access to its buffers.
+//! - [`driver`]: the driver side of a split ring (vblk's userspace driver, tests).
 //!
 //! Spec references are to Virtual I/O Device (VIRTIO) Version 1.2.
 
 pub mod chain;
+pub mod driver;
 pub mod layout;
 pub mod split;
 
 pub use chain::{Chain, Reader, StreamError, Writer};
+pub use driver::{Buffer, DriverError, DriverQueue};
 pub use layout::{need_event, Descriptor, SplitLayout, MAX_QUEUE_SIZE};
-pub use split::{AddrSpace, Popped, RingAddrs, RingFeatures, SplitQueue};
+pub use split::{AddrSpace, Popped, RingAddrs, RingFeatures, SplitQueue, MAX_INDIRECT_ENTRIES};
 
 use vblk_virtio::MemoryError;
 

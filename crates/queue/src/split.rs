@@ -32,6 +32,9 @@ pub struct RingAddrs {
     pub used: u64,
 }
 
+/// Most entries in one indirect table, whatever the ring size.
+pub const MAX_INDIRECT_ENTRIES: u32 = 1024;
+
 /// Which address space [`RingAddrs`] are in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddrSpace {
@@ -259,14 +262,17 @@ impl SplitQueue {
     }
 
     /// Walk an indirect table (§2.7.5.3.1): a length that is a non-zero multiple of 16, at
-    /// most `size` entries, inside guest memory, no nested tables.
+    /// most `max(size, MAX_INDIRECT_ENTRIES)` entries, inside guest memory, no nested tables.
     fn walk_indirect(&self, table: Descriptor, chain: &mut Chain) -> Result<(), ChainError> {
-        if table.len == 0 || table.len as usize % DESC_SIZE != 0 {
+        if table.len == 0 || !(table.len as usize).is_multiple_of(DESC_SIZE) {
             return Err(ChainError::IndirectBadLength(table.len));
         }
         let entries = table.len / DESC_SIZE as u32;
-        if entries > self.layout.size as u32 {
-            return Err(ChainError::TooLong { limit: self.layout.size as u32 });
+        // Linux sizes indirect tables by `seg_max`, not by the ring size, so a small ring
+        // may carry tables longer than itself; QEMU allows up to 1024 entries too.
+        let limit = (self.layout.size as u32).max(MAX_INDIRECT_ENTRIES);
+        if entries > limit {
+            return Err(ChainError::TooLong { limit });
         }
         let iov = self.mem.iov(table.addr, table.len)?;
         let read = |i: u32| -> Result<Descriptor, ChainError> {

@@ -177,7 +177,7 @@ fn bad_indirect_tables_are_refused() {
         (Descriptor { addr: table, len: 24, flags: DESC_F_INDIRECT, next: 0 }, ChainError::IndirectBadLength(24)),
         (
             Descriptor { addr: table, len: 65535 * 16, flags: DESC_F_INDIRECT, next: 0 },
-            ChainError::TooLong { limit: 8 },
+            ChainError::TooLong { limit: MAX_INDIRECT_ENTRIES },
         ),
         (
             Descriptor { addr: MEM_SIZE - 16, len: 32, flags: DESC_F_INDIRECT, next: 0 },

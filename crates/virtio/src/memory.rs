@@ -342,7 +342,7 @@ impl GuestMemory {
 
     /// A ring area at a guest-physical address: validated once, then accessed by offset.
     pub fn area_at_gpa(self: &Arc<Self>, gpa: u64, len: u64, align: u64) -> Result<GuestArea, MemoryError> {
-        if align > 1 && gpa % align != 0 {
+        if align > 1 && !gpa.is_multiple_of(align) {
             return Err(MemoryError::Misaligned { addr: gpa, align });
         }
         let ptr = self.translate_gpa(gpa, len)?;
@@ -351,7 +351,7 @@ impl GuestMemory {
 
     /// A ring area at a frontend-virtual address (`SET_VRING_ADDR` gives those).
     pub fn area_at_uva(self: &Arc<Self>, uva: u64, len: u64, align: u64) -> Result<GuestArea, MemoryError> {
-        if align > 1 && uva % align != 0 {
+        if align > 1 && !uva.is_multiple_of(align) {
             return Err(MemoryError::Misaligned { addr: uva, align });
         }
         let (ptr, gpa) = self.translate_uva(uva, len)?;

@@ -1,0 +1,363 @@
+//! [`Disk`]: an opened backend (raw file, block device, or null), shared by
+//! all worker threads through `Arc<Disk>`.
+//!
+//! A `Disk` is immutable after opening except for one flag: the *sticky
+//! flush failure*. When `fdatasync` fails, Linux may already have dropped the
+//! dirty pages and cleared the error, so a *later* `fdatasync` can succeed
+//! even though data was lost. To never lie to the guest about durability,
+//! once one flush fails every later flush on this disk fails too, whichever
+//! engine runs it.
+//!
+//! ## O_DIRECT
+//!
+//! With `direct` (the vblk default) the main fd is opened with `O_DIRECT`:
+//! the guest's pages are DMA'd to the device without going through the host
+//! page cache. O_DIRECT imposes alignment rules, which we read from
+//! `statx(STATX_DIOALIGN)` (falling back to 512 bytes):
+//!
+//! * buffer addresses must be aligned to the *memory* alignment,
+//! * file offsets and lengths must be aligned to the *offset* alignment.
+//!
+//! Requests that break the rules are rare; `bounce.rs` routes them either
+//! through an aligned bounce buffer or through a second, buffered fd
+//! (`buffered`) opened on the same file.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sys;
+use crate::BackendError;
+
+/// How to open a [`Disk`].
+#[derive(Debug, Clone)]
+pub struct DiskOptions {
+    /// Open with `O_RDONLY`; every write-like op fails with
+    /// [`BackendError::ReadOnly`].
+    pub readonly: bool,
+    /// Bypass the host page cache with `O_DIRECT` (falls back to buffered
+    /// I/O, with a warning, where the filesystem does not support it).
+    pub direct: bool,
+    /// If the path does not exist, create a sparse file of this many bytes
+    /// (mode 0600). An existing file is used as it is.
+    pub create_size: Option<u64>,
+}
+
+impl Default for DiskOptions {
+    /// Read-write, `O_DIRECT`, no creation.
+    fn default() -> Self {
+        DiskOptions { readonly: false, direct: true, create_size: None }
+    }
+}
+
+/// Which of a file-backed disk's two descriptors to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FdChoice {
+    /// The main fd (`O_DIRECT` when the disk is direct).
+    Main,
+    /// The buffered fd: same file, no `O_DIRECT`. Equals the main fd when the
+    /// disk is not direct.
+    Buffered,
+}
+
+/// What actually stores the data.
+#[derive(Debug)]
+enum Backing {
+    /// Nothing: reads leave buffers untouched, writes vanish.
+    Null,
+    /// A raw image file or a block device.
+    File {
+        /// Main descriptor.
+        file: File,
+        /// Second, non-`O_DIRECT` descriptor (only when `file` is `O_DIRECT`).
+        buffered: Option<File>,
+    },
+}
+
+/// An opened block backend. See the module docs.
+#[derive(Debug)]
+pub struct Disk {
+    backing: Backing,
+    path: Option<PathBuf>,
+    size: u64,
+    readonly: bool,
+    direct: bool,
+    block_device: bool,
+    logical_block_size: u32,
+    /// O_DIRECT buffer address alignment (1 when not direct).
+    dio_mem_align: u32,
+    /// O_DIRECT offset/length alignment (1 when not direct).
+    dio_offset_align: u32,
+    flush_failed: AtomicBool,
+}
+
+impl Disk {
+    /// Open a raw image file or a block device.
+    ///
+    /// With `opts.create_size`, a missing file is first created sparse. With
+    /// `opts.direct`, `O_DIRECT` is tried and silently downgraded (with a
+    /// warning) to buffered I/O when the filesystem refuses it.
+    pub fn open(path: &Path, opts: &DiskOptions) -> Result<Disk, BackendError> {
+        let open_err = |source: io::Error| BackendError::Open { path: path.to_path_buf(), source };
+        if let Some(size) = opts.create_size {
+            create_sparse(path, size, opts.readonly).map_err(open_err)?;
+        }
+
+        let mut direct = opts.direct;
+        let mut file = match open_file(path, opts.readonly, direct) {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(path = %path.display(), "O_DIRECT not supported here, falling back to buffered I/O");
+                direct = false;
+                open_file(path, opts.readonly, false)
+            }
+            other => other,
+        }
+        .map_err(open_err)?;
+
+        let meta = file.metadata().map_err(open_err)?;
+        let block_device = meta.file_type().is_block_device();
+        let (size, mut lbs) = if block_device {
+            let fd = file.as_fd();
+            let size = sys::blk_size(fd).map_err(open_err)?;
+            (size, sys::blk_logical_block_size(fd).map_err(open_err)?)
+        } else if meta.file_type().is_file() {
+            (meta.len(), 512)
+        } else {
+            return Err(open_err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device")));
+        };
+        lbs = lbs.max(512);
+
+        let (mut mem_align, mut off_align) = (1, 1);
+        if direct {
+            match sys::dio_alignment(file.as_fd()) {
+                Some((_, 0)) if !block_device => {
+                    // The filesystem says "no O_DIRECT for this file", even
+                    // though open() accepted the flag: I/O would fail.
+                    tracing::warn!(path = %path.display(), "filesystem reports no O_DIRECT support, falling back to buffered I/O");
+                    direct = false;
+                    file = open_file(path, opts.readonly, false).map_err(open_err)?;
+                }
+                Some((mem, off)) => {
+                    (mem_align, off_align) = (mem.max(1), off.max(lbs));
+                }
+                None => (mem_align, off_align) = (512, lbs),
+            }
+        }
+        if !direct {
+            (mem_align, off_align) = (1, 1);
+        } else if !block_device {
+            // Files: report a block size the guest can use without bouncing.
+            lbs = lbs.max(off_align);
+        }
+
+        let buffered = if direct {
+            let b = open_file(path, opts.readonly, false).map_err(open_err)?;
+            let bm = b.metadata().map_err(open_err)?;
+            if (bm.dev(), bm.ino(), bm.rdev()) != (meta.dev(), meta.ino(), meta.rdev()) {
+                return Err(open_err(io::Error::other("file was replaced while opening it")));
+            }
+            Some(b)
+        } else {
+            None
+        };
+
+        Ok(Disk {
+            backing: Backing::File { file, buffered },
+            path: Some(path.to_path_buf()),
+            size,
+            readonly: opts.readonly,
+            direct,
+            block_device,
+            logical_block_size: lbs,
+            dio_mem_align: mem_align,
+            dio_offset_align: off_align,
+            flush_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// A null backend of `size` bytes: reads and writes complete at once
+    /// with their full length and touch no data; flush always succeeds.
+    pub fn null(size: u64) -> Disk {
+        Disk {
+            backing: Backing::Null,
+            path: None,
+            size,
+            readonly: false,
+            direct: false,
+            block_device: false,
+            logical_block_size: 512,
+            dio_mem_align: 1,
+            dio_offset_align: 1,
+            flush_failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Wrap an arbitrary already-open file (tests use a pipe to get a real
+    /// failing `fdatasync`).
+    #[cfg(test)]
+    pub(crate) fn from_file_for_test(file: File, size: u64) -> Disk {
+        Disk { backing: Backing::File { file, buffered: None }, path: None, ..Disk::null(size) }
+    }
+
+    /// Pretend the filesystem demands these O_DIRECT alignments (tests use
+    /// it to exercise the buffered-fd and bounce routes deterministically).
+    #[cfg(test)]
+    pub(crate) fn set_dio_align_for_test(&mut self, mem: u32, off: u32) {
+        (self.dio_mem_align, self.dio_offset_align) = (mem, off);
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the disk was opened read-only.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Whether the main fd uses `O_DIRECT` (false after a fallback).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The block size to advertise to the guest: the device's logical block
+    /// size for block devices; 512 for files (or the O_DIRECT offset
+    /// alignment when larger).
+    pub fn logical_block_size(&self) -> u32 {
+        self.logical_block_size
+    }
+
+    /// Whether the backend is a block device (discard/write-zeroes then use
+    /// `BLKDISCARD`/`BLKZEROOUT`).
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// Whether this is the null backend.
+    pub fn is_null(&self) -> bool {
+        matches!(self.backing, Backing::Null)
+    }
+
+    /// The path the disk was opened from (`None` for null).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Whether a flush has failed on this disk (see the module docs); once
+    /// true, it stays true.
+    pub fn flush_failed(&self) -> bool {
+        self.flush_failed.load(Ordering::Acquire)
+    }
+
+    /// Record a failed flush: every later flush on this disk fails.
+    pub(crate) fn mark_flush_failed(&self) {
+        if !self.flush_failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(disk = %self.describe(), "flush failed; all further flushes will report failure");
+        }
+    }
+
+    /// `fdatasync` now (used at shutdown). Honours and updates the sticky
+    /// flush-failure flag. A no-op for the null backend.
+    pub fn flush_sync(&self) -> Result<(), BackendError> {
+        let Ok(fd) = self.fd(FdChoice::Main) else {
+            return Ok(());
+        };
+        crate::sync::flush(self, fd).map(drop)
+    }
+
+    /// One human-readable line, e.g. `vblk.img (raw file, 1 GiB, O_DIRECT)`.
+    pub fn describe(&self) -> String {
+        let mut s = match &self.path {
+            Some(p) => p.display().to_string(),
+            None => "null".to_string(),
+        };
+        let kind = if self.is_null() {
+            "null"
+        } else if self.block_device {
+            "block device"
+        } else {
+            "raw file"
+        };
+        let _ = write!(s, " ({kind}, {}", human_size(self.size));
+        if !self.is_null() {
+            if self.logical_block_size != 512 {
+                let _ = write!(s, ", {}-byte blocks", self.logical_block_size);
+            }
+            s.push_str(if self.direct { ", O_DIRECT" } else { ", buffered" });
+        }
+        if self.readonly {
+            s.push_str(", read-only");
+        }
+        s.push(')');
+        s
+    }
+
+    /// One of the file descriptors; `EBADF` for the null backend.
+    pub(crate) fn fd(&self, which: FdChoice) -> Result<BorrowedFd<'_>, BackendError> {
+        match (&self.backing, which) {
+            (Backing::Null, _) => Err(BackendError::errno("fd", libc::EBADF)),
+            (Backing::File { file, .. }, FdChoice::Main) => Ok(file.as_fd()),
+            (Backing::File { file, buffered }, FdChoice::Buffered) => Ok(buffered.as_ref().unwrap_or(file).as_fd()),
+        }
+    }
+
+    /// O_DIRECT buffer address alignment (1 when not direct).
+    pub(crate) fn dio_mem_align(&self) -> u32 {
+        self.dio_mem_align
+    }
+
+    /// O_DIRECT offset and length alignment (1 when not direct).
+    pub(crate) fn dio_offset_align(&self) -> u32 {
+        self.dio_offset_align
+    }
+}
+
+/// Open `path` for disk I/O.
+fn open_file(path: &Path, readonly: bool, direct: bool) -> io::Result<File> {
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    OpenOptions::new().read(true).write(!readonly).custom_flags(flags).open(path)
+}
+
+/// Create a sparse file of `size` bytes unless `path` already exists.
+fn create_sparse(path: &Path, size: u64, readonly: bool) -> io::Result<()> {
+    if readonly {
+        // Nothing to create: an absent file will fail to open below.
+        return Ok(());
+    }
+    match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(f) => {
+            if let Err(e) = f.set_len(size) {
+                drop(f);
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+            tracing::info!(path = %path.display(), size, "created sparse disk image");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `1073741824` → `"1 GiB"`, `1610612736` → `"1.5 GiB"`.
+pub(crate) fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    let scale = 1u64 << (10 * unit);
+    if bytes.is_multiple_of(scale) {
+        format!("{} {}", bytes / scale, UNITS[unit])
+    } else {
+        format!("{:.1} {}", bytes as f64 / scale as f64, UNITS[unit])
+    }
+}

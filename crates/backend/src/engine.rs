@@ -1,0 +1,230 @@
+//! [`Engine`]: the per-worker front end over the three engine flavours.
+//!
+//! The front end does everything that is the same for all flavours:
+//!
+//! * counts in-flight ops and enforces the queue depth;
+//! * validates each op (range, read-only, length) and completes invalid
+//!   ones at once, as well as everything on the null backend;
+//! * owns the completion eventfd, and the `ready` queue of completions that
+//!   were produced synchronously (errors, null ops, the whole sync engine,
+//!   block-device discards under io_uring). Whenever `ready` gains entries
+//!   the eventfd is signalled, so the worker's `poll()` wakes up exactly as
+//!   for kernel completions.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use crate::disk::Disk;
+use crate::sync::SyncEngine;
+use crate::uring::UringEngine;
+use crate::{sys, BackendError, Completion, IoOp, OpKind};
+
+/// Which engine flavour [`Engine::new`] should build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineKind {
+    /// io_uring, falling back (with a warning) to [`EngineKind::Sync`] if the
+    /// kernel refuses io_uring (`ENOSYS`, `EPERM`, missing opcodes).
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// Blocking syscalls, executed in [`Engine::submit`].
+    Sync,
+}
+
+enum Flavour {
+    Null,
+    Sync(SyncEngine),
+    Uring(Box<UringEngine>),
+}
+
+/// Executes [`IoOp`]s for one worker thread. See the crate docs for the
+/// push/submit/poll/reap cycle.
+pub struct Engine {
+    // Field order matters for drop: the flavour (which, for io_uring, waits
+    // for in-flight ops) goes first, the eventfd and the disk after it.
+    flavour: Flavour,
+    /// Completions produced synchronously, waiting for `reap`.
+    ready: VecDeque<Completion>,
+    eventfd: OwnedFd,
+    disk: Arc<Disk>,
+    depth: usize,
+    /// Pushed ops whose completion has not yet been handed out.
+    in_flight: usize,
+}
+
+/// The largest accepted queue depth (io_uring's maximum SQ size).
+pub const MAX_DEPTH: u32 = 32768;
+
+impl Engine {
+    /// Build an engine for `disk` accepting up to `depth` (1..=[`MAX_DEPTH`])
+    /// in-flight ops.
+    /// On a null disk the flavour is always null, whatever `kind` says.
+    pub fn new(disk: Arc<Disk>, kind: EngineKind, depth: u32) -> Result<Engine, BackendError> {
+        if depth == 0 || depth > MAX_DEPTH {
+            return Err(BackendError::InvalidRequest("queue depth must be between 1 and MAX_DEPTH"));
+        }
+        let depth = depth as usize;
+        let eventfd = sys::eventfd().map_err(|source| BackendError::Io { op: "eventfd", source })?;
+        let flavour = match kind {
+            _ if disk.is_null() => Flavour::Null,
+            EngineKind::Sync => Flavour::Sync(SyncEngine::with_capacity(depth)),
+            EngineKind::Uring => Flavour::Uring(Box::new(UringEngine::new(depth, eventfd.as_fd())?)),
+            EngineKind::Auto => match UringEngine::new(depth, eventfd.as_fd()) {
+                Ok(u) => Flavour::Uring(Box::new(u)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring unavailable, using the synchronous engine");
+                    Flavour::Sync(SyncEngine::with_capacity(depth))
+                }
+            },
+        };
+        Ok(Engine { disk, flavour, depth, in_flight: 0, ready: VecDeque::with_capacity(depth), eventfd })
+    }
+
+    /// `"io_uring"`, `"sync"` or `"null"`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.flavour {
+            Flavour::Null => "null",
+            Flavour::Sync(_) => "sync",
+            Flavour::Uring(_) => "io_uring",
+        }
+    }
+
+    /// The disk this engine works on.
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// The maximum number of in-flight ops.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// An eventfd that becomes readable when completions are ready. Poll it
+    /// for `POLLIN`, then call [`Engine::reap`] (which also clears it).
+    pub fn completion_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// Queue `op`. It is executed at the next [`Engine::submit`] (io_uring,
+    /// sync) or completes at once (invalid ops, null disk, block-device
+    /// discard). Returns `Err(op)` only when `depth` ops are already in
+    /// flight.
+    ///
+    /// # Safety
+    /// Every iovec in `op.iovs` must stay valid for reads (Write) / writes
+    /// (Read) until its Completion is returned by `reap`/`wait`. (Dropping the
+    /// engine waits for in-flight io_uring ops.)
+    pub unsafe fn push(&mut self, op: IoOp) -> Result<(), IoOp> {
+        if self.in_flight >= self.depth {
+            return Err(op);
+        }
+        let ready_before = self.ready.len();
+        if let Some(result) = precheck(&self.disk, &op) {
+            self.ready.push_back(Completion { op, result });
+        } else {
+            match &mut self.flavour {
+                Flavour::Null => {
+                    let result = Ok(if op.kind == OpKind::Read || op.kind == OpKind::Write { op.len } else { 0 });
+                    self.ready.push_back(Completion { op, result });
+                }
+                // SAFETY: forwarded caller contract.
+                Flavour::Sync(s) => unsafe { s.push(op) },
+                // SAFETY: forwarded caller contract.
+                Flavour::Uring(u) => unsafe { u.push(&self.disk, op, &mut self.ready) }?,
+            }
+        }
+        self.in_flight += 1;
+        if self.ready.len() > ready_before {
+            self.signal();
+        }
+        Ok(())
+    }
+
+    /// Start everything pushed since the last submit: one `io_uring_enter`
+    /// (io_uring), or execute it all now (sync).
+    pub fn submit(&mut self) -> Result<(), BackendError> {
+        match &mut self.flavour {
+            Flavour::Null => Ok(()),
+            Flavour::Uring(u) => u.submit(),
+            Flavour::Sync(s) => {
+                if s.pending() > 0 {
+                    s.submit(&self.disk, &mut self.ready);
+                    self.signal();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Append every available completion to `out` without blocking, and
+    /// clear the completion eventfd.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        // Clear first: a completion arriving after this re-arms the fd.
+        sys::eventfd_clear(self.eventfd.as_fd());
+        let before = out.len();
+        if let Flavour::Uring(u) = &mut self.flavour {
+            u.reap(&self.disk, out);
+        }
+        out.extend(self.ready.drain(..));
+        self.in_flight -= (out.len() - before).min(self.in_flight);
+    }
+
+    /// Block until at least one completion is available (returning at once
+    /// if nothing is in flight), then reap like [`Engine::reap`]. Submits
+    /// anything still unsubmitted. Used to drain before shutdown.
+    pub fn wait(&mut self, out: &mut Vec<Completion>) -> Result<(), BackendError> {
+        let before = out.len();
+        loop {
+            self.reap(out);
+            if out.len() > before || self.in_flight == 0 {
+                return Ok(());
+            }
+            match &mut self.flavour {
+                Flavour::Uring(u) if u.busy() > 0 => u.wait_cqe()?,
+                Flavour::Sync(s) if s.pending() > 0 => self.submit()?,
+                // Nothing can complete any more; avoid spinning forever.
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Ops pushed whose completion has not been returned yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn signal(&self) {
+        if let Err(e) = sys::eventfd_signal(self.eventfd.as_fd()) {
+            tracing::error!(error = %e, "cannot signal completion eventfd");
+        }
+    }
+}
+
+/// Checks common to every flavour. `Some(result)` means "complete now with
+/// this result" (errors, or trivially empty ops).
+fn precheck(disk: &Disk, op: &IoOp) -> Option<Result<u64, BackendError>> {
+    if op.kind.is_write_like() && disk.readonly() {
+        return Some(Err(BackendError::ReadOnly));
+    }
+    match op.kind {
+        OpKind::Flush if disk.flush_failed() => Some(Err(BackendError::FlushFailedEarlier)),
+        OpKind::Flush => None,
+        kind => {
+            if matches!(kind, OpKind::Read | OpKind::Write) {
+                let total = op.iovs.iter().try_fold(0u64, |acc, v| acc.checked_add(v.iov_len as u64));
+                if total != Some(op.len) {
+                    return Some(Err(BackendError::InvalidRequest("length differs from the sum of the iovec lengths")));
+                }
+            }
+            if op.offset.checked_add(op.len).is_none_or(|end| end > disk.size()) {
+                return Some(Err(BackendError::OutOfRange { offset: op.offset, len: op.len, size: disk.size() }));
+            }
+            if op.len == 0 {
+                return Some(Ok(0));
+            }
+            None
+        }
+    }
+}

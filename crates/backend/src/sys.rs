@@ -1,0 +1,204 @@
+//! Thin wrappers around the raw Linux system calls this crate uses.
+//!
+//! Almost every `unsafe` FFI call of the crate lives here, so the rest of the
+//! code can stay in safe Rust. Each wrapper:
+//!
+//! * takes file descriptors as [`BorrowedFd`] (so they cannot dangle),
+//! * retries on `EINTR` where the call is restartable,
+//! * returns [`io::Result`] with the errno preserved.
+//!
+//! The only wrappers that are themselves `unsafe fn` are the vectored
+//! read/write calls: the kernel dereferences the raw pointers inside the
+//! `iovec`s, and only the caller can vouch for them.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Linux ioctl numbers for block devices (`<linux/fs.h>`). `libc` has
+/// `BLKSSZGET` but not the others, so we encode them with the `_IO`/`_IOR`
+/// rules. The direction bits differ on a few architectures.
+mod blk_ioctl {
+    #[cfg(any(
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    ))]
+    mod dir {
+        pub const NONE: u32 = 1 << 29;
+        pub const READ: u32 = 2 << 29;
+    }
+    #[cfg(not(any(
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    )))]
+    mod dir {
+        pub const NONE: u32 = 0;
+        pub const READ: u32 = 2 << 30;
+    }
+
+    const fn ioc(dir: u32, nr: u32, size: u32) -> u32 {
+        dir | (size << 16) | (0x12 << 8) | nr
+    }
+
+    /// `_IOR(0x12, 114, size_t)`: device size in bytes.
+    pub const BLKGETSIZE64: u32 = ioc(dir::READ, 114, std::mem::size_of::<usize>() as u32);
+    /// `_IO(0x12, 104)`: logical sector size (an `int`).
+    pub const BLKSSZGET: u32 = ioc(dir::NONE, 104, 0);
+    /// `_IO(0x12, 119)`: discard a `[start, len]` byte range.
+    pub const BLKDISCARD: u32 = ioc(dir::NONE, 119, 0);
+    /// `_IO(0x12, 127)`: zero a `[start, len]` byte range.
+    pub const BLKZEROOUT: u32 = ioc(dir::NONE, 127, 0);
+}
+pub(crate) use blk_ioctl::{BLKDISCARD, BLKZEROOUT};
+
+/// Turn a `-1`-on-error return value into an `io::Result`.
+fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Call `f` until it does not fail with `EINTR`.
+fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+fn off(offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `fdatasync(2)`: flush file data (and the metadata needed to read it).
+pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fdatasync only takes an fd, which `BorrowedFd` keeps open.
+    retry(|| cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) }.into())).map(drop)
+}
+
+/// `fallocate(2)` with the given `mode` flags.
+pub(crate) fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: fallocate takes only integers and an fd kept open by `fd`.
+    retry(|| cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, o, l) }.into())).map(drop)
+}
+
+/// `pwrite(2)` from a plain slice; returns bytes written (may be short).
+pub(crate) fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+    let o = off(offset)?;
+    // SAFETY: `buf` is a valid, initialised slice for its whole length.
+    let n = retry(|| cvt(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), o) } as _))?;
+    Ok(n as usize)
+}
+
+/// `preadv(2)`: returns bytes read (may be short, 0 at end of file).
+///
+/// # Safety
+/// Every iovec must describe memory valid for writes for its whole length.
+pub(crate) unsafe fn preadv(fd: BorrowedFd<'_>, iovs: &[libc::iovec], offset: u64) -> io::Result<usize> {
+    let o = off(offset)?;
+    let cnt = libc::c_int::try_from(iovs.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the caller guarantees the iovecs point to writable memory.
+    let n = retry(|| cvt(unsafe { libc::preadv(fd.as_raw_fd(), iovs.as_ptr(), cnt, o) } as _))?;
+    Ok(n as usize)
+}
+
+/// `pwritev2(2)` with per-call `flags` (e.g. `RWF_DSYNC`); returns bytes
+/// written (may be short).
+///
+/// # Safety
+/// Every iovec must describe memory valid for reads for its whole length.
+pub(crate) unsafe fn pwritev2(fd: BorrowedFd<'_>, iovs: &[libc::iovec], offset: u64, flags: i32) -> io::Result<usize> {
+    let o = off(offset)?;
+    let cnt = libc::c_int::try_from(iovs.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the caller guarantees the iovecs point to readable memory.
+    let n = retry(|| cvt(unsafe { libc::pwritev2(fd.as_raw_fd(), iovs.as_ptr(), cnt, o, flags) } as _))?;
+    Ok(n as usize)
+}
+
+/// Issue a block-device range ioctl (`BLKDISCARD`, `BLKZEROOUT`).
+pub(crate) fn blk_range_ioctl(fd: BorrowedFd<'_>, req: u32, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: these ioctls read a `[u64; 2]` from the pointer, which points
+    // to a live local array.
+    retry(|| cvt(unsafe { libc::ioctl(fd.as_raw_fd(), req as _, range.as_ptr()) }.into())).map(drop)
+}
+
+/// Size of a block device in bytes (`BLKGETSIZE64`).
+pub(crate) fn blk_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, a live local.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), blk_ioctl::BLKGETSIZE64 as _, &mut size) }.into())?;
+    Ok(size)
+}
+
+/// Logical block (sector) size of a block device (`BLKSSZGET`).
+pub(crate) fn blk_logical_block_size(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut lbs: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int to the pointer, a live local.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), blk_ioctl::BLKSSZGET as _, &mut lbs) }.into())?;
+    u32::try_from(lbs).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// O_DIRECT alignment rules from `statx(STATX_DIOALIGN)` (Linux 6.1+):
+/// `Some((memory_alignment, offset_alignment))`. An offset alignment of 0
+/// means the file does not support O_DIRECT at all. `None` when the kernel
+/// or filesystem does not report it.
+pub(crate) fn dio_alignment(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: the path is a valid NUL-terminated (empty) string, used with
+    // AT_EMPTY_PATH to mean "the fd itself"; `stx` is a writable statx buffer.
+    let ret = unsafe {
+        libc::statx(fd.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, stx.as_mut_ptr())
+    };
+    if ret != 0 {
+        return None;
+    }
+    // SAFETY: statx succeeded, so it filled the struct (and it was zeroed
+    // beforehand anyway, and all-zero is a valid `statx`).
+    let stx = unsafe { stx.assume_init() };
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
+/// A non-blocking, close-on-exec eventfd (counter starts at 0).
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes only integer flags.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) }.into())?;
+    // SAFETY: eventfd returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Add 1 to an eventfd's counter, making it readable.
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local u64.
+    let r = retry(|| cvt(unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) } as _));
+    match r {
+        // EAGAIN: the counter is saturated, so it is readable anyway.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Reset an eventfd's counter to 0 (no-op if already 0).
+pub(crate) fn eventfd_clear(fd: BorrowedFd<'_>) {
+    let mut val: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live local u64. Errors (EAGAIN when
+    // the counter is already 0) need no handling.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut val as *mut u64).cast(), 8) };
+}

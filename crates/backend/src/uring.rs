@@ -1,0 +1,398 @@
+//! The io_uring engine: one ring per worker thread.
+//!
+//! Every in-flight op occupies a *slot*; the slot index is the SQE's
+//! `user_data`, so a CQE leads straight back to its op. The slot owns
+//! everything the kernel may touch until the CQE arrives: the `IoOp` (whose
+//! `iovs` heap array the SQE points at; moving a `Vec` does not move its
+//! heap buffer), the bounce buffer if any, and a scratch iovec list for
+//! continuing short transfers.
+//!
+//! An op may need several SQEs in a row; the slot's [`Stage`] says which one
+//! is in flight:
+//!
+//! ```text
+//! Read/Write:        Rw ──short──▶ Rw (remainder) ──▶ done
+//! Flush:             Flush ──▶ done
+//! Discard/WrZeroes:  Fallocate ──fua──▶ FuaSync ──▶ done
+//! ```
+//!
+//! Follow-up SQEs are queued while reaping and submitted at the end of
+//! [`UringEngine::reap`]. Because at most one SQE per slot is ever queued and
+//! there are as many SQ entries as slots, the SQ can never overflow, and
+//! the CQ (twice as large) neither.
+//!
+//! The completion eventfd is registered with the ring, so the kernel signals
+//! it for each CQE; the worker `poll()`s it.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+
+use crate::bounce::{self, advance_iovecs, BounceBuf};
+use crate::disk::{Disk, FdChoice};
+use crate::{sync, BackendError, Completion, IoOp, OpKind};
+
+/// How often an op is resubmitted after `EAGAIN`/`EINTR` before giving up.
+const MAX_RETRIES: u32 = 16;
+
+/// Which SQE of an op is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Readv/Writev of the (remaining) data.
+    Rw,
+    /// `fallocate` for discard/write-zeroes.
+    Fallocate,
+    /// `fdatasync` making a fua discard/write-zeroes durable.
+    FuaSync,
+    /// `fdatasync` for a Flush op.
+    Flush,
+}
+
+/// One in-flight op and the resources the kernel may touch.
+#[derive(Debug)]
+struct Slot {
+    op: Option<IoOp>,
+    stage: Stage,
+    fd: FdChoice,
+    /// Bytes transferred so far (Rw).
+    done: u64,
+    bounce: Option<BounceBuf>,
+    /// When `use_work`, the SQE points at `work` instead of `op.iovs`: the
+    /// bounce buffer's iovec and/or the remainder after a short transfer.
+    work: Vec<libc::iovec>,
+    use_work: bool,
+    retries: u32,
+}
+
+// SAFETY: `Slot` is `!Send` only through the raw pointers in `work`'s
+// iovecs, which point into the slot's own bounce buffer or into memory
+// covered by `Engine::push`'s contract, valid from any thread.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    fn empty() -> Slot {
+        Slot {
+            op: None,
+            stage: Stage::Rw,
+            fd: FdChoice::Main,
+            done: 0,
+            bounce: None,
+            work: Vec::new(),
+            use_work: false,
+            retries: 0,
+        }
+    }
+}
+
+/// What to do with a slot after its CQE.
+enum Next {
+    Resubmit,
+    Done(Result<u64, BackendError>),
+}
+
+/// The io_uring engine. See the module docs.
+pub(crate) struct UringEngine {
+    ring: IoUring,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Scratch for draining the CQ (`user_data`, `result`).
+    cqes: Vec<(u64, i32)>,
+}
+
+impl UringEngine {
+    /// Set up a ring for `depth` in-flight ops signalling `eventfd`.
+    pub(crate) fn new(depth: usize, eventfd: BorrowedFd<'_>) -> Result<UringEngine, BackendError> {
+        let entries = depth
+            .checked_next_power_of_two()
+            .and_then(|d| u32::try_from(d).ok())
+            .ok_or(BackendError::InvalidRequest("queue depth too large"))?;
+        let ring = IoUring::new(entries).map_err(BackendError::UringUnavailable)?;
+        let submitter = ring.submitter();
+        let mut probe = Probe::new();
+        submitter.register_probe(&mut probe).map_err(BackendError::UringUnavailable)?;
+        for code in [opcode::Readv::CODE, opcode::Writev::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE] {
+            if !probe.is_supported(code) {
+                return Err(BackendError::UringUnavailable(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("kernel lacks io_uring opcode {code}"),
+                )));
+            }
+        }
+        submitter.register_eventfd(eventfd.as_raw_fd()).map_err(BackendError::UringUnavailable)?;
+        let cq_cap = ring.params().cq_entries() as usize;
+        Ok(UringEngine {
+            ring,
+            slots: (0..depth).map(|_| Slot::empty()).collect(),
+            free: (0..depth).rev().collect(),
+            cqes: Vec::with_capacity(cq_cap),
+        })
+    }
+
+    /// Ops owned by the ring (SQE queued or in the kernel).
+    pub(crate) fn busy(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Queue `op`. Ops completed without the ring (block-device
+    /// discard/write-zeroes, bounce allocation failure) go to `ready`.
+    /// `Err(op)` only if no slot is free.
+    ///
+    /// # Safety
+    /// As for `Engine::push`: the iovecs stay valid until the completion is
+    /// handed back.
+    pub(crate) unsafe fn push(&mut self, disk: &Disk, op: IoOp, ready: &mut VecDeque<Completion>) -> Result<(), IoOp> {
+        let data_less = matches!(op.kind, OpKind::Discard | OpKind::WriteZeroes { .. });
+        if data_less && disk.is_block_device() {
+            // No io_uring opcode for BLKDISCARD/BLKZEROOUT: do it now.
+            let result = sync::discard_or_zero(disk, &op);
+            ready.push_back(Completion { op, result });
+            return Ok(());
+        }
+        let Some(idx) = self.free.pop() else {
+            return Err(op);
+        };
+        let slot = &mut self.slots[idx];
+        slot.done = 0;
+        slot.retries = 0;
+        slot.use_work = false;
+        slot.fd = FdChoice::Main;
+        slot.stage = match op.kind {
+            OpKind::Read | OpKind::Write => Stage::Rw,
+            OpKind::Flush => Stage::Flush,
+            OpKind::Discard | OpKind::WriteZeroes { .. } => Stage::Fallocate,
+        };
+        if slot.stage == Stage::Rw {
+            let route = bounce::route(disk, &op);
+            slot.fd = route.fd;
+            if route.bounce {
+                match BounceBuf::new(op.len, disk.dio_mem_align()) {
+                    Ok(mut buf) => {
+                        if op.kind == OpKind::Write {
+                            // SAFETY: caller's contract: iovecs are readable.
+                            unsafe { buf.gather_from(&op.iovs) };
+                        }
+                        slot.work.clear();
+                        slot.work.push(buf.iovec());
+                        slot.use_work = true;
+                        slot.bounce = Some(buf);
+                    }
+                    Err(e) => {
+                        self.free.push(idx);
+                        ready.push_back(Completion { op, result: Err(e) });
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        slot.op = Some(op);
+        if let Err(e) = self.queue_sqe(disk, idx) {
+            if let Some(c) = self.finish(idx, Err(e)) {
+                ready.push_back(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Build the SQE for slot `idx`'s current stage and put it in the SQ.
+    fn queue_sqe(&mut self, disk: &Disk, idx: usize) -> Result<(), BackendError> {
+        let slot = &self.slots[idx];
+        let Some(op) = slot.op.as_ref() else {
+            return Err(BackendError::InvalidRequest("empty slot"));
+        };
+        let fd = types::Fd(disk.fd(slot.fd)?.as_raw_fd());
+        let entry = match slot.stage {
+            Stage::Rw => {
+                let iovs = if slot.use_work { &slot.work } else { &op.iovs };
+                let (ptr, cnt, offset) = (iovs.as_ptr(), iovs.len() as u32, op.offset + slot.done);
+                if op.kind == OpKind::Read {
+                    opcode::Readv::new(fd, ptr, cnt).offset(offset).build()
+                } else {
+                    let flags = if op.fua { libc::RWF_DSYNC } else { 0 };
+                    opcode::Writev::new(fd, ptr, cnt).offset(offset).rw_flags(flags).build()
+                }
+            }
+            Stage::Fallocate => {
+                opcode::Fallocate::new(fd, op.len).offset(op.offset).mode(sync::fallocate_mode(op.kind)).build()
+            }
+            Stage::FuaSync | Stage::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        };
+        let entry: squeue::Entry = entry.user_data(idx as u64);
+        // SAFETY: everything the SQE points at stays alive and unmoved until
+        // its CQE is reaped: the iovec array is the heap buffer of `op.iovs`
+        // or `slot.work`, both owned by the slot and not touched until then;
+        // the data buffers are the bounce buffer (owned by the slot) or the
+        // caller's memory (covered by `Engine::push`'s contract).
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| BackendError::errno("io_uring submission queue full", libc::EBUSY))
+    }
+
+    /// One `io_uring_enter` submitting everything queued.
+    pub(crate) fn submit(&mut self) -> Result<(), BackendError> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(BackendError::Io { op: "io_uring_enter", source }),
+            }
+        }
+    }
+
+    /// Submit anything queued and block until at least one CQE is ready.
+    pub(crate) fn wait_cqe(&mut self) -> Result<(), BackendError> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(BackendError::Io { op: "io_uring_enter", source }),
+            }
+        }
+    }
+
+    /// Process every available CQE; finished ops go to `out`.
+    pub(crate) fn reap(&mut self, disk: &Disk, out: &mut Vec<Completion>) {
+        self.cqes.clear();
+        self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        let mut resubmitted = false;
+        for i in 0..self.cqes.len() {
+            let (user_data, res) = self.cqes[i];
+            let idx = user_data as usize;
+            if self.slots.get(idx).is_none_or(|s| s.op.is_none()) {
+                tracing::error!(user_data, "io_uring completion for unknown slot");
+                continue;
+            }
+            let next = match self.on_cqe(disk, idx, res) {
+                Next::Resubmit => match self.queue_sqe(disk, idx) {
+                    Ok(()) => {
+                        resubmitted = true;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+                Next::Done(r) => r,
+            };
+            out.extend(self.finish(idx, next));
+        }
+        if resubmitted {
+            if let Err(e) = self.submit() {
+                // The SQEs stay queued; the next submit()/wait() retries.
+                tracing::warn!(error = %e, "io_uring resubmission failed");
+            }
+        }
+    }
+
+    /// Advance slot `idx`'s state machine with CQE result `res`.
+    fn on_cqe(&mut self, disk: &Disk, idx: usize, res: i32) -> Next {
+        let slot = &mut self.slots[idx];
+        let Some(op) = slot.op.as_ref() else {
+            return Next::Done(Err(BackendError::InvalidRequest("empty slot")));
+        };
+        if res < 0 {
+            let errno = -res;
+            if matches!(errno, libc::EAGAIN | libc::EINTR) && slot.retries < MAX_RETRIES {
+                slot.retries += 1;
+                return Next::Resubmit;
+            }
+            if errno == libc::EINVAL && slot.stage == Stage::Rw && slot.fd == FdChoice::Main && disk.is_direct() {
+                // O_DIRECT rejected an alignment our checks accepted: redo
+                // the rest through the buffered fd, which accepts anything.
+                tracing::debug!(offset = op.offset, len = op.len, "O_DIRECT EINVAL, retrying buffered");
+                slot.fd = FdChoice::Buffered;
+                return Next::Resubmit;
+            }
+            return Next::Done(match slot.stage {
+                Stage::Rw => Err(BackendError::errno(op.kind.name(), errno)),
+                Stage::Fallocate if sync::is_unsupported(Some(errno)) => {
+                    // Runs synchronously; rare (e.g. filesystems without
+                    // ZERO_RANGE).
+                    sync::unsupported_fallback(disk, op).and_then(|()| {
+                        if op.fua {
+                            sync::flush(disk, disk.fd(FdChoice::Main)?)
+                        } else {
+                            Ok(0)
+                        }
+                    })
+                }
+                Stage::Fallocate => Err(BackendError::errno(op.kind.name(), errno)),
+                Stage::FuaSync | Stage::Flush => {
+                    disk.mark_flush_failed();
+                    Err(BackendError::errno("flush", errno))
+                }
+            });
+        }
+        slot.retries = 0;
+        match slot.stage {
+            Stage::Rw => {
+                let n = res as u64;
+                let remaining = op.len - slot.done;
+                if n == 0 {
+                    return Next::Done(Err(BackendError::errno(op.kind.name(), libc::EIO)));
+                }
+                if n >= remaining {
+                    return Next::Done(Ok(op.len));
+                }
+                tracing::debug!(
+                    offset = op.offset,
+                    len = op.len,
+                    done = slot.done + n,
+                    "short {}, continuing",
+                    op.kind.name()
+                );
+                slot.done += n;
+                if !slot.use_work {
+                    slot.work.clear();
+                    slot.work.extend_from_slice(&op.iovs);
+                    slot.use_work = true;
+                }
+                advance_iovecs(&mut slot.work, n as usize);
+                Next::Resubmit
+            }
+            Stage::Fallocate if op.fua => {
+                slot.stage = Stage::FuaSync;
+                Next::Resubmit
+            }
+            Stage::Fallocate => Next::Done(Ok(0)),
+            Stage::FuaSync | Stage::Flush => Next::Done(sync::flush_succeeded(disk)),
+        }
+    }
+
+    /// Release slot `idx`, copying bounce data out for successful reads.
+    fn finish(&mut self, idx: usize, result: Result<u64, BackendError>) -> Option<Completion> {
+        let slot = &mut self.slots[idx];
+        let op = slot.op.take()?;
+        if let (Ok(n), Some(buf), OpKind::Read) = (&result, &slot.bounce, op.kind) {
+            // SAFETY: `Engine::push`'s contract: the iovecs are writable
+            // until this completion is handed back.
+            unsafe { buf.scatter_to(&op.iovs, *n) };
+        }
+        slot.bounce = None;
+        slot.use_work = false;
+        self.free.push(idx);
+        Some(Completion { op, result })
+    }
+}
+
+impl Drop for UringEngine {
+    /// The kernel may still be writing into buffers owned by busy slots (and
+    /// into guest memory): wait for every CQE before freeing anything. If
+    /// waiting fails, leak the slots rather than risk a use-after-free.
+    fn drop(&mut self) {
+        while self.busy() > 0 {
+            if let Err(e) = self.wait_cqe() {
+                tracing::error!(error = %e, "cannot drain io_uring on drop; leaking in-flight buffers");
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return;
+            }
+            let cqes: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for ud in cqes {
+                if let Some(slot) = self.slots.get_mut(ud as usize) {
+                    if slot.op.take().is_some() {
+                        slot.bounce = None;
+                        self.free.push(ud as usize);
+                    }
+                }
+            }
+        }
+    }
+}

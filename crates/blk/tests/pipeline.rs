@@ -1,0 +1,309 @@
+//! The device engine end to end, in process: a driver-side ring (what the guest's
+//! virtio_blk would write) → `BlkQueue` → a real backend (a file through io_uring or
+//! plain syscalls, or null) → used ring → the driver reaps status bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vblk_backend::{Disk, DiskOptions, Engine, EngineKind};
+use vblk_blk::{BlkQueue, DeviceParams};
+use vblk_queue::{AddrSpace, Buffer, DriverQueue, RingAddrs, RingFeatures, SplitQueue};
+use vblk_virtio::blk::{req_type, DiscardSegment, OutHdr, Status};
+use vblk_virtio::memory::memfd;
+use vblk_virtio::{GuestMemory, RegionSpec};
+
+const MEM: u64 = 8 << 20;
+const QSIZE: u32 = 64;
+const DISK: u64 = 4 << 20;
+/// Guest-physical layout of the test memory.
+const RINGS: u64 = 0x1000;
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x70_0000;
+
+struct Rig {
+    mem: Arc<GuestMemory>,
+    drv: DriverQueue,
+    dev: BlkQueue,
+    io: Engine,
+    _file: Option<TempFile>,
+}
+
+struct TempFile(PathBuf);
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp_path(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("vblk-pipeline-{}-{tag}-{n}.img", std::process::id()))
+}
+
+fn rig_with(disk: Disk, file: Option<TempFile>, readonly: bool, engine: EngineKind) -> Rig {
+    let spec = RegionSpec { guest_phys_addr: 0, size: MEM, user_addr: 0x7000_0000_0000, mmap_offset: 0 };
+    let mem = Arc::new(GuestMemory::from_files(&[(spec, memfd("guest", MEM).unwrap())]).unwrap());
+    let addrs = RingAddrs { desc: RINGS, avail: RINGS + 16 * QSIZE as u64, used: RINGS + 0x2000 };
+    let feats = RingFeatures { event_idx: true, indirect: true };
+    let drv = DriverQueue::new(mem.clone(), QSIZE, addrs, feats).unwrap();
+    let q = SplitQueue::new(mem.clone(), QSIZE, addrs, AddrSpace::GuestPhysical, feats).unwrap();
+    let disk = Arc::new(disk);
+    let params = Arc::new(DeviceParams::new(disk.size(), readonly, 512, "vblk-test-serial", 1, QSIZE as u16));
+    let io = Engine::new(disk, engine, QSIZE).unwrap();
+    Rig { mem, drv, dev: BlkQueue::new(q, params, 0), io, _file: file }
+}
+
+fn file_rig(readonly: bool, engine: EngineKind) -> Rig {
+    let path = temp_path("disk");
+    let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
+    let disk = Disk::open(&path, &opts).unwrap();
+    if readonly {
+        drop(disk);
+        let opts = DiskOptions { readonly: true, direct: true, create_size: None };
+        return rig_with(Disk::open(&path, &opts).unwrap(), Some(TempFile(path)), true, engine);
+    }
+    rig_with(disk, Some(TempFile(path)), false, engine)
+}
+
+impl Rig {
+    fn header(&self, slot: u64, t: u32, sector: u64) -> Buffer {
+        let h = OutHdr { req_type: t, ioprio: 0, sector };
+        self.mem.write_at(HDR + slot * 16, &h.to_bytes()).unwrap();
+        Buffer { addr: HDR + slot * 16, len: 16, write: false }
+    }
+
+    fn status(&self, slot: u64) -> Buffer {
+        self.mem.write_at(STATUS + slot, &[0xee]).unwrap();
+        Buffer { addr: STATUS + slot, len: 1, write: true }
+    }
+
+    fn status_byte(&self, slot: u64) -> u8 {
+        let mut b = [0u8];
+        self.mem.read_at(STATUS + slot, &mut b).unwrap();
+        b[0]
+    }
+
+    /// Submit one request and run the device until it completes: (used len, status byte).
+    fn run(&mut self, bufs: &[Buffer], slot: u64) -> (u32, u8) {
+        let head = self.drv.add(bufs).unwrap();
+        self.drv.publish();
+        self.dev.process_available(&mut self.io).unwrap();
+        let mut done = Vec::new();
+        while self.io.in_flight() > 0 {
+            self.io.wait(&mut done).unwrap();
+            for c in done.drain(..) {
+                self.dev.complete(c);
+            }
+        }
+        self.dev.publish();
+        let (h, len) = self.drv.pop_used().unwrap().expect("request completed");
+        assert_eq!(h, head);
+        (len, self.status_byte(slot))
+    }
+
+    fn write(&mut self, sector: u64, data: &[u8]) -> u8 {
+        self.mem.write_at(DATA, data).unwrap();
+        let bufs = [
+            self.header(0, req_type::OUT, sector),
+            Buffer { addr: DATA, len: data.len() as u32, write: false },
+            self.status(0),
+        ];
+        self.run(&bufs, 0).1
+    }
+
+    fn read(&mut self, sector: u64, len: u32) -> (u8, Vec<u8>) {
+        self.mem.write_at(DATA, &vec![0x5a; len as usize]).unwrap();
+        let bufs = [self.header(0, req_type::IN, sector), Buffer { addr: DATA, len, write: true }, self.status(0)];
+        let (used, st) = self.run(&bufs, 0);
+        assert_eq!(used, len + 1);
+        let mut out = vec![0u8; len as usize];
+        self.mem.read_at(DATA, &mut out).unwrap();
+        (st, out)
+    }
+
+    fn discard_like(&mut self, t: u32, segs: &[DiscardSegment]) -> u8 {
+        let bytes: Vec<u8> = segs.iter().flat_map(|s| s.to_bytes()).collect();
+        self.mem.write_at(DATA + 0x10_0000, &bytes).unwrap();
+        let bufs = [
+            self.header(0, t, 0),
+            Buffer { addr: DATA + 0x10_0000, len: bytes.len() as u32, write: false },
+            self.status(0),
+        ];
+        self.run(&bufs, 0).1
+    }
+}
+
+const OK: u8 = Status::Ok as u8;
+const IOERR: u8 = Status::IoErr as u8;
+const UNSUPP: u8 = Status::Unsupp as u8;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn writes_read_back_through_both_engines() {
+    for engine in [EngineKind::Uring, EngineKind::Sync] {
+        let mut r = file_rig(false, engine);
+        let data = pattern(64 * 1024, 7);
+        assert_eq!(r.write(8, &data), OK);
+        let (st, back) = r.read(8, data.len() as u32);
+        assert_eq!(st, OK);
+        assert_eq!(back, data, "{engine:?}");
+        // Flush succeeds.
+        let bufs = [r.header(0, req_type::FLUSH, 0), r.status(0)];
+        assert_eq!(r.run(&bufs, 0).1, OK);
+    }
+}
+
+#[test]
+fn a_request_split_over_many_descriptors_and_an_indirect_table_works() {
+    let mut r = file_rig(false, EngineKind::Uring);
+    let data = pattern(8 * 512, 3);
+    r.mem.write_at(DATA, &data).unwrap();
+    // Header in two pieces, data in 8 segments, via an indirect table.
+    let h = OutHdr { req_type: req_type::OUT, ioprio: 0, sector: 100 }.to_bytes();
+    r.mem.write_at(HDR, &h[..5]).unwrap();
+    r.mem.write_at(HDR + 0x100, &h[5..]).unwrap();
+    let mut bufs =
+        vec![Buffer { addr: HDR, len: 5, write: false }, Buffer { addr: HDR + 0x100, len: 11, write: false }];
+    bufs.extend((0..8).map(|i| Buffer { addr: DATA + i * 512, len: 512, write: false }));
+    bufs.push(r.status(0));
+    let head = r.drv.add_indirect(&bufs, 0x50_0000).unwrap();
+    r.drv.publish();
+    r.dev.process_available(&mut r.io).unwrap();
+    let mut done = Vec::new();
+    while r.io.in_flight() > 0 {
+        r.io.wait(&mut done).unwrap();
+        done.drain(..).for_each(|c| r.dev.complete(c));
+    }
+    r.dev.publish();
+    assert_eq!(r.drv.pop_used().unwrap().unwrap().0, head);
+    assert_eq!(r.status_byte(0), OK);
+    assert_eq!(r.read(100, data.len() as u32).1, data);
+}
+
+#[test]
+fn bad_ranges_lengths_and_types_get_the_right_status() {
+    let mut r = file_rig(false, EngineKind::Uring);
+    let sectors = DISK / 512;
+    assert_eq!(r.write(sectors - 1, &[1u8; 1024]), IOERR, "crosses the end");
+    assert_eq!(r.write(sectors, &[1u8; 512]), IOERR, "starts at the end");
+    assert_eq!(r.write(u64::MAX / 256, &[1u8; 512]), IOERR, "sector * 512 overflows");
+    assert_eq!(r.write(u64::MAX, &[1u8; 512]), IOERR);
+    assert_eq!(r.write(0, &[1u8; 100]), IOERR, "not a multiple of 512");
+    assert_eq!(r.read(sectors - 1, 1024).0, IOERR);
+    for t in [req_type::SCSI_CMD, 3, 0xff, req_type::OUT | req_type::BARRIER, req_type::BARRIER] {
+        let bufs = [r.header(0, t, 0), r.status(0)];
+        assert_eq!(r.run(&bufs, 0).1, UNSUPP, "type {t:#x}");
+    }
+    // The disk is untouched by all of that.
+    assert_eq!(r.read(sectors - 2, 1024).1, vec![0u8; 1024]);
+}
+
+#[test]
+fn get_id_never_writes_past_the_buffer() {
+    let mut r = file_rig(false, EngineKind::Sync);
+    r.mem.write_at(DATA, &[0xaa; 32]).unwrap();
+    let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: 4, write: true }, r.status(0)];
+    assert_eq!(r.run(&bufs, 0), (5, OK));
+    let mut b = [0u8; 8];
+    r.mem.read_at(DATA, &mut b).unwrap();
+    assert_eq!(&b, b"vblk\xaa\xaa\xaa\xaa");
+    let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: 32, write: true }, r.status(0)];
+    assert_eq!(r.run(&bufs, 0).1, OK);
+    let mut b = [0u8; 21];
+    r.mem.read_at(DATA, &mut b).unwrap();
+    assert_eq!(&b[..20], b"vblk-test-serial\0\0\0\0");
+    assert_eq!(b[20], 0xaa, "at most 20 bytes");
+}
+
+#[test]
+fn discard_and_write_zeroes_zero_the_range_and_check_segments() {
+    let mut r = file_rig(false, EngineKind::Uring);
+    let seg = |sector, num_sectors, flags| DiscardSegment { sector, num_sectors, flags };
+    for (t, flags) in [(req_type::DISCARD, 0), (req_type::WRITE_ZEROES, 0), (req_type::WRITE_ZEROES, 1)] {
+        assert_eq!(r.write(16, &pattern(8192, 9)), OK);
+        assert_eq!(r.discard_like(t, &[seg(16, 8, flags)]), OK);
+        let (st, back) = r.read(16, 8192);
+        assert_eq!(st, OK);
+        assert_eq!(&back[..4096], &[0u8; 4096][..], "type {t} flags {flags}");
+        assert_eq!(&back[4096..], &pattern(8192, 9)[4096..], "outside the range");
+    }
+    assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, 8, 0), seg(8, 8, 0)]), UNSUPP, "two segments");
+    assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, 8, DiscardSegment::FLAG_UNMAP)]), UNSUPP, "UNMAP on discard");
+    assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg(0, 8, 2)]), UNSUPP, "unknown flag");
+    assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, u32::MAX, 0)]), IOERR, "over the limit");
+    assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg(DISK / 512 - 4, 8, 0)]), IOERR, "outside the disk");
+    // A segment list that is not a multiple of 16 bytes.
+    r.mem.write_at(DATA, &[0u8; 20]).unwrap();
+    let bufs = [r.header(0, req_type::DISCARD, 0), Buffer { addr: DATA, len: 20, write: false }, r.status(0)];
+    assert_eq!(r.run(&bufs, 0).1, IOERR);
+}
+
+#[test]
+fn read_only_exports_refuse_every_write() {
+    let mut r = file_rig(true, EngineKind::Uring);
+    assert_eq!(r.write(0, &[1u8; 512]), IOERR);
+    let seg = DiscardSegment { sector: 0, num_sectors: 8, flags: 0 };
+    assert_eq!(r.discard_like(req_type::DISCARD, &[seg]), IOERR);
+    assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg]), IOERR);
+    assert_eq!(r.read(0, 512), (OK, vec![0u8; 512]));
+}
+
+#[test]
+fn requests_without_a_status_byte_come_back_with_used_len_zero() {
+    let mut r = file_rig(false, EngineKind::Uring);
+    // No writable buffer at all.
+    let bufs = [r.header(0, req_type::OUT, 0), Buffer { addr: DATA, len: 512, write: false }];
+    assert_eq!(r.run(&bufs, 0).0, 0);
+    // A header shorter than 16 bytes: status untouched.
+    let bufs = [Buffer { addr: HDR, len: 8, write: false }, r.status(1)];
+    assert_eq!(r.run(&bufs, 1), (0, 0xee));
+    // Only a status byte: no header.
+    let bufs = [r.status(2)];
+    assert_eq!(r.run(&bufs, 2), (0, 0xee));
+    // The queue still works.
+    assert_eq!(r.write(0, &[3u8; 512]), OK);
+    assert_eq!(r.read(0, 512).1, vec![3u8; 512]);
+}
+
+#[test]
+fn many_requests_in_flight_complete_out_of_order_safely() {
+    let mut r = file_rig(false, EngineKind::Uring);
+    let n = 20u64;
+    for i in 0..n {
+        r.mem.write_at(DATA + i * 4096, &pattern(4096, i as u8)).unwrap();
+        let bufs =
+            [r.header(i, req_type::OUT, i * 8), Buffer { addr: DATA + i * 4096, len: 4096, write: false }, r.status(i)];
+        r.drv.add(&bufs).unwrap();
+    }
+    r.drv.publish();
+    assert!(r.drv.needs_kick());
+    r.dev.process_available(&mut r.io).unwrap();
+    assert_eq!(r.dev.in_flight() as u64, n);
+    let mut done = Vec::new();
+    while r.io.in_flight() > 0 {
+        r.io.wait(&mut done).unwrap();
+        done.drain(..).for_each(|c| r.dev.complete(c));
+    }
+    r.dev.publish();
+    let mut count = 0;
+    while r.drv.pop_used().unwrap().is_some() {
+        count += 1;
+    }
+    assert_eq!(count, n);
+    for i in 0..n {
+        assert_eq!(r.status_byte(i), OK);
+        assert_eq!(r.read(i * 8, 4096).1, pattern(4096, i as u8));
+    }
+}
+
+#[test]
+fn the_null_backend_completes_everything() {
+    let mut r = rig_with(Disk::null(DISK), None, false, EngineKind::Auto);
+    assert_eq!(r.write(0, &[1u8; 4096]), OK);
+    assert_eq!(r.read(0, 4096).0, OK);
+}

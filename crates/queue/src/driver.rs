@@ -1,0 +1,274 @@
+//! The split virtqueue, driver side (virtio 1.2 §2.7.13): what the guest's `virtio_ring.c`
+//! does for `virtio_blk` — put a request's buffers in descriptors, publish the head in
+//! the available ring, kick only when the device asked for it, and reap the used ring.
+//!
+//! Used by vblk's userspace driver and by the device side's tests. The device is not
+//! trusted either: a used entry naming a head that is not in flight is an error.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use vblk_virtio::{GuestArea, GuestMemory};
+
+use crate::layout::{Descriptor, SplitLayout, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
+use crate::layout::{AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, USED_ALIGN, USED_F_NO_NOTIFY};
+use crate::split::{RingAddrs, RingFeatures};
+use crate::{need_event, QueueError};
+
+/// One buffer of a request, in guest-physical addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    pub addr: u64,
+    pub len: u32,
+    /// Device-writable (read data, status byte).
+    pub write: bool,
+}
+
+/// Errors of the driver side.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DriverError {
+    #[error("not enough free descriptors ({free} free, {needed} needed)")]
+    Full { free: u16, needed: u16 },
+    #[error("a request needs at least one buffer")]
+    Empty,
+    #[error("the device returned head {0}, which is not in flight")]
+    BogusUsed(u32),
+    #[error("the device moved the used index by {0}, more than the queue size")]
+    UsedIdxJump(u16),
+    #[error("ring setup: {0}")]
+    Queue(#[from] QueueError),
+    #[error("indirect table: {0}")]
+    Memory(#[from] vblk_virtio::MemoryError),
+}
+
+/// Driver side of a split virtqueue whose rings live in `mem` (guest-physical addresses).
+pub struct DriverQueue {
+    layout: SplitLayout,
+    features: RingFeatures,
+    mem: Arc<GuestMemory>,
+    desc: GuestArea,
+    avail: GuestArea,
+    used: GuestArea,
+    /// Free descriptors, linked through `free_next`.
+    free_head: u16,
+    num_free: u16,
+    free_next: Vec<u16>,
+    /// Descriptors used by each in-flight head (0 = not in flight).
+    chain_len: Vec<u16>,
+    /// Next avail index to write; `published` is what the device can see.
+    avail_idx: u16,
+    published: u16,
+    /// `avail.idx` at the last kick decision.
+    kicked: u16,
+    last_used: u16,
+}
+
+impl DriverQueue {
+    /// Lay out a fresh ring of `size` entries at `addrs` (zeroing it).
+    pub fn new(
+        mem: Arc<GuestMemory>,
+        size: u32,
+        addrs: RingAddrs,
+        features: RingFeatures,
+    ) -> Result<Self, DriverError> {
+        let layout = SplitLayout::new(size).ok_or(QueueError::InvalidSize(size))?;
+        let desc = mem.area_at_gpa(addrs.desc, layout.desc_table_len(), DESC_ALIGN).map_err(QueueError::from)?;
+        let avail = mem.area_at_gpa(addrs.avail, layout.avail_len(), AVAIL_ALIGN).map_err(QueueError::from)?;
+        let used = mem.area_at_gpa(addrs.used, layout.used_len(), USED_ALIGN).map_err(QueueError::from)?;
+        for area in [&desc, &avail, &used] {
+            area.write(0, &vec![0u8; area.len()]);
+        }
+        let n = layout.size;
+        Ok(DriverQueue {
+            layout,
+            features,
+            mem,
+            desc,
+            avail,
+            used,
+            free_head: 0,
+            num_free: n,
+            free_next: (1..=n).collect(),
+            chain_len: vec![0; n as usize],
+            avail_idx: 0,
+            published: 0,
+            kicked: 0,
+            last_used: 0,
+        })
+    }
+
+    pub fn size(&self) -> u16 {
+        self.layout.size
+    }
+
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    pub fn in_flight(&self) -> u16 {
+        self.chain_len.iter().filter(|&&n| n != 0).count() as u16
+    }
+
+    fn alloc(&mut self) -> u16 {
+        let d = self.free_head;
+        self.free_head = self.free_next[d as usize];
+        self.num_free -= 1;
+        d
+    }
+
+    fn write_desc(&self, i: u16, d: Descriptor) {
+        self.desc.write(self.layout.desc(i), &d.to_bytes());
+    }
+
+    /// Put a request's buffers in a descriptor chain and queue its head in the avail
+    /// ring (not yet visible: see [`publish`](Self::publish)). Returns the head.
+    pub fn add(&mut self, bufs: &[Buffer]) -> Result<u16, DriverError> {
+        if bufs.is_empty() {
+            return Err(DriverError::Empty);
+        }
+        let needed = bufs.len() as u16;
+        if bufs.len() > self.num_free as usize {
+            return Err(DriverError::Full { free: self.num_free, needed });
+        }
+        let head = self.free_head;
+        let mut prev: Option<(u16, Descriptor)> = None;
+        for b in bufs {
+            let i = self.alloc();
+            if let Some((pi, mut pd)) = prev.take() {
+                pd.flags |= DESC_F_NEXT;
+                pd.next = i;
+                self.write_desc(pi, pd);
+            }
+            prev = Some((
+                i,
+                Descriptor { addr: b.addr, len: b.len, flags: if b.write { DESC_F_WRITE } else { 0 }, next: 0 },
+            ));
+        }
+        if let Some((pi, pd)) = prev {
+            self.write_desc(pi, pd);
+        }
+        self.chain_len[head as usize] = needed;
+        self.push_avail(head);
+        Ok(head)
+    }
+
+    /// Put a request's buffers in an indirect table at `table` (guest-physical, room for
+    /// `16 * bufs.len()` bytes) and queue one descriptor pointing at it.
+    pub fn add_indirect(&mut self, bufs: &[Buffer], table: u64) -> Result<u16, DriverError> {
+        if bufs.is_empty() {
+            return Err(DriverError::Empty);
+        }
+        if self.num_free == 0 {
+            return Err(DriverError::Full { free: 0, needed: 1 });
+        }
+        let mut bytes = Vec::with_capacity(bufs.len() * DESC_SIZE);
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let flags = (if b.write { DESC_F_WRITE } else { 0 }) | (if last { 0 } else { DESC_F_NEXT });
+            let d = Descriptor { addr: b.addr, len: b.len, flags, next: if last { 0 } else { i as u16 + 1 } };
+            bytes.extend_from_slice(&d.to_bytes());
+        }
+        self.mem.write_at(table, &bytes)?;
+        let head = self.alloc();
+        self.write_desc(head, Descriptor { addr: table, len: bytes.len() as u32, flags: DESC_F_INDIRECT, next: 0 });
+        self.chain_len[head as usize] = 1;
+        self.push_avail(head);
+        Ok(head)
+    }
+
+    fn push_avail(&mut self, head: u16) {
+        self.avail.store_u16(self.layout.avail_entry(self.avail_idx), head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Make queued heads visible to the device.
+    pub fn publish(&mut self) {
+        if self.published == self.avail_idx {
+            return;
+        }
+        // Descriptors and ring entries before the index (§2.7.13.3.1).
+        fence(Ordering::Release);
+        self.avail.store_u16(SplitLayout::IDX, self.avail_idx);
+        self.published = self.avail_idx;
+    }
+
+    /// Does the device want a kick for what was published since the last call?
+    /// (§2.7.13.4: EVENT_IDX `avail_event`, or `VRING_USED_F_NO_NOTIFY`.)
+    pub fn needs_kick(&mut self) -> bool {
+        fence(Ordering::SeqCst);
+        let old = self.kicked;
+        let new = self.published;
+        self.kicked = new;
+        if old == new {
+            return false;
+        }
+        if self.features.event_idx {
+            need_event(self.used.load_u16(self.layout.avail_event()), new, old)
+        } else {
+            self.used.load_u16(SplitLayout::FLAGS) & USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// Take one completed request: `(head, bytes written by the device)`.
+    pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, DriverError> {
+        let used_idx = self.used.load_u16(SplitLayout::IDX);
+        if used_idx == self.last_used {
+            return Ok(None);
+        }
+        let pending = used_idx.wrapping_sub(self.last_used);
+        if pending > self.layout.size {
+            return Err(DriverError::UsedIdxJump(pending));
+        }
+        // Entries after the index (pairs with the device's release).
+        fence(Ordering::Acquire);
+        let off = self.layout.used_entry(self.last_used);
+        let id = self.used.load_u32(off);
+        let len = self.used.load_u32(off + 4);
+        let head = u16::try_from(id).ok().filter(|&h| h < self.layout.size).ok_or(DriverError::BogusUsed(id))?;
+        let n = self.chain_len[head as usize];
+        if n == 0 {
+            return Err(DriverError::BogusUsed(id));
+        }
+        self.last_used = self.last_used.wrapping_add(1);
+        self.free_chain(head, n);
+        Ok(Some((head, len)))
+    }
+
+    /// Return a chain's descriptors to the free list, following our own record of it.
+    fn free_chain(&mut self, head: u16, n: u16) {
+        self.chain_len[head as usize] = 0;
+        let mut i = head;
+        for k in 0..n {
+            let next = if k + 1 < n {
+                let mut b = [0u8; DESC_SIZE];
+                self.desc.read(self.layout.desc(i), &mut b);
+                Descriptor::from_bytes(&b).next
+            } else {
+                0
+            };
+            self.free_next[i as usize] = self.free_head;
+            self.free_head = i;
+            self.num_free += 1;
+            i = next;
+        }
+    }
+
+    /// Ask the device for an interrupt once anything more is used (EVENT_IDX
+    /// `used_event`) or at all (flags). Returns `true` if something is already there.
+    pub fn enable_interrupts(&mut self) -> bool {
+        if self.features.event_idx {
+            self.avail.store_u16(self.layout.used_event(), self.last_used);
+        } else {
+            self.avail.store_u16(SplitLayout::FLAGS, 0);
+        }
+        fence(Ordering::SeqCst);
+        self.used.load_u16(SplitLayout::IDX) != self.last_used
+    }
+
+    /// Tell the device we poll the used ring and need no interrupts.
+    pub fn disable_interrupts(&mut self) {
+        if !self.features.event_idx {
+            self.avail.store_u16(SplitLayout::FLAGS, AVAIL_F_NO_INTERRUPT);
+        }
+    }
+}
