@@ -105,8 +105,8 @@ pub struct VblkDevice {
     mem: Arc<GuestMemory>,
     vrings: Vec<VringConfig>,
     workers: Vec<Option<Worker>>,
-    /// A request that expects a reply failed: the connection must be dropped, as the
-    /// frontend would otherwise wait for an answer that never comes.
+    /// A request whose reply the vhost crate does not send on error failed: the
+    /// connection must be dropped, as the frontend would wait for an answer forever.
     fatal: bool,
 }
 
@@ -487,7 +487,8 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         let start = offset as usize;
         match start.checked_add(size as usize).filter(|&end| end <= BlkConfig::SIZE) {
             Some(end) => Ok(bytes[start..end].to_vec()),
-            None => self.fail(DeviceError::BadConfigAccess { offset, len: size as usize }),
+            // The vhost crate answers an error here with an empty config reply.
+            None => Err(DeviceError::BadConfigAccess { offset, len: size as usize }.into()),
         }
     }
 
@@ -512,7 +513,8 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     }
 
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
-        self.fail(DeviceError::Unsupported("GET_SHARED_OBJECT"))
+        // Answered with an empty reply by the vhost crate.
+        Err(DeviceError::Unsupported("GET_SHARED_OBJECT").into())
     }
 
     fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
@@ -529,11 +531,12 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         _phase: VhostTransferStatePhase,
         _fd: File,
     ) -> VuResult<Option<File>> {
-        self.fail(DeviceError::Unsupported("SET_DEVICE_STATE_FD"))
+        // Answered with an error code by the vhost crate.
+        Err(DeviceError::Unsupported("SET_DEVICE_STATE_FD").into())
     }
 
     fn check_device_state(&mut self) -> VuResult<()> {
-        self.fail(DeviceError::Unsupported("CHECK_DEVICE_STATE"))
+        Err(DeviceError::Unsupported("CHECK_DEVICE_STATE").into())
     }
 
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {

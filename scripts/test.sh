@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every test of vblk: installs what the tests need (QEMU 10, a Debian kernel,
+# busybox, fio, ...), builds the test guest, checks formatting and clippy, then runs
+# the unit, integration and real-guest tests.
+#
+#   scripts/test.sh            # everything
+#   VBLK_SKIP_SETUP=1 ...      # do not touch apt (everything already installed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${VBLK_SKIP_SETUP:-0}" != 1 ]; then
+    echo "== setup (apt packages)"
+    bash scripts/setup.sh
+fi
+
+echo "== build the test guest (kernel + initramfs)"
+bash scripts/build-guest.sh
+
+echo "== rustfmt"
+cargo fmt --all -- --check
+
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+# Guest tests share the CPUs under TCG, so they serialize themselves; the rest run in parallel.
+cargo test --workspace --locked 2>&1 | tee target/test.log
+echo "== all tests passed"
