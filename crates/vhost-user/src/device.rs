@@ -211,24 +211,39 @@ impl VblkDevice {
         debug_assert!(self.workers[t].is_none());
         let mut rings = Vec::new();
         let mut depth = 0u32;
+        let mut first_err = None;
         for i in (t..self.vrings.len()).step_by(self.workers.len()) {
             if !self.ready(&self.vrings[i]) {
                 continue;
             }
-            let queue = self.build_queue(i)?;
+            let queue = match self.build_queue(i) {
+                Ok(q) => q,
+                Err(e) => {
+                    // This ring cannot run (e.g. its addresses left the memory table); the
+                    // worker's other rings still do.
+                    tracing::error!(ring = i, error = %e, "cannot start vring");
+                    let v = &mut self.vrings[i];
+                    v.broken = true;
+                    if let Some(err) = &v.err {
+                        crate::worker::signal(err);
+                    }
+                    first_err.get_or_insert(e);
+                    continue;
+                }
+            };
             depth += queue.size() as u32;
             let v = &self.vrings[i];
             let kick = v.kick.clone().ok_or(DeviceError::NoKickFd)?;
             rings.push(RingSetup { index: i, queue, kick, call: v.call.clone(), err: v.err.clone() });
         }
         if rings.is_empty() {
-            return Ok(());
+            return first_err.map_or(Ok(()), Err);
         }
         let engine = Engine::new(Arc::clone(&self.disk), self.opts.engine, depth)?;
         tracing::debug!(worker = t, rings = ?rings.iter().map(|r| r.index).collect::<Vec<_>>(), "starting worker");
         let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params)).map_err(DeviceError::Thread)?;
         self.workers[t] = Some(w);
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Apply `f` to ring `i` with its worker stopped, then restart the worker.
