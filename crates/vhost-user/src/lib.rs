@@ -10,4 +10,4 @@ pub mod server;
 mod worker;
 
 pub use device::{DataPlaneOptions, DeviceError, VblkDevice, MAX_MEM_SLOTS};
-pub use server::{ConnectionEnd, Server, ServerError};
+pub use server::{serve_stream, ConnectionEnd, Server, ServerError};

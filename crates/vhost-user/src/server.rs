@@ -84,41 +84,49 @@ impl Server {
             }
         };
         tracing::info!("frontend connected");
-        let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&self.device));
-        let end = loop {
-            match wait_readable(handler.as_raw_fd(), shutdown) {
-                Ok(true) => {}
-                Ok(false) => break ConnectionEnd::Shutdown,
-                Err(e) => {
-                    tracing::error!(error = %e, "poll on the connection failed");
-                    break ConnectionEnd::Disconnected;
-                }
-            }
-            match handler.handle_request() {
-                Ok(()) => {}
-                Err(VuError::ReqHandlerError(e)) if !self.lock().take_fatal() => {
-                    // Refused, and the frontend got an error reply (REPLY_ACK) or expects
-                    // none: keep serving.
-                    tracing::debug!(error = %e, "request refused");
-                }
-                Err(VuError::Disconnected | VuError::PartialMessage) => {
-                    tracing::info!("frontend disconnected");
-                    break ConnectionEnd::Disconnected;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "dropping the frontend connection");
-                    break ConnectionEnd::Disconnected;
-                }
-            }
-        };
-        self.lock().disconnect();
-        Ok(end)
+        Ok(serve_stream(&self.device, stream, shutdown))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VblkDevice> {
-        // A panic while holding the lock would be a vblk bug; the state is still usable.
-        self.device.lock().unwrap_or_else(|p| p.into_inner())
-    }
+}
+
+fn lock(device: &Mutex<VblkDevice>) -> std::sync::MutexGuard<'_, VblkDevice> {
+    // A panic while holding the lock would be a vblk bug; the state is still usable.
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serve one connected frontend on `stream` until it disconnects or `shutdown` becomes
+/// readable; then release everything it set up. Used by [`Server`] and by in-process
+/// loopback (a socketpair instead of a listening socket).
+pub fn serve_stream(device: &Arc<Mutex<VblkDevice>>, stream: UnixStream, shutdown: RawFd) -> ConnectionEnd {
+    let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(device));
+    let end = loop {
+        match wait_readable(handler.as_raw_fd(), shutdown) {
+            Ok(true) => {}
+            Ok(false) => break ConnectionEnd::Shutdown,
+            Err(e) => {
+                tracing::error!(error = %e, "poll on the connection failed");
+                break ConnectionEnd::Disconnected;
+            }
+        }
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(VuError::ReqHandlerError(e)) if !lock(device).take_fatal() => {
+                // Refused, and the frontend got an error reply (REPLY_ACK) or expects
+                // none: keep serving.
+                tracing::debug!(error = %e, "request refused");
+            }
+            Err(VuError::Disconnected | VuError::PartialMessage) => {
+                tracing::info!("frontend disconnected");
+                break ConnectionEnd::Disconnected;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping the frontend connection");
+                break ConnectionEnd::Disconnected;
+            }
+        }
+    };
+    lock(device).disconnect();
+    end
 }
 
 impl Drop for Server {
