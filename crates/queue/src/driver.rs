@@ -105,6 +105,12 @@ impl DriverQueue {
         self.num_free
     }
 
+    /// The descriptor the next [`add`](Self::add) or [`add_indirect`](Self::add_indirect)
+    /// will use as its head (meaningful while `num_free() > 0`).
+    pub fn next_free(&self) -> u16 {
+        self.free_head
+    }
+
     pub fn in_flight(&self) -> u16 {
         self.chain_len.iter().filter(|&&n| n != 0).count() as u16
     }

@@ -1,0 +1,339 @@
+//! Connecting to a vhost-user-blk backend: what QEMU's `vhost-user-blk` does before the
+//! guest's driver runs — negotiate features and protocol features, share memory, set up
+//! the rings — then one queue handle per virtqueue.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vblk_queue::{DriverQueue, RingFeatures};
+use vblk_virtio::blk::{features as blkf, BlkConfig};
+use vblk_virtio::features as vf;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::{Layout, SharedMemory, USER_ADDR_BASE};
+use crate::queue::{Op, QueueHandle};
+use crate::DriverError;
+
+/// Features the driver can use (and acks when offered).
+const DRIVER_FEATURES: u64 = vf::VERSION_1
+    | vf::RING_EVENT_IDX
+    | vf::RING_INDIRECT_DESC
+    | vf::VHOST_USER_PROTOCOL_FEATURES
+    | blkf::SIZE_MAX
+    | blkf::SEG_MAX
+    | blkf::BLK_SIZE
+    | blkf::RO
+    | blkf::FLUSH
+    | blkf::TOPOLOGY
+    | blkf::CONFIG_WCE
+    | blkf::MQ
+    | blkf::DISCARD
+    | blkf::WRITE_ZEROES;
+
+/// How to connect.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Queues to set up (at most what the backend offers) [default: 1].
+    pub num_queues: u16,
+    /// Ring size (a power of two).
+    pub queue_size: u16,
+    /// Bytes of shared memory for I/O buffers.
+    pub buffer_memory: u64,
+    /// Use indirect descriptors when the backend offers them.
+    pub indirect: bool,
+    /// Use EVENT_IDX when the backend offers it.
+    pub event_idx: bool,
+    /// How long to wait for the backend (messages and completions).
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            num_queues: 1,
+            queue_size: 128,
+            buffer_memory: 64 << 20,
+            indirect: true,
+            event_idx: true,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the backend told us about the disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Capacity in bytes, if the backend offers `VHOST_USER_PROTOCOL_F_CONFIG`.
+    pub capacity: Option<u64>,
+    pub block_size: u32,
+    /// Queues the backend offers / that were set up.
+    pub max_queues: u16,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// Virtio features offered and negotiated.
+    pub offered_features: u64,
+    pub features: u64,
+    /// Protocol features negotiated.
+    pub protocol_features: u64,
+    pub seg_max: u32,
+    pub size_max: u32,
+    pub max_discard_sectors: u32,
+    pub max_discard_seg: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
+    pub write_zeroes_may_unmap: bool,
+    pub readonly: bool,
+    pub writeback: bool,
+    pub serial: Option<String>,
+    pub config: Option<BlkConfig>,
+}
+
+impl DeviceInfo {
+    pub fn has(&self, feature: u64) -> bool {
+        self.features & feature != 0
+    }
+}
+
+/// A connected virtio-blk device.
+pub struct Device {
+    frontend: Frontend,
+    shared: Arc<SharedMemory>,
+    info: DeviceInfo,
+    queues: Vec<QueueHandle>,
+    _socket: Arc<OwnedFd>,
+}
+
+fn vu(what: &'static str) -> impl Fn(vhost::Error) -> DriverError {
+    move |e| DriverError::Protocol(what, e.to_string())
+}
+
+impl Device {
+    /// Connect to the backend listening on `path`.
+    pub fn connect(path: &Path, opts: &Options) -> Result<Device, DriverError> {
+        let stream = UnixStream::connect(path).map_err(|e| DriverError::Connect(path.to_owned(), e))?;
+        Self::from_stream(stream, opts)
+    }
+
+    /// Set up the device over an already connected socket.
+    pub fn from_stream(stream: UnixStream, opts: &Options) -> Result<Device, DriverError> {
+        if !opts.queue_size.is_power_of_two() || opts.num_queues == 0 {
+            return Err(DriverError::BadOptions("queue size must be a power of two and num_queues >= 1"));
+        }
+        let socket = Arc::new(stream.as_fd().try_clone_to_owned().map_err(DriverError::Socket)?);
+        // A backend that stops answering must not hang us: past the timeout the watchdog
+        // shuts the socket down and the pending message fails.
+        let watchdog = Watchdog::arm(&socket, opts.timeout);
+        let mut fe = Frontend::from_stream(stream, u16::MAX as u64);
+
+        fe.set_owner().map_err(vu("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(vu("GET_FEATURES"))?;
+        if offered & vf::VERSION_1 == 0 {
+            return Err(DriverError::Unsupported("VIRTIO_F_VERSION_1"));
+        }
+        let mut want = offered & DRIVER_FEATURES;
+        if !opts.indirect {
+            want &= !vf::RING_INDIRECT_DESC;
+        }
+        if !opts.event_idx {
+            want &= !vf::RING_EVENT_IDX;
+        }
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if want & vf::VHOST_USER_PROTOCOL_FEATURES != 0 {
+            let pf = fe.get_protocol_features().map_err(vu("GET_PROTOCOL_FEATURES"))?;
+            protocol = pf
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+            fe.set_protocol_features(protocol).map_err(vu("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let max_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            fe.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?.min(u16::MAX as u64) as u16
+        } else {
+            1
+        };
+        if max_queues == 0 {
+            return Err(DriverError::Unsupported("a device with zero queues"));
+        }
+        let num_queues = opts.num_queues.min(max_queues);
+        let config = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            let len = 60u32;
+            let (_, bytes) = fe
+                .get_config(0, len, VhostUserConfigFlags::WRITABLE, &vec![0u8; len as usize])
+                .map_err(vu("GET_CONFIG"))?;
+            Some(BlkConfig::from_bytes(&bytes))
+        } else {
+            None
+        };
+        fe.set_features(want).map_err(vu("SET_FEATURES"))?;
+
+        let layout = Layout::new(num_queues, opts.queue_size, opts.buffer_memory);
+        let shared = SharedMemory::new(layout)?;
+        let spec = shared.spec();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: spec.guest_phys_addr,
+            memory_size: spec.size,
+            userspace_addr: spec.user_addr,
+            mmap_offset: spec.mmap_offset,
+            mmap_handle: shared.file.as_raw_fd(),
+        };
+        if protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            fe.add_mem_region(&region).map_err(vu("ADD_MEM_REG"))?;
+        } else {
+            fe.set_mem_table(&[region]).map_err(vu("SET_MEM_TABLE"))?;
+        }
+
+        let ring_features =
+            RingFeatures { event_idx: want & vf::RING_EVENT_IDX != 0, indirect: want & vf::RING_INDIRECT_DESC != 0 };
+        let mut queues = Vec::with_capacity(num_queues as usize);
+        for q in 0..num_queues {
+            let a = layout.rings(q);
+            let ring = DriverQueue::new(Arc::clone(&shared.mem), opts.queue_size as u32, a, ring_features)?;
+            let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::Eventfd)?;
+            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::Eventfd)?;
+            let qi = q as usize;
+            fe.set_vring_num(qi, opts.queue_size).map_err(vu("SET_VRING_NUM"))?;
+            let cfg = VringConfigData {
+                queue_max_size: opts.queue_size,
+                queue_size: opts.queue_size,
+                flags: 0,
+                desc_table_addr: USER_ADDR_BASE + a.desc,
+                used_ring_addr: USER_ADDR_BASE + a.used,
+                avail_ring_addr: USER_ADDR_BASE + a.avail,
+                log_addr: None,
+            };
+            fe.set_vring_addr(qi, &cfg).map_err(vu("SET_VRING_ADDR"))?;
+            fe.set_vring_base(qi, 0).map_err(vu("SET_VRING_BASE"))?;
+            fe.set_vring_call(qi, &call).map_err(vu("SET_VRING_CALL"))?;
+            fe.set_vring_kick(qi, &kick).map_err(vu("SET_VRING_KICK"))?;
+            if want & vf::VHOST_USER_PROTOCOL_FEATURES != 0 {
+                fe.set_vring_enable(qi, true).map_err(vu("SET_VRING_ENABLE"))?;
+            }
+            queues.push(QueueHandle::new(
+                q,
+                Arc::clone(&shared),
+                ring,
+                kick,
+                call,
+                Arc::clone(&socket),
+                ring_features.indirect,
+                opts.timeout,
+            ));
+        }
+
+        let c = config.unwrap_or_default();
+        let mut info = DeviceInfo {
+            capacity: config.map(|c| c.capacity * 512),
+            block_size: if want & blkf::BLK_SIZE != 0 && c.blk_size >= 512 { c.blk_size } else { 512 },
+            max_queues,
+            num_queues,
+            queue_size: opts.queue_size,
+            offered_features: offered,
+            features: want,
+            protocol_features: protocol.bits(),
+            seg_max: if want & blkf::SEG_MAX != 0 { c.seg_max } else { 0 },
+            size_max: if want & blkf::SIZE_MAX != 0 { c.size_max } else { 0 },
+            max_discard_sectors: if want & blkf::DISCARD != 0 { c.max_discard_sectors } else { 0 },
+            max_discard_seg: if want & blkf::DISCARD != 0 { c.max_discard_seg } else { 0 },
+            max_write_zeroes_sectors: if want & blkf::WRITE_ZEROES != 0 { c.max_write_zeroes_sectors } else { 0 },
+            max_write_zeroes_seg: if want & blkf::WRITE_ZEROES != 0 { c.max_write_zeroes_seg } else { 0 },
+            write_zeroes_may_unmap: want & blkf::WRITE_ZEROES != 0 && c.write_zeroes_may_unmap != 0,
+            readonly: want & blkf::RO != 0,
+            writeback: if want & blkf::CONFIG_WCE != 0 { c.writeback != 0 } else { want & blkf::FLUSH != 0 },
+            serial: None,
+            config,
+        };
+        let mut dev = Device { frontend: fe, shared, info: info.clone(), queues, _socket: socket };
+        info.serial = dev.read_serial()?;
+        dev.info = info;
+        if watchdog.fired() {
+            return Err(DriverError::Timeout(opts.timeout));
+        }
+        Ok(dev)
+    }
+
+    /// GET_ID on queue 0 (None if the backend refuses it).
+    fn read_serial(&mut self) -> Result<Option<String>, DriverError> {
+        let q = &mut self.queues[0];
+        let buf = q.alloc(20)?;
+        buf.write_at(0, &[0u8; 20])?;
+        q.submit(Op::GetId, Some(buf), 0)?;
+        q.kick()?;
+        let mut out = Vec::new();
+        q.wait(&mut out, 1)?;
+        let c = out.pop().ok_or(DriverError::Timeout(Duration::ZERO))?;
+        match (c.result, c.buf) {
+            (Ok(()), Some(b)) => {
+                let v = b.to_vec()?;
+                let end = v.iter().position(|&x| x == 0).unwrap_or(v.len());
+                Ok(Some(String::from_utf8_lossy(&v[..end]).into_owned()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Allocate an I/O buffer in shared memory.
+    pub fn alloc(&self, len: u32) -> Result<crate::IoBuf, DriverError> {
+        self.shared.alloc(len)
+    }
+
+    /// Take the queue handles (one per thread). Called once; later calls get none.
+    pub fn take_queues(&mut self) -> Vec<QueueHandle> {
+        std::mem::take(&mut self.queues)
+    }
+
+    /// Stop the rings cleanly (GET_VRING_BASE each) before disconnecting.
+    pub fn shutdown(self, timeout: Duration) -> Result<(), DriverError> {
+        let _watchdog = Watchdog::arm(&self._socket, timeout);
+        for q in 0..self.info.num_queues as usize {
+            self.frontend.get_vring_base(q).map_err(vu("GET_VRING_BASE"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Shuts a socket down if it is not disarmed (dropped) in time, so a blocking vhost-user
+/// exchange with a silent backend fails instead of hanging.
+struct Watchdog {
+    cancel: Option<std::sync::mpsc::Sender<()>>,
+    fired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    fn arm(socket: &Arc<OwnedFd>, timeout: Duration) -> Watchdog {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sock, f) = (Arc::clone(socket), Arc::clone(&fired));
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
+                f.store(true, std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: shutdown(2) on a descriptor we own; it only ends the connection.
+                unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        });
+        Watchdog { cancel: Some(tx), fired }
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.cancel.take();
+    }
+}
