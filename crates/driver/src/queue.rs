@@ -257,7 +257,7 @@ impl QueueHandle {
             }
             if self.poll_mode {
                 spins += 1;
-                if spins % 4096 == 0 {
+                if spins.is_multiple_of(4096) {
                     self.check_alive(deadline, Duration::ZERO)?;
                 }
                 std::hint::spin_loop();

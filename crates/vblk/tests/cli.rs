@@ -83,7 +83,8 @@ fn errors_are_one_line_and_a_nonzero_exit() {
     let out = vblk().args(["serve", "no/such/dir/x.img"]).current_dir(&dir).output().unwrap();
     assert!(error_line(&out).contains("x.img"));
     // A socket in use by a running daemon.
-    let mut first = vblk().args(["serve", "a.img", "--socket", "s.sock", "--size", "1M"]).current_dir(&dir).spawn().unwrap();
+    let mut first =
+        vblk().args(["serve", "a.img", "--socket", "s.sock", "--size", "1M"]).current_dir(&dir).spawn().unwrap();
     wait_for(&dir.join("s.sock"), &mut first);
     let out = vblk().args(["serve", "b.img", "--socket", "s.sock", "--size", "1M"]).current_dir(&dir).output().unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -86,7 +86,6 @@ impl Server {
         tracing::info!("frontend connected");
         Ok(serve_stream(&self.device, stream, shutdown))
     }
-
 }
 
 fn lock(device: &Mutex<VblkDevice>) -> std::sync::MutexGuard<'_, VblkDevice> {

@@ -46,7 +46,6 @@ pub fn target_dir() -> PathBuf {
 /// True (and prints why) when guest tests are disabled with `VBLK_SKIP_GUEST=1`.
 pub fn skip_guest(test: &str) -> bool {
     if std::env::var("VBLK_SKIP_GUEST").as_deref() == Ok("1") {
-        println!("SKIPPED guest test {test}: VBLK_SKIP_GUEST=1");
         eprintln!("SKIPPED guest test {test}: VBLK_SKIP_GUEST=1");
         return true;
     }
@@ -214,7 +213,44 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// child process guard
+// child processes
+
+/// Resolves `prog` (a path, or a name looked up in $PATH).
+pub fn find_program(prog: &str) -> Option<PathBuf> {
+    let is_exe = |p: &Path| fs::metadata(p).map(|m| m.is_file()).unwrap_or(false);
+    if prog.contains('/') {
+        return is_exe(Path::new(prog)).then(|| PathBuf::from(prog));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(prog)).find(|p| is_exe(p))
+}
+
+/// A Command for `program` that dies with the spawning (test) thread even if
+/// the test process is killed: wrapped in `setpriv --pdeathsig SIGKILL`
+/// (util-linux) when available. Drop guards handle the normal cases.
+fn guarded_command(program: &Path) -> Command {
+    static SETPRIV: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let setpriv = SETPRIV.get_or_init(|| {
+        let p = find_program("setpriv")?;
+        // --pdeathsig needs util-linux >= 2.33
+        let ok = Command::new(&p)
+            .args(["--pdeathsig", "SIGKILL", "--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(p)
+    });
+    match setpriv {
+        Some(sp) => {
+            let mut c = Command::new(sp);
+            c.args(["--pdeathsig", "SIGKILL", "--"]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
 
 /// Kills (SIGKILL) and reaps the child on drop.
 struct ProcGuard {
@@ -293,23 +329,43 @@ pub struct BackendProcess {
     pub command: String,
 }
 
-fn backend_command(kind: Backend, image: &Path, socket: &Path, cfg: BackendConfig, aio: &str) -> Command {
+fn backend_program(kind: Backend) -> Result<PathBuf, String> {
     match kind {
         Backend::Vblk => {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_vblk"));
+            let p = PathBuf::from(env!("CARGO_BIN_EXE_vblk"));
+            find_program(&p.to_string_lossy()).ok_or_else(|| format!("vblk binary {} not found", p.display()))
+        }
+        Backend::Qsd => {
+            let name = env_or("VBLK_QSD", "qemu-storage-daemon");
+            find_program(&name).ok_or_else(|| {
+                format!("{name} not found (install QEMU with scripts/setup.sh, or set VBLK_SKIP_GUEST=1 to skip guest tests)")
+            })
+        }
+    }
+}
+
+fn backend_command(
+    kind: Backend,
+    image: &Path,
+    socket: &Path,
+    cfg: BackendConfig,
+    aio: &str,
+) -> Result<Command, String> {
+    let prog = backend_program(kind)?;
+    let mut c = guarded_command(&prog);
+    match kind {
+        Backend::Vblk => {
             c.arg("serve").arg(image).arg("--socket").arg(socket);
             if cfg.readonly {
                 c.arg("--readonly");
             }
             c.arg("--num-queues").arg(cfg.num_queues.to_string());
-            c
         }
         Backend::Qsd => {
             for p in [image, socket] {
                 assert!(!p.to_string_lossy().contains(','), "QSD paths must not contain ',': {}", p.display());
             }
             let ro = if cfg.readonly { "on" } else { "off" };
-            let mut c = Command::new(env_or("VBLK_QSD", "qemu-storage-daemon"));
             c.arg("--blockdev").arg(format!(
                 "driver=file,node-name=file0,filename={},cache.direct=on,aio={aio},discard=unmap,read-only={ro}",
                 image.display()
@@ -321,16 +377,22 @@ fn backend_command(kind: Backend, image: &Path, socket: &Path, cfg: BackendConfi
                 if cfg.readonly { "off" } else { "on" },
                 cfg.num_queues
             ));
-            c
         }
     }
+    Ok(c)
 }
 
+/// The command line, without the setpriv wrapper.
 fn describe(c: &Command) -> String {
+    let mut args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
     let mut s = c.get_program().to_string_lossy().into_owned();
-    for a in c.get_args() {
+    if s.ends_with("setpriv") && args.len() > 3 && args[2] == "--" {
+        s = args[3].clone();
+        args.drain(..4);
+    }
+    for a in &args {
         s.push(' ');
-        s.push_str(&a.to_string_lossy());
+        s.push_str(a);
     }
     s
 }
@@ -340,7 +402,7 @@ impl BackendProcess {
     pub fn start(kind: Backend, image: &Path, socket: &Path, cfg: BackendConfig, log: &Path) -> Result<Self, String> {
         let aio = env_or("VBLK_QSD_AIO", "io_uring");
         match Self::start_once(kind, image, socket, cfg, log, &aio) {
-            Err(e) if kind == Backend::Qsd && aio == "io_uring" && e.contains("io_uring") => {
+            Err(e) if kind == Backend::Qsd && aio == "io_uring" && read_lossy(log).contains("io_uring") => {
                 eprintln!("qemu-storage-daemon cannot use aio=io_uring here, retrying with aio=native:\n{e}");
                 Self::start_once(kind, image, socket, cfg, log, "native")
             }
@@ -357,17 +419,11 @@ impl BackendProcess {
         aio: &str,
     ) -> Result<Self, String> {
         let _ = fs::remove_file(socket);
-        let mut cmd = backend_command(kind, image, socket, cfg, aio);
+        let mut cmd = backend_command(kind, image, socket, cfg, aio)?;
         let command = describe(&cmd);
         let logf = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
         cmd.stdin(Stdio::null()).stdout(logf.try_clone().unwrap()).stderr(logf);
-        let child = cmd.spawn().map_err(|e| {
-            let hint = match kind {
-                Backend::Vblk => "",
-                Backend::Qsd => " (install QEMU with scripts/setup.sh, or set VBLK_SKIP_GUEST=1 to skip guest tests)",
-            };
-            format!("cannot start {kind}: {command}: {e}{hint}")
-        })?;
+        let child = cmd.spawn().map_err(|e| format!("cannot start {kind}: {command}: {e}"))?;
         let mut bp = BackendProcess {
             proc: ProcGuard { child: Some(child), what: format!("{kind}") },
             kind,
@@ -460,7 +516,11 @@ pub fn run_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_queue
     if !args.is_empty() {
         append.push_str(&format!(" vblk.args={args}"));
     }
-    let mut cmd = Command::new(env_or("VBLK_QEMU", "qemu-system-x86_64"));
+    let qemu_name = env_or("VBLK_QEMU", "qemu-system-x86_64");
+    let qemu_bin = find_program(&qemu_name).unwrap_or_else(|| {
+        panic!("{qemu_name} not found: install QEMU >= 10 with scripts/setup.sh, or set VBLK_SKIP_GUEST=1 to skip guest tests")
+    });
+    let mut cmd = guarded_command(&qemu_bin);
     cmd.args(["-accel", "tcg", "-machine", "q35", "-cpu", "max"])
         .args(["-smp", &smp.to_string(), "-m", &format!("{GUEST_MEM_MIB}M")])
         .args(["-object", &format!("memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on")])
@@ -478,9 +538,7 @@ pub fn run_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_queue
     let errf = File::create(&stderr_path).expect("create qemu log");
     cmd.stdin(Stdio::null()).stdout(errf.try_clone().unwrap()).stderr(errf);
     let start = Instant::now();
-    let child = cmd.spawn().unwrap_or_else(|e| {
-        panic!("cannot start QEMU: {command}: {e}\n(install it with scripts/setup.sh, or set VBLK_SKIP_GUEST=1 to skip guest tests)")
-    });
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start QEMU: {command}: {e}"));
     let mut qemu = ProcGuard { child: Some(child), what: "qemu".into() };
     eprintln!("[{test}] booting guest (qemu pid {}): {command}", qemu.pid());
 
