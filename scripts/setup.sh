@@ -14,6 +14,8 @@ ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(kernel)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v blkdiscard >/dev/null || need+=(util-linux)
 command -v cpio >/dev/null || need+=(cpio)
+command -v dmsetup >/dev/null || need+=(dmsetup)
+command -v setpriv >/dev/null || need+=(util-linux)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "setup: everything already installed"
@@ -32,5 +34,5 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     qemu-system-x86 qemu-system-common qemu-utils >/dev/null
 $SUDO apt-get install -y -qq --no-install-recommends \
-    linux-image-amd64 busybox-static fio e2fsprogs util-linux cpio kmod >/dev/null
+    linux-image-amd64 busybox-static fio e2fsprogs util-linux cpio kmod dmsetup >/dev/null
 qemu-system-x86_64 --version | head -n1
