@@ -29,6 +29,8 @@ pub struct DeviceParams {
     pub num_queues: u16,
     /// Largest ring size accepted (`--queue-size`); `seg_max` is derived from it.
     pub queue_size: u16,
+    /// Merge contiguous reads/writes of a batch into one backend I/O.
+    pub merge: bool,
     /// Write-back cache on: writes may complete before they are durable and FLUSH
     /// makes them durable. Off: every write is durable when it completes.
     writeback: AtomicBool,
@@ -53,6 +55,7 @@ impl DeviceParams {
             serial: id,
             num_queues,
             queue_size,
+            merge: true,
             writeback: AtomicBool::new(true),
         }
     }

@@ -3,11 +3,14 @@
 //! - [`config`]: offered features and the config space.
 //! - [`request`]: a validated chain becomes a typed [`request::Request`] (or an error
 //!   status), like QEMU's `virtio_blk_handle_request`.
-//! - [`pipeline`]: one queue's pipeline: pop → parse → backend I/O → finish (status byte,
+//! - [`merge`]: contiguous reads/writes of a batch become one backend I/O (QEMU's
+//!   `MultiReqBuffer`).
+//! - [`pipeline`]: one queue's pipeline: pop → parse → merge → backend I/O → finish (status byte,
 //!   used ring) → publish. Transport-agnostic: the vhost-user worker threads and the
 //!   in-process loopback both drive it.
 
 pub mod config;
+pub mod merge;
 pub mod pipeline;
 pub mod request;
 

@@ -1,7 +1,7 @@
 //! One virtio-blk queue, from popped chain to used ring.
 //!
 //! ```text
-//!  avail ring ──pop──▶ Chain ──parse──▶ Request ──start──▶ backend I/O (io_uring)
+//!  avail ring ──pop──▶ Chain ──parse──▶ Request ──merge──▶ backend I/O (io_uring)
 //!                                         │                        │
 //!                                         │ (GET_ID, errors)       ▼ Completion
 //!                                         └──────────▶ finish: status byte, used ring
@@ -23,6 +23,7 @@ use vblk_virtio::blk::Status;
 use vblk_virtio::Iov;
 
 use crate::config::DeviceParams;
+use crate::merge::{MergeBuffer, Staged};
 use crate::request::{data_buffers, parse, Parsed, Request, RequestError};
 
 /// Bits of a backend tag that carry the head index; the bits above name the queue.
@@ -38,6 +39,8 @@ pub fn split_tag(tag: u64) -> (u64, u16) {
 struct Pending {
     status: Iov,
     used_len: u32,
+    /// The next request merged into the same backend I/O.
+    next: Option<u16>,
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +55,8 @@ pub struct QueueStats {
     pub requests: u64,
     pub refused_chains: u64,
     pub errors: u64,
+    /// Requests that rode along in another request's backend I/O.
+    pub merged: u64,
 }
 
 /// The device-side pipeline of one queue.
@@ -65,6 +70,8 @@ pub struct BlkQueue {
     spare_chain: Chain,
     spare_iovs: Vec<Vec<libc::iovec>>,
     scratch: Vec<Iov>,
+    /// Reads and writes of the current batch, waiting to be merged and submitted.
+    merge: MergeBuffer,
     stats: QueueStats,
 }
 
@@ -79,6 +86,7 @@ impl BlkQueue {
             spare_chain: Chain::new(),
             spare_iovs: Vec::new(),
             scratch: Vec::new(),
+            merge: MergeBuffer::default(),
             stats: QueueStats::default(),
         }
     }
@@ -120,6 +128,7 @@ impl BlkQueue {
             }
             n += 1;
         }
+        self.submit_staged(io);
         if n > 0 {
             if let Err(e) = io.submit() {
                 tracing::error!(%e, "backend submit failed");
@@ -143,7 +152,7 @@ impl BlkQueue {
             Parsed::Answerable { status, request, .. } => (status, request),
         };
         let used_len = slot.chain.writable_len().min(u32::MAX as u64) as u32;
-        slot.pending = Some(Pending { status, used_len });
+        slot.pending = Some(Pending { status, used_len, next: None });
         let request = match request {
             Ok(r) => r,
             Err(e) => return self.finish(head, Err(e)),
@@ -153,12 +162,12 @@ impl BlkQueue {
         let op = match request {
             Request::Read { len: 0, .. } | Request::Write { len: 0, .. } => return self.finish(head, Ok(())),
             Request::Read { offset, len } | Request::Write { offset, len } => {
+                // Submitted after the batch is popped, merged with its neighbours.
                 self.scratch.clear();
                 data_buffers(&slot.chain, &request, &mut self.scratch);
-                let mut iovs = self.spare_iovs.pop().unwrap_or_default();
-                iovs.extend(self.scratch.iter().map(Iov::as_iovec));
-                let kind = if matches!(request, Request::Read { .. }) { OpKind::Read } else { OpKind::Write };
-                IoOp { kind, offset, len, iovs, fua, tag }
+                let write = matches!(request, Request::Write { .. });
+                self.merge.push(Staged { head, write, offset, len, segs: self.scratch.len() });
+                return;
             }
             Request::Flush => IoOp::without_data(OpKind::Flush, 0, 0, false, tag),
             Request::Discard { offset, len } => IoOp::without_data(OpKind::Discard, offset, len, fua, tag),
@@ -171,23 +180,72 @@ impl BlkQueue {
                 return self.finish(head, r.map_err(|e| RequestError::Memory(e.to_string())));
             }
         };
-        // SAFETY: the iovecs point into guest memory that `slot.chain` keeps mapped (it
-        // holds an Arc of the memory table). The chain stays in the slot until this op's
-        // completion reaches `complete`, and `Drop` leaks the table rather than unmap it
-        // if the queue is dropped with I/O still in flight.
+        self.push(op, io);
+    }
+
+    /// Submit the batch's reads and writes, contiguous ones merged into one I/O.
+    fn submit_staged(&mut self, io: &mut Engine) {
+        if self.merge.is_empty() {
+            return;
+        }
+        let fua = !self.params.writeback();
+        let mut merge = std::mem::take(&mut self.merge);
+        merge.drain_runs(self.params.merge, |run| {
+            let first = run[0];
+            let mut iovs = self.spare_iovs.pop().unwrap_or_default();
+            for (i, s) in run.iter().enumerate() {
+                let slot = &mut self.slots[s.head as usize];
+                let request = if s.write {
+                    Request::Write { offset: s.offset, len: s.len }
+                } else {
+                    Request::Read { offset: s.offset, len: s.len }
+                };
+                self.scratch.clear();
+                data_buffers(&slot.chain, &request, &mut self.scratch);
+                iovs.extend(self.scratch.iter().map(Iov::as_iovec));
+                if let (Some(p), Some(next)) = (slot.pending.as_mut(), run.get(i + 1)) {
+                    p.next = Some(next.head);
+                }
+            }
+            let len = run.iter().map(|s| s.len).sum();
+            let kind = if first.write { OpKind::Write } else { OpKind::Read };
+            if run.len() > 1 {
+                self.stats.merged += run.len() as u64 - 1;
+            }
+            let op = IoOp { kind, offset: first.offset, len, iovs, fua, tag: self.tag_base | first.head as u64 };
+            self.push(op, io);
+        });
+        self.merge = merge;
+    }
+
+    fn push(&mut self, op: IoOp, io: &mut Engine) {
+        let (_, head) = split_tag(op.tag);
+        // SAFETY: the iovecs point into guest memory that the chains in the slots of this
+        // op's requests keep mapped (each holds an Arc of the memory table). The chains stay
+        // in their slots until this op's completion reaches `complete`, and `Drop` leaks the
+        // table rather than unmap it if the queue is dropped with I/O still in flight.
         if let Err(op) = unsafe { io.push(op) } {
             tracing::error!(head, "backend queue full; failing request");
             self.recycle(op);
-            self.finish(head, Err(RequestError::BackendFull));
+            self.finish_all(head, Err(RequestError::BackendFull));
         }
     }
 
-    /// A backend completion for one of this queue's requests.
+    /// A backend completion for one of this queue's (possibly merged) requests.
     pub fn complete(&mut self, c: Completion) {
         let (_, head) = split_tag(c.op.tag);
         let result = c.result.map(|_| ()).map_err(|e| RequestError::Backend(e.to_string()));
         self.recycle(c.op);
-        self.finish(head, result);
+        self.finish_all(head, result);
+    }
+
+    /// Finish `head` and every request merged after it with the same result.
+    fn finish_all(&mut self, head: u16, result: Result<(), RequestError>) {
+        let mut next = Some(head);
+        while let Some(h) = next {
+            next = self.slots.get(h as usize).and_then(|s| s.pending.as_ref()).and_then(|p| p.next);
+            self.finish(h, result.clone());
+        }
     }
 
     fn recycle(&mut self, mut op: IoOp) {

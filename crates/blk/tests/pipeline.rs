@@ -43,6 +43,10 @@ fn temp_path(tag: &str) -> PathBuf {
 }
 
 fn rig_with(disk: Disk, file: Option<TempFile>, readonly: bool, engine: EngineKind) -> Rig {
+    rig_full(disk, file, readonly, engine, true)
+}
+
+fn rig_full(disk: Disk, file: Option<TempFile>, readonly: bool, engine: EngineKind, merge: bool) -> Rig {
     let spec = RegionSpec { guest_phys_addr: 0, size: MEM, user_addr: 0x7000_0000_0000, mmap_offset: 0 };
     let mem = Arc::new(GuestMemory::from_files(&[(spec, memfd("guest", MEM).unwrap())]).unwrap());
     let addrs = RingAddrs { desc: RINGS, avail: RINGS + 16 * QSIZE as u64, used: RINGS + 0x2000 };
@@ -50,7 +54,9 @@ fn rig_with(disk: Disk, file: Option<TempFile>, readonly: bool, engine: EngineKi
     let drv = DriverQueue::new(mem.clone(), QSIZE, addrs, feats).unwrap();
     let q = SplitQueue::new(mem.clone(), QSIZE, addrs, AddrSpace::GuestPhysical, feats).unwrap();
     let disk = Arc::new(disk);
-    let params = Arc::new(DeviceParams::new(disk.size(), readonly, 512, "vblk-test-serial", 1, QSIZE as u16));
+    let mut params = DeviceParams::new(disk.size(), readonly, 512, "vblk-test-serial", 1, QSIZE as u16);
+    params.merge = merge;
+    let params = Arc::new(params);
     let io = Engine::new(disk, engine, QSIZE).unwrap();
     Rig { mem, drv, dev: BlkQueue::new(q, params, 0), io, _file: file }
 }
@@ -272,7 +278,18 @@ fn requests_without_a_status_byte_come_back_with_used_len_zero() {
 
 #[test]
 fn many_requests_in_flight_complete_out_of_order_safely() {
-    let mut r = file_rig(false, EngineKind::Uring);
+    for merge in [true, false] {
+        let path = temp_path("merge");
+        let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
+        let disk = Disk::open(&path, &opts).unwrap();
+        let mut r = rig_full(disk, Some(TempFile(path)), false, EngineKind::Uring, merge);
+        many_requests(&mut r);
+        // 20 contiguous writes (and a gap-free run) merge into one backend I/O.
+        assert_eq!(r.dev.stats().merged, if merge { 19 } else { 0 });
+    }
+}
+
+fn many_requests(r: &mut Rig) {
     let n = 20u64;
     for i in 0..n {
         r.mem.write_at(DATA + i * 4096, &pattern(4096, i as u8)).unwrap();

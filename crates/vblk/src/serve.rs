@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// Use the host page cache instead of O_DIRECT.
     #[arg(long)]
     pub no_direct: bool,
+    /// Do not merge contiguous requests into one backend I/O.
+    #[arg(long)]
+    pub no_merge: bool,
     /// Storage backend.
     #[arg(long, value_enum, default_value_t = BackendKind::File)]
     pub backend: BackendKind,
@@ -72,7 +75,7 @@ pub struct ServeArgs {
     pub socket_mode: u32,
 }
 
-fn parse_queue_size(s: &str) -> Result<u16, String> {
+pub(crate) fn parse_queue_size(s: &str) -> Result<u16, String> {
     let n: u32 = s.parse().map_err(|_| format!("invalid queue size '{s}'"))?;
     if !(2..=32768).contains(&n) || !n.is_power_of_two() {
         return Err(format!("queue size {n} must be a power of two between 2 and 32768"));
@@ -134,14 +137,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
         args.num_queues.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16));
     let threads = args.threads.unwrap_or(num_queues) as usize;
     let disk = Arc::new(open_disk(&args)?);
-    let params = Arc::new(DeviceParams::new(
+    let mut params = DeviceParams::new(
         disk.size(),
         args.readonly,
         disk.logical_block_size(),
         &args.serial,
         num_queues,
         args.queue_size,
-    ));
+    );
+    params.merge = !args.no_merge;
+    let params = Arc::new(params);
     let engine = match args.engine {
         EngineArg::Auto => EngineKind::Auto,
         EngineArg::IoUring => EngineKind::Uring,
