@@ -7,9 +7,11 @@
 //!   ones at once, as well as everything on the null backend;
 //! * owns the completion eventfd, and the `ready` queue of completions that
 //!   were produced synchronously (errors, null ops, the whole sync engine,
-//!   block-device discards under io_uring). Whenever `ready` gains entries
-//!   the eventfd is signalled, so the worker's `poll()` wakes up exactly as
-//!   for kernel completions.
+//!   block-device discards under io_uring). When `ready` goes from empty to
+//!   non-empty the eventfd is signalled (once per batch, not per op), so the
+//!   worker's `poll()` wakes up exactly as for kernel completions. Invariant:
+//!   `ready` non-empty implies the eventfd is signalled (`reap` clears the
+//!   eventfd before draining `ready`).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -136,7 +138,7 @@ impl Engine {
             }
         }
         self.in_flight += 1;
-        if self.ready.len() > ready_before {
+        if ready_before == 0 && !self.ready.is_empty() {
             self.signal();
         }
         Ok(())
@@ -150,8 +152,11 @@ impl Engine {
             Flavour::Uring(u) => u.submit(),
             Flavour::Sync(s) => {
                 if s.pending() > 0 {
+                    let was_empty = self.ready.is_empty();
                     s.submit(&self.disk, &mut self.ready);
-                    self.signal();
+                    if was_empty {
+                        self.signal();
+                    }
                 }
                 Ok(())
             }
@@ -163,6 +168,18 @@ impl Engine {
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         // Clear first: a completion arriving after this re-arms the fd.
         sys::eventfd_clear(self.eventfd.as_fd());
+        let before = out.len();
+        if let Flavour::Uring(u) = &mut self.flavour {
+            u.reap(&self.disk, out);
+        }
+        out.extend(self.ready.drain(..));
+        self.in_flight -= (out.len() - before).min(self.in_flight);
+    }
+
+    /// Like [`Engine::reap`] but without clearing the completion eventfd (no
+    /// syscall): for a caller that is busy-polling and will call `reap`
+    /// before it sleeps on the eventfd again.
+    pub fn poll_completions(&mut self, out: &mut Vec<Completion>) {
         let before = out.len();
         if let Flavour::Uring(u) = &mut self.flavour {
             u.reap(&self.disk, out);

@@ -37,6 +37,8 @@ pub struct LoopbackConfig {
     pub max_queue_size: u16,
     pub threads: usize,
     pub engine: EngineKind,
+    /// Adaptive polling budget of the device's workers, in µs.
+    pub poll_us: u32,
 }
 
 impl Default for LoopbackConfig {
@@ -48,6 +50,7 @@ impl Default for LoopbackConfig {
             max_queue_size: 1024,
             threads: 1,
             engine: EngineKind::Auto,
+            poll_us: 0,
         }
     }
 }
@@ -63,7 +66,11 @@ pub fn loopback(disk: Disk, cfg: &LoopbackConfig, opts: &Options) -> Result<(Dev
         cfg.num_queues,
         cfg.max_queue_size,
     ));
-    let dev = VblkDevice::new(params, disk, DataPlaneOptions { threads: cfg.threads, engine: cfg.engine });
+    let dev = VblkDevice::new(
+        params,
+        disk,
+        DataPlaneOptions { threads: cfg.threads, engine: cfg.engine, poll_us: cfg.poll_us },
+    );
     let dev = Arc::new(Mutex::new(dev));
     let (ours, theirs) = UnixStream::pair().map_err(DriverError::Socket)?;
     let (stop_rx, stop) = UnixStream::pair().map_err(DriverError::Socket)?;

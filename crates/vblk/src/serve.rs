@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// Use the host page cache instead of O_DIRECT.
     #[arg(long)]
     pub no_direct: bool,
+    /// Adaptive polling: after work, spin on the rings for this many µs before sleeping.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub poll_us: u32,
     /// Do not merge contiguous requests into one backend I/O.
     #[arg(long)]
     pub no_merge: bool,
@@ -154,7 +157,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     // Fail early if the chosen engine cannot run here.
     vblk_backend::Engine::new(Arc::clone(&disk), engine, 1).context("cannot start the I/O engine")?;
-    let device = VblkDevice::new(Arc::clone(&params), Arc::clone(&disk), DataPlaneOptions { threads, engine });
+    let device = VblkDevice::new(
+        Arc::clone(&params),
+        Arc::clone(&disk),
+        DataPlaneOptions { threads, engine, poll_us: args.poll_us },
+    );
     let server = Server::bind(&args.socket, args.socket_mode, device)?;
     let socket = std::fs::canonicalize(&args.socket).unwrap_or_else(|_| args.socket.clone());
 

@@ -80,6 +80,8 @@ pub struct DataPlaneOptions {
     /// Worker threads; ring `i` is served by thread `i % threads`.
     pub threads: usize,
     pub engine: EngineKind,
+    /// Adaptive polling budget in µs after the last work (0: always sleep on eventfds).
+    pub poll_us: u32,
 }
 
 #[derive(Default)]
@@ -241,7 +243,8 @@ impl VblkDevice {
         }
         let engine = Engine::new(Arc::clone(&self.disk), self.opts.engine, depth)?;
         tracing::debug!(worker = t, rings = ?rings.iter().map(|r| r.index).collect::<Vec<_>>(), "starting worker");
-        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params)).map_err(DeviceError::Thread)?;
+        let budget = std::time::Duration::from_micros(self.opts.poll_us as u64);
+        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params), budget).map_err(DeviceError::Thread)?;
         self.workers[t] = Some(w);
         first_err.map_or(Ok(()), Err)
     }

@@ -12,6 +12,10 @@
 //! every queue with finished requests publishes its used ring and, if the driver wants
 //! it, signals the call eventfd ([`RingWorker::publish`] is the one place that does).
 //!
+//! With `--poll-us N` a worker that just did work keeps spinning on its avail rings and
+//! the io_uring completion queue for up to N µs with kicks disabled (no eventfd writes by
+//! the driver, no `poll` wakeups), then re-enables kicks and sleeps: adaptive polling.
+//!
 //! Stopping drains: the worker waits for every in-flight I/O to complete and be
 //! published before it returns its rings' positions, so the control plane may then
 //! change the rings or unmap memory.
@@ -19,8 +23,10 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vblk_backend::{Completion, Engine};
 use vblk_blk::{split_tag, BlkQueue, DeviceParams};
@@ -46,6 +52,7 @@ pub(crate) struct RingStop {
 /// A running worker thread.
 pub(crate) struct Worker {
     stop: Arc<File>,
+    stopping: Arc<AtomicBool>,
     handle: JoinHandle<Vec<RingStop>>,
 }
 
@@ -75,9 +82,17 @@ fn drain(f: &File) {
 }
 
 impl Worker {
-    pub fn spawn(id: usize, rings: Vec<RingSetup>, engine: Engine, params: Arc<DeviceParams>) -> std::io::Result<Self> {
+    pub fn spawn(
+        id: usize,
+        rings: Vec<RingSetup>,
+        engine: Engine,
+        params: Arc<DeviceParams>,
+        poll_budget: Duration,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(eventfd()?);
         let stop2 = Arc::clone(&stop);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stopping2 = Arc::clone(&stopping);
         let handle = std::thread::Builder::new().name(format!("vblk-worker-{id}")).spawn(move || {
             let rings = rings
                 .into_iter()
@@ -91,14 +106,16 @@ impl Worker {
                     broken: false,
                 })
                 .collect();
-            let mut w = WorkerLoop { stop: stop2, engine, rings, completions: Vec::new() };
+            let mut w =
+                WorkerLoop { stop: stop2, stopping: stopping2, poll_budget, engine, rings, completions: Vec::new() };
             w.run()
         })?;
-        Ok(Worker { stop, handle })
+        Ok(Worker { stop, stopping, handle })
     }
 
     /// Stop the thread after draining its in-flight I/O; returns where each ring stopped.
     pub fn stop(self) -> Vec<RingStop> {
+        self.stopping.store(true, Ordering::Release);
         signal(&self.stop);
         match self.handle.join() {
             Ok(stops) => stops,
@@ -142,6 +159,24 @@ impl RingWorker {
         }
     }
 
+    /// One non-blocking pass while polling (kicks disabled): `true` if there was work.
+    fn poll_once(&mut self, engine: &mut Engine) -> bool {
+        if self.broken {
+            return false;
+        }
+        match self.queue.process_available(engine) {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::error!(ring = self.index, error = %e, "virtqueue broken; stopping it");
+                self.broken = true;
+                if let Some(err) = &self.err {
+                    signal(err);
+                }
+                false
+            }
+        }
+    }
+
     /// Publish finished requests and notify the driver if it asked for it.
     fn publish(&mut self) {
         if self.queue.publish() {
@@ -154,6 +189,10 @@ impl RingWorker {
 
 struct WorkerLoop {
     stop: Arc<File>,
+    /// Set before `stop` is signalled, so a busy-polling worker notices without a syscall.
+    stopping: Arc<AtomicBool>,
+    /// How long to keep polling after the last work (zero: never poll).
+    poll_budget: Duration,
     engine: Engine,
     rings: Vec<RingWorker>,
     completions: Vec<Completion>,
@@ -170,8 +209,12 @@ impl WorkerLoop {
         for r in &mut self.rings {
             r.service(&mut self.engine);
         }
+        self.reap();
         self.publish_all();
         loop {
+            if !self.poll_budget.is_zero() && self.busy_poll() {
+                break;
+            }
             // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
             if n < 0 {
@@ -185,9 +228,7 @@ impl WorkerLoop {
             if fds[0].revents != 0 {
                 break;
             }
-            if fds[1].revents != 0 {
-                self.reap();
-            }
+            let mut serviced = false;
             for (i, r) in self.rings.iter_mut().enumerate() {
                 let pfd = &mut fds[2 + i];
                 if pfd.revents == 0 {
@@ -195,10 +236,16 @@ impl WorkerLoop {
                 }
                 drain(&r.kick);
                 r.service(&mut self.engine);
+                serviced = true;
                 if r.broken {
                     // Stop listening to a broken ring's kicks (poll skips negative fds).
                     pfd.fd = -1;
                 }
+            }
+            // Completions: those the kernel signalled, and those that finished during
+            // submission (null disk, page-cache hits) without needing another wakeup.
+            if fds[1].revents != 0 || serviced {
+                self.reap();
             }
             self.publish_all();
         }
@@ -207,6 +254,45 @@ impl WorkerLoop {
             .iter()
             .map(|r| RingStop { index: r.index, next_avail: r.queue.queue().next_avail(), broken: r.broken })
             .collect()
+    }
+
+    /// Adaptive polling: with kicks disabled, spin on the avail rings and the completion
+    /// queue while work keeps arriving; after `poll_budget` without any, re-enable kicks
+    /// and return to sleeping. Returns `true` if the worker was asked to stop.
+    fn busy_poll(&mut self) -> bool {
+        for r in &mut self.rings {
+            r.queue.queue_mut().disable_notification();
+        }
+        let mut last_work = Instant::now();
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return true;
+            }
+            let mut work = false;
+            for r in &mut self.rings {
+                work |= r.poll_once(&mut self.engine);
+            }
+            let before = self.completions.len();
+            self.engine.poll_completions(&mut self.completions);
+            if self.completions.len() > before {
+                work = true;
+                self.dispatch();
+            }
+            self.publish_all();
+            if work {
+                last_work = Instant::now();
+            } else if last_work.elapsed() >= self.poll_budget {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        // Kicks on again; whatever raced with that is serviced before sleeping.
+        for r in &mut self.rings {
+            r.service(&mut self.engine);
+        }
+        self.reap();
+        self.publish_all();
+        false
     }
 
     fn dispatch(&mut self) {

@@ -35,13 +35,20 @@ struct Daemon {
 
 impl Daemon {
     fn start(disk: Disk, num_queues: u16, readonly: bool) -> Daemon {
+        Self::start_polling(disk, num_queues, readonly, 0)
+    }
+
+    fn start_polling(disk: Disk, num_queues: u16, readonly: bool, poll_us: u32) -> Daemon {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("vblk-fe-{}-{n}.sock", std::process::id()));
         let disk = Arc::new(disk);
         let params = Arc::new(DeviceParams::new(disk.size(), readonly, 512, "fe-test", num_queues, 256));
-        let dev =
-            VblkDevice::new(params, disk, DataPlaneOptions { threads: num_queues as usize, engine: EngineKind::Auto });
+        let dev = VblkDevice::new(
+            params,
+            disk,
+            DataPlaneOptions { threads: num_queues as usize, engine: EngineKind::Auto, poll_us },
+        );
         let server = Server::bind(&path, 0o600, dev).unwrap();
         let (rx, stop) = UnixStream::pair().unwrap();
         let thread = std::thread::spawn(move || server.run(rx.as_raw_fd()).unwrap());
@@ -207,8 +214,17 @@ const OK: u8 = Status::Ok as u8;
 
 #[test]
 fn io_on_two_queues_over_a_real_socket() {
+    io_on_two_queues(0);
+}
+
+#[test]
+fn io_on_two_queues_with_adaptive_polling() {
+    io_on_two_queues(200);
+}
+
+fn io_on_two_queues(poll_us: u32) {
     let (disk, path) = temp_disk(8 << 20);
-    let d = Daemon::start(disk, 2, false);
+    let d = Daemon::start_polling(disk, 2, false, poll_us);
     let mut g = Guest::connect(&d, 2);
     let (cfg, bytes) = g.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).unwrap();
     assert_eq!({ cfg.size }, 60);
