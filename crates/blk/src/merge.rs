@@ -49,8 +49,9 @@ impl MergeBuffer {
             }
             return;
         }
-        // Stable: equal offsets keep arrival order.
-        self.staged.sort_by_key(|s| (s.write, s.offset));
+        // Unstable (no allocation): requests in flight together have no order among
+        // them (§5.2.6.4), and equal offsets never merge.
+        self.staged.sort_unstable_by_key(|s| (s.write, s.offset));
         let mut start = 0;
         let (mut segs, mut bytes) = (0usize, 0u64);
         for i in 0..self.staged.len() {

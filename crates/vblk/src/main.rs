@@ -1,9 +1,17 @@
 //! `vblk`: the command-line tool.
 //!
 //! - `vblk serve`: the vhost-user-blk backend daemon (see [`serve`]).
+//! - `vblk info | bench | verify | io`: the driver side, against any vhost-user-blk backend
+//!   (`--socket`) or vblk's device engine in this process (`--loopback`): see [`target`].
 
+mod bench;
+mod info;
+mod io;
+mod rng;
 mod serve;
 mod size;
+mod target;
+mod verify;
 
 use std::io::IsTerminal;
 
@@ -20,20 +28,36 @@ struct Cli {
 enum Command {
     /// Serve a disk image to a VM as a vhost-user-blk device.
     Serve(serve::ServeArgs),
+    /// Show what a vhost-user-blk backend offers: capacity, features, limits.
+    Info(info::InfoArgs),
+    /// Measure IOPS, bandwidth, latency and CPU cost per I/O.
+    Bench(bench::BenchArgs),
+    /// Check data integrity with a random workload against an in-memory model
+    /// (overwrites the region it tests).
+    Verify(verify::VerifyArgs),
+    /// One dd-like read or write.
+    #[command(subcommand)]
+    Io(io::IoCommand),
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // The daemon logs its life; the tools only warnings (unless RUST_LOG says otherwise).
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Info(args) => info::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Io(cmd) => io::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("vblk: error: {e:#}");
