@@ -50,7 +50,7 @@ impl MergeBuffer {
             return;
         }
         // Unstable (no allocation): requests in flight together have no order among
-        // them (§5.2.6.4), and equal offsets never merge.
+        // them (the driver waits for completions it depends on), and equal offsets never merge.
         self.staged.sort_unstable_by_key(|s| (s.write, s.offset));
         let mut start = 0;
         let (mut segs, mut bytes) = (0usize, 0u64);
