@@ -7,11 +7,11 @@
 //!   ones at once, as well as everything on the null backend;
 //! * owns the completion eventfd, and the `ready` queue of completions that
 //!   were produced synchronously (errors, null ops, the whole sync engine,
-//!   block-device discards under io_uring). When `ready` goes from empty to
-//!   non-empty the eventfd is signalled (once per batch, not per op), so the
-//!   worker's `poll()` wakes up exactly as for kernel completions. Invariant:
-//!   `ready` non-empty implies the eventfd is signalled (`reap` clears the
-//!   eventfd before draining `ready`).
+//!   block-device discards under io_uring). Those are ready as soon as
+//!   `push`/`submit` returns and are *not* signalled on the eventfd (that would
+//!   cost a write and a read syscall per batch for nothing): the caller reaps
+//!   after submitting, before it sleeps. Only the kernel signals the eventfd,
+//!   for io_uring completions.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -122,7 +122,6 @@ impl Engine {
         if self.in_flight >= self.depth {
             return Err(op);
         }
-        let ready_before = self.ready.len();
         if let Some(result) = precheck(&self.disk, &op) {
             self.ready.push_back(Completion { op, result });
         } else {
@@ -138,9 +137,6 @@ impl Engine {
             }
         }
         self.in_flight += 1;
-        if ready_before == 0 && !self.ready.is_empty() {
-            self.signal();
-        }
         Ok(())
     }
 
@@ -152,11 +148,7 @@ impl Engine {
             Flavour::Uring(u) => u.submit(),
             Flavour::Sync(s) => {
                 if s.pending() > 0 {
-                    let was_empty = self.ready.is_empty();
                     s.submit(&self.disk, &mut self.ready);
-                    if was_empty {
-                        self.signal();
-                    }
                 }
                 Ok(())
             }
@@ -164,12 +156,12 @@ impl Engine {
     }
 
     /// Append every available completion to `out` without blocking, and
-    /// clear the completion eventfd.
+    /// clear the completion eventfd (io_uring: the kernel signals it).
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
-        // Clear first: a completion arriving after this re-arms the fd.
-        sys::eventfd_clear(self.eventfd.as_fd());
         let before = out.len();
         if let Flavour::Uring(u) = &mut self.flavour {
+            // Clear first: a completion arriving after this re-arms the fd.
+            sys::eventfd_clear(self.eventfd.as_fd());
             u.reap(&self.disk, out);
         }
         out.extend(self.ready.drain(..));
@@ -210,12 +202,6 @@ impl Engine {
     /// Ops pushed whose completion has not been returned yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight
-    }
-
-    fn signal(&self) {
-        if let Err(e) = sys::eventfd_signal(self.eventfd.as_fd()) {
-            tracing::error!(error = %e, "cannot signal completion eventfd");
-        }
     }
 }
 

@@ -183,18 +183,6 @@ pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
-/// Add 1 to an eventfd's counter, making it readable.
-pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live local u64.
-    let r = retry(|| cvt(unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) } as _));
-    match r {
-        // EAGAIN: the counter is saturated, so it is readable anyway.
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-        other => other.map(drop),
-    }
-}
-
 /// Reset an eventfd's counter to 0 (no-op if already 0).
 pub(crate) fn eventfd_clear(fd: BorrowedFd<'_>) {
     let mut val: u64 = 0;

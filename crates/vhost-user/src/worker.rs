@@ -242,10 +242,13 @@ impl WorkerLoop {
                     pfd.fd = -1;
                 }
             }
-            // Completions: those the kernel signalled, and those that finished during
-            // submission (null disk, page-cache hits) without needing another wakeup.
-            if fds[1].revents != 0 || serviced {
+            // Completions: those the kernel signalled (clearing its eventfd), and those
+            // that finished during submission (null disk, sync engine, errors, page-cache
+            // hits), which are not signalled at all.
+            if fds[1].revents != 0 {
                 self.reap();
+            } else if serviced {
+                self.poll_completions();
             }
             self.publish_all();
         }
@@ -272,12 +275,7 @@ impl WorkerLoop {
             for r in &mut self.rings {
                 work |= r.poll_once(&mut self.engine);
             }
-            let before = self.completions.len();
-            self.engine.poll_completions(&mut self.completions);
-            if self.completions.len() > before {
-                work = true;
-                self.dispatch();
-            }
+            work |= self.poll_completions();
             self.publish_all();
             if work {
                 last_work = Instant::now();
@@ -305,9 +303,18 @@ impl WorkerLoop {
         }
     }
 
+    /// Reap completions and clear the engine's eventfd (after `poll` reported it).
     fn reap(&mut self) {
         self.engine.reap(&mut self.completions);
         self.dispatch();
+    }
+
+    /// Reap completions without a syscall; `true` if there were any.
+    fn poll_completions(&mut self) -> bool {
+        self.engine.poll_completions(&mut self.completions);
+        let any = !self.completions.is_empty();
+        self.dispatch();
+        any
     }
 
     fn publish_all(&mut self) {
