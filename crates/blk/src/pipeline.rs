@@ -162,11 +162,11 @@ impl BlkQueue {
         let op = match request {
             Request::Read { len: 0, .. } | Request::Write { len: 0, .. } => return self.finish(head, Ok(())),
             Request::Read { offset, len } | Request::Write { offset, len } => {
-                // Submitted after the batch is popped, merged with its neighbours.
-                self.scratch.clear();
-                data_buffers(&slot.chain, &request, &mut self.scratch);
+                // Submitted after the batch is popped, merged with its neighbours. The
+                // descriptor count bounds the data buffers (no need to compute them twice).
                 let write = matches!(request, Request::Write { .. });
-                self.merge.push(Staged { head, write, offset, len, segs: self.scratch.len() });
+                let segs = if write { slot.chain.readable().len() } else { slot.chain.writable().len() };
+                self.merge.push(Staged { head, write, offset, len, segs });
                 return;
             }
             Request::Flush => IoOp::without_data(OpKind::Flush, 0, 0, false, tag),

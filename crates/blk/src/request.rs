@@ -204,13 +204,11 @@ fn sector_range(sector: u64, len: u64, params: &DeviceParams) -> Result<u64, Req
     if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::Unaligned(len));
     }
-    let out = RequestError::OutOfRange { sector, len };
-    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(out.clone())?;
-    let end = offset.checked_add(len).ok_or(out.clone())?;
-    if end > params.capacity_sectors << SECTOR_SHIFT {
-        return Err(out);
+    let offset = sector.checked_mul(SECTOR_SIZE);
+    match offset.and_then(|o| o.checked_add(len)) {
+        Some(end) if end <= params.capacity_sectors << SECTOR_SHIFT => Ok(sector * SECTOR_SIZE),
+        _ => Err(RequestError::OutOfRange { sector, len }),
     }
-    Ok(offset)
 }
 
 /// The data buffers of a read or write request, appended to `out`.
@@ -220,7 +218,7 @@ pub fn data_buffers(chain: &Chain, request: &Request, out: &mut Vec<Iov>) {
         Request::Write { .. } => {
             let mut r = chain.reader();
             // The header was read successfully by `parse`, so this cannot fail.
-            if r.read_exact(&mut [0u8; OutHdr::SIZE]).is_ok() {
+            if r.skip(OutHdr::SIZE as u64).is_ok() {
                 r.rest(out);
             }
         }

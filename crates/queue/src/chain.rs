@@ -184,6 +184,16 @@ impl Reader<'_> {
         Ok(())
     }
 
+    /// Skip `n` bytes without copying them.
+    pub fn skip(&mut self, n: u64) -> Result<(), StreamError> {
+        if n > self.remaining {
+            return Err(StreamError::Short { available: self.remaining, wanted: n });
+        }
+        self.pos.walk(self.iovs, n, |_, _, _, _| Ok(()))?;
+        self.remaining -= n;
+        Ok(())
+    }
+
     /// The unread bytes as buffers (for handing to the backend), without consuming them.
     pub fn rest(&self, out: &mut Vec<Iov>) {
         self.pos.rest(self.iovs, self.remaining, out);

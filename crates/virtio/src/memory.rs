@@ -133,6 +133,7 @@ impl MappedRegion {
         &self.spec
     }
 
+    #[inline]
     fn host_contains(&self, ptr: *const u8, len: usize) -> bool {
         let start = self.host as usize;
         let p = ptr as usize;
@@ -166,25 +167,30 @@ pub struct Iov {
 unsafe impl Send for Iov {}
 
 impl Iov {
+    #[inline]
     pub fn len(&self) -> u32 {
         self.len
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The buffer as a `struct iovec` for readv/writev/io_uring.
+    #[inline]
     pub fn as_iovec(&self) -> libc::iovec {
         libc::iovec { iov_base: self.ptr as *mut libc::c_void, iov_len: self.len as usize }
     }
 
     /// Host address of the first byte (for alignment decisions).
+    #[inline]
     pub fn addr(&self) -> usize {
         self.ptr as usize
     }
 
     /// Split into `[0, at)` and `[at, len)`. `at` is clamped to `len`.
+    #[inline]
     pub fn split_at(&self, at: u32) -> (Iov, Iov) {
         let at = at.min(self.len);
         (
@@ -260,6 +266,7 @@ impl GuestMemory {
     }
 
     /// Host address of `[gpa, gpa+len)` if it lies inside one region.
+    #[inline]
     fn translate_gpa(&self, gpa: u64, len: u64) -> Result<*mut u8, MemoryError> {
         let err = MemoryError::OutOfRange { addr: gpa, len };
         let end = gpa.checked_add(len).ok_or(err.clone())?;
@@ -289,6 +296,7 @@ impl GuestMemory {
 
     /// Validate a guest buffer (a descriptor's `addr`/`len`). Zero-length buffers are
     /// valid here; the queue layer decides whether it accepts them.
+    #[inline]
     pub fn iov(&self, gpa: u64, len: u32) -> Result<Iov, MemoryError> {
         let ptr = self.translate_gpa(gpa, len as u64)?;
         Ok(Iov { ptr, len })
@@ -299,11 +307,13 @@ impl GuestMemory {
         self.translate_uva(uva, len).map(|(_, gpa)| gpa)
     }
 
+    #[inline]
     fn owns(&self, iov: &Iov) -> bool {
         self.regions.iter().any(|r| r.host_contains(iov.ptr, iov.len as usize))
     }
 
     /// Copy `buf.len()` bytes out of `iov` starting at `offset`.
+    #[inline]
     pub fn read_iov(&self, iov: Iov, offset: u32, buf: &mut [u8]) -> Result<(), MemoryError> {
         let (_, tail) = iov.split_at(offset);
         if buf.len() > tail.len as usize || !self.owns(&iov) {
@@ -318,6 +328,7 @@ impl GuestMemory {
     }
 
     /// Copy `buf` into `iov` starting at `offset`.
+    #[inline]
     pub fn write_iov(&self, iov: Iov, offset: u32, buf: &[u8]) -> Result<(), MemoryError> {
         let (_, tail) = iov.split_at(offset);
         if buf.len() > tail.len as usize || !self.owns(&iov) {
@@ -381,6 +392,7 @@ impl GuestArea {
         self.len
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -390,12 +402,14 @@ impl GuestArea {
         self.gpa
     }
 
+    #[inline]
     fn at(&self, offset: usize, size: usize) -> *mut u8 {
         assert!(offset.checked_add(size).is_some_and(|e| e <= self.len), "ring offset out of area");
         self.ptr.wrapping_add(offset)
     }
 
     /// Volatile load of a little-endian u16 (ring indices and entries, naturally aligned).
+    #[inline]
     pub fn load_u16(&self, offset: usize) -> u16 {
         let p = self.at(offset, 2) as *const u16;
         // SAFETY: in bounds (checked by `at`), 2-aligned (area alignment plus even offset
@@ -403,18 +417,21 @@ impl GuestArea {
         u16::from_le(unsafe { p.read_volatile() })
     }
 
+    #[inline]
     pub fn store_u16(&self, offset: usize, v: u16) {
         let p = self.at(offset, 2) as *mut u16;
         // SAFETY: as in `load_u16`; the mapping is writable.
         unsafe { p.write_volatile(v.to_le()) }
     }
 
+    #[inline]
     pub fn load_u32(&self, offset: usize) -> u32 {
         let p = self.at(offset, 4) as *const u32;
         // SAFETY: as in `load_u16`, with 4-byte alignment.
         u32::from_le(unsafe { p.read_volatile() })
     }
 
+    #[inline]
     pub fn store_u32(&self, offset: usize, v: u32) {
         let p = self.at(offset, 4) as *mut u32;
         // SAFETY: as in `load_u32`; the mapping is writable.
@@ -422,6 +439,7 @@ impl GuestArea {
     }
 
     /// Copy bytes out (descriptors: 16 bytes at a 16-aligned offset).
+    #[inline]
     pub fn read(&self, offset: usize, buf: &mut [u8]) {
         let p = self.at(offset, buf.len());
         // SAFETY: in bounds, mapping alive; raw byte copy, no reference into guest memory.
@@ -429,6 +447,7 @@ impl GuestArea {
     }
 
     /// Copy bytes in.
+    #[inline]
     pub fn write(&self, offset: usize, buf: &[u8]) {
         let p = self.at(offset, buf.len());
         // SAFETY: in bounds, mapping alive and writable.
