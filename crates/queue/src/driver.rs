@@ -61,6 +61,8 @@ pub struct DriverQueue {
     /// `avail.idx` at the last kick decision.
     kicked: u16,
     last_used: u16,
+    /// Reused buffer for building indirect tables (no allocation per request).
+    table_scratch: Vec<u8>,
 }
 
 impl DriverQueue {
@@ -94,6 +96,7 @@ impl DriverQueue {
             published: 0,
             kicked: 0,
             last_used: 0,
+            table_scratch: Vec::new(),
         })
     }
 
@@ -167,16 +170,20 @@ impl DriverQueue {
         if self.num_free == 0 {
             return Err(DriverError::Full { free: 0, needed: 1 });
         }
-        let mut bytes = Vec::with_capacity(bufs.len() * DESC_SIZE);
+        let mut bytes = std::mem::take(&mut self.table_scratch);
+        bytes.clear();
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
             let flags = (if b.write { DESC_F_WRITE } else { 0 }) | (if last { 0 } else { DESC_F_NEXT });
             let d = Descriptor { addr: b.addr, len: b.len, flags, next: if last { 0 } else { i as u16 + 1 } };
             bytes.extend_from_slice(&d.to_bytes());
         }
-        self.mem.write_at(table, &bytes)?;
+        let written = self.mem.write_at(table, &bytes);
+        let len = bytes.len() as u32;
+        self.table_scratch = bytes;
+        written?;
         let head = self.alloc();
-        self.write_desc(head, Descriptor { addr: table, len: bytes.len() as u32, flags: DESC_F_INDIRECT, next: 0 });
+        self.write_desc(head, Descriptor { addr: table, len, flags: DESC_F_INDIRECT, next: 0 });
         self.chain_len[head as usize] = 1;
         self.push_avail(head);
         Ok(head)
