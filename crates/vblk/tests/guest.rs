@@ -17,7 +17,11 @@ use common::*;
 const FIO_REGION_MIB: u64 = 128;
 
 fn fio_verify(name: &str, backend: Backend, queues: u16) {
-    let cfg = BackendConfig { readonly: false, num_queues: queues };
+    fio_verify_with(name, backend, queues, &[]);
+}
+
+fn fio_verify_with(name: &str, backend: Backend, queues: u16, vblk_args: &'static [&'static str]) {
+    let cfg = BackendConfig { readonly: false, num_queues: queues, vblk_args };
     let Some(mut fx) = Fixture::new(name, backend, 4 * FIO_REGION_MIB * MIB + 64 * MIB, cfg, |_| {}) else {
         return;
     };
@@ -25,7 +29,7 @@ fn fio_verify(name: &str, backend: Backend, queues: u16) {
 }
 
 fn ext4(name: &str, backend: Backend, queues: u16) {
-    let cfg = BackendConfig { readonly: false, num_queues: queues };
+    let cfg = BackendConfig { readonly: false, num_queues: queues, vblk_args: &[] };
     let Some(mut fx) = Fixture::new(name, backend, 256 * MIB, cfg, |_| {}) else {
         return;
     };
@@ -53,7 +57,7 @@ fn host_fsck(image: &std::path::Path) {
 }
 
 fn discard(name: &str, backend: Backend) {
-    let cfg = BackendConfig { readonly: false, num_queues: 2 };
+    let cfg = BackendConfig { readonly: false, num_queues: 2, vblk_args: &[] };
     let Some(mut fx) = Fixture::new(name, backend, 64 * MIB, cfg, |_| {}) else {
         return;
     };
@@ -61,7 +65,7 @@ fn discard(name: &str, backend: Backend) {
 }
 
 fn readonly(name: &str, backend: Backend) {
-    let cfg = BackendConfig { readonly: true, num_queues: 2 };
+    let cfg = BackendConfig { readonly: true, num_queues: 2, vblk_args: &[] };
     let data = pattern(0x5eed, MIB as usize);
     let sha = sha256_hex(&data[..512]);
     let Some(mut fx) = Fixture::new(name, backend, 64 * MIB, cfg, |img| write_at(img, 0, &data)) else {
@@ -78,7 +82,7 @@ fn smoke_pattern(tag: &str) -> Vec<u8> {
 }
 
 fn second_guest(name: &str, backend: Backend) {
-    let cfg = BackendConfig { readonly: false, num_queues: 2 };
+    let cfg = BackendConfig { readonly: false, num_queues: 2, vblk_args: &[] };
     let Some(mut fx) = Fixture::new(name, backend, 64 * MIB, cfg, |_| {}) else {
         return;
     };
@@ -110,6 +114,23 @@ fn fio_verify_2_queues() {
 #[test]
 fn fio_verify_4_queues() {
     fio_verify("fio_verify_4_queues", under_test(), 4);
+}
+
+/// The same data-integrity check with adaptive polling on and request merging off (the
+/// defaults are polling off, merging on).
+#[test]
+fn fio_verify_2_queues_polling_without_merging() {
+    fio_verify_with(
+        "fio_verify_2_queues_polling_without_merging",
+        under_test(),
+        2,
+        &["--poll-us", "100", "--no-merge"],
+    );
+}
+
+#[test]
+fn fio_verify_2_queues_polling_and_merging() {
+    fio_verify_with("fio_verify_2_queues_polling_and_merging", under_test(), 2, &["--poll-us", "100"]);
 }
 
 #[test]

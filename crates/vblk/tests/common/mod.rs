@@ -319,6 +319,8 @@ impl fmt::Display for Backend {
 pub struct BackendConfig {
     pub readonly: bool,
     pub num_queues: u16,
+    /// Extra `vblk serve` flags (ignored for qemu-storage-daemon), e.g. `--poll-us 50`.
+    pub vblk_args: &'static [&'static str],
 }
 
 pub struct BackendProcess {
@@ -360,6 +362,7 @@ fn backend_command(
                 c.arg("--readonly");
             }
             c.arg("--num-queues").arg(cfg.num_queues.to_string());
+            c.args(cfg.vblk_args);
         }
         Backend::Qsd => {
             for p in [image, socket] {
