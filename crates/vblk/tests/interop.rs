@@ -45,10 +45,11 @@ impl Backend {
         Backend { child, socket, name }
     }
 
-    fn vblk(dir: &Path, image: &str) -> Backend {
+    fn vblk(dir: &Path, image: &str, extra: &[&str]) -> Backend {
         let socket = dir.join("vblk.sock");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vblk"));
-        cmd.args(["serve", image, "--size", "256M", "--num-queues", "2", "--socket"]).arg(&socket).current_dir(dir);
+        cmd.args(["serve", image, "--size", "256M", "--num-queues", "2"]).args(extra);
+        cmd.arg("--socket").arg(&socket).current_dir(dir);
         Backend::start("vblk serve", cmd, socket)
     }
 
@@ -120,8 +121,11 @@ fn exercise(b: &Backend, capacity: u64, keeps_data: bool) {
 #[test]
 fn the_tools_work_against_vblk_serve() {
     let d = dir("vblk");
-    let b = Backend::vblk(&d.0, "disk.img");
-    exercise(&b, 256 << 20, true);
+    // Defaults (merging on, polling off), then the opposite of both.
+    for extra in [&[][..], &["--poll-us", "100", "--no-merge"][..]] {
+        let b = Backend::vblk(&d.0, "disk.img", extra);
+        exercise(&b, 256 << 20, true);
+    }
 }
 
 #[test]
