@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use io_uring::{opcode, squeue, types, IoUring, Probe};
+use io_uring::{opcode, register::Restriction, squeue, types, IoUring, Probe};
 
 use crate::bounce::{self, advance_iovecs, BounceBuf};
 use crate::disk::{Disk, FdChoice};
@@ -108,7 +108,8 @@ impl UringEngine {
             .checked_next_power_of_two()
             .and_then(|d| u32::try_from(d).ok())
             .ok_or(BackendError::InvalidRequest("queue depth too large"))?;
-        let ring = IoUring::new(entries).map_err(BackendError::UringUnavailable)?;
+        // Created disabled, so the restrictions below are in force before the first SQE.
+        let ring = IoUring::builder().setup_r_disabled().build(entries).map_err(BackendError::UringUnavailable)?;
         let submitter = ring.submitter();
         let mut probe = Probe::new();
         submitter.register_probe(&mut probe).map_err(BackendError::UringUnavailable)?;
@@ -121,6 +122,18 @@ impl UringEngine {
             }
         }
         submitter.register_eventfd(eventfd.as_raw_fd()).map_err(BackendError::UringUnavailable)?;
+        // Hardening (IORING_REGISTER_RESTRICTIONS): this ring may only ever run the four
+        // opcodes vblk uses, with no SQE flags, and accepts no further registrations. A
+        // bug elsewhere in the daemon cannot turn it into a general syscall gateway.
+        let mut allowed = [
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_op(opcode::Fallocate::CODE),
+            Restriction::sqe_flags_allowed(0),
+        ];
+        submitter.register_restrictions(&mut allowed).map_err(BackendError::UringUnavailable)?;
+        submitter.register_enable_rings().map_err(BackendError::UringUnavailable)?;
         let cq_cap = ring.params().cq_entries() as usize;
         Ok(UringEngine {
             ring,
@@ -394,5 +407,27 @@ impl Drop for UringEngine {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod restriction_tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_ring_refuses_opcodes_vblk_does_not_use() {
+        let efd = crate::sys::eventfd().expect("eventfd");
+        let mut u = UringEngine::new(4, efd.as_fd()).expect("io_uring");
+        // A NOP is harmless, but not on the allow list: the kernel must refuse it.
+        let nop = opcode::Nop::new().build().user_data(77);
+        // SAFETY: a NOP references no memory.
+        unsafe { u.ring.submission().push(&nop) }.expect("room");
+        u.ring.submit_and_wait(1).expect("submit");
+        let cqe = u.ring.completion().next().expect("a completion");
+        assert_eq!(cqe.user_data(), 77);
+        assert_eq!(cqe.result(), -libc::EACCES, "restricted ring must refuse IORING_OP_NOP");
+        // And no further registrations are accepted.
+        assert!(u.ring.submitter().register_files(&[efd.as_raw_fd()]).is_err());
     }
 }
