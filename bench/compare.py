@@ -1,0 +1,806 @@
+#!/usr/bin/env python3
+"""Compare `vblk serve` with qemu-storage-daemon (and fio) using `vblk bench` as the client.
+
+For each workload the backend runs pinned to one CPU (--backend-cpu, default 1) and the client
+to the other (--client-cpu, default 0). Runs are interleaved (vblk, peer, vblk, peer, ...) and
+every figure is the median over the pairs; the ratio is always median(vblk) / median(peer), and
+the target says which way it must go (">= 1.5": vblk must be at least 1.5x the peer; "<= 0.5":
+vblk must be at most half of the peer).
+
+Before the pairs, each QSD configuration (aio=io_uring/native/threads, cache.direct, iothread
+poll-max-ns=32768/0) gets a short probe and the best one is used for the pairs.
+
+Standard library only. See bench/README.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VBLK = os.path.join(ROOT, "target", "release", "vblk")
+QSD = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
+FIO = shutil.which("fio") or "fio"
+VBLK_RUN = VBLK  # the copy in the temp directory, once main() made it
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GIB = 1 << 30
+
+HIGHER, LOWER = "higher", "lower"
+
+# What each metric is called in the table, and its unit.
+METRICS = {
+    "iops": ("IOPS", ""),
+    "mib_s": ("MiB/s", ""),
+    "p50": ("p50 latency", "µs"),
+    "p99": ("p99 latency", "µs"),
+    "mean": ("mean latency", "µs"),
+    "backend_cpu_us_per_io": ("backend CPU/IO", "µs"),
+    "client_cpu_us_per_io": ("client CPU/IO", "µs"),
+}
+
+
+class Check:
+    def __init__(self, metric, direction, target):
+        self.metric, self.direction, self.target = metric, direction, target
+
+    def target_text(self):
+        return (">= " if self.direction == HIGHER else "<= ") + f"{self.target:g}"
+
+    def passes(self, ratio):
+        return ratio >= self.target if self.direction == HIGHER else ratio <= self.target
+
+
+class Workload:
+    """One measured configuration: a disk, a `vblk bench` workload, the sides and the checks."""
+
+    def __init__(self, case, wid, title, disk, bench, checks, primary, peer="qsd", info=()):
+        self.case, self.id, self.title, self.disk = case, wid, title, disk
+        self.bench = bench  # dict: rw, bs, iodepth, poll
+        self.checks = checks
+        self.primary = primary  # (metric, direction) used to pick the best QSD config
+        self.peer = peer  # "qsd" or "fio": the side the ratio is taken against
+        self.info = list(info)  # extra sides measured for information only
+
+    @property
+    def sides(self):
+        return ["vblk", self.peer] + [s for s in self.info if s != self.peer]
+
+
+def workloads():
+    rr4k32 = dict(rw="randread", bs="4k", iodepth=32, poll=False)
+    qd1 = dict(rw="randread", bs="4k", iodepth=1)
+    return [
+        Workload(1, "1", "null, randread 4k QD32, eventfd client", "null", rr4k32,
+                 [Check("iops", HIGHER, 1.5), Check("backend_cpu_us_per_io", LOWER, 0.5)],
+                 ("iops", HIGHER)),
+        Workload(2, "2a", "null, randread 4k QD1, eventfd client", "null", dict(qd1, poll=False),
+                 [Check("p50", LOWER, 0.6)], ("p50", LOWER)),
+        Workload(2, "2b", "null, randread 4k QD1, --poll client", "null", dict(qd1, poll=True),
+                 [Check("p50", LOWER, 0.6)], ("p50", LOWER)),
+        Workload(3, "3a", "tmpfs file, randread 4k QD32", "tmpfs", rr4k32,
+                 [Check("iops", HIGHER, 1.4)], ("iops", HIGHER)),
+        Workload(3, "3b", "tmpfs file, randwrite 4k QD32", "tmpfs", dict(rr4k32, rw="randwrite"),
+                 [Check("iops", HIGHER, 1.4)], ("iops", HIGHER)),
+        Workload(4, "4", "ext4 file, seq write 4k QD32 (merging)", "ext4",
+                 dict(rr4k32, rw="write"), [Check("mib_s", HIGHER, 1.5)], ("mib_s", HIGHER)),
+        Workload(5, "5a", "tmpfs file, seq read 1M QD32 vs host fio", "tmpfs",
+                 dict(rw="read", bs="1M", iodepth=32, poll=False), [Check("mib_s", HIGHER, 0.95)],
+                 ("mib_s", HIGHER), peer="fio", info=["qsd"]),
+        Workload(5, "5b", "tmpfs file, seq write 1M QD32 vs host fio", "tmpfs",
+                 dict(rw="write", bs="1M", iodepth=32, poll=False), [Check("mib_s", HIGHER, 0.95)],
+                 ("mib_s", HIGHER), peer="fio", info=["qsd"]),
+    ]
+
+
+# Rows for the cases this script does not measure.
+NOT_MEASURED = {
+    6: ("6", "idle backend CPU (no I/O, guest attached)", "not measured by this script: see docs/PERFORMANCE.md"),
+    7: ("7", "client CPU/IO: vblk bench vs libblkio, both against QSD", "not measured"),
+}
+
+
+def qsd_configs(disk):
+    """QSD configurations to probe for a disk kind: (label, blockdev args, iothread poll-max-ns)."""
+    polls = [32768, 0]
+    if disk == "null":
+        files = [("null-co", None)]
+    elif disk == "tmpfs":
+        # tmpfs accepts O_DIRECT since Linux 6.6 (it is buffered underneath); older kernels
+        # refuse it, and the cache.direct=on configs then fail to start and are skipped.
+        files = [("direct,io_uring", "cache.direct=on,aio=io_uring"),
+                 ("direct,native", "cache.direct=on,aio=native"),
+                 ("buffered,io_uring", "cache.direct=off,aio=io_uring"),
+                 ("buffered,threads", "cache.direct=off,aio=threads")]
+    else:
+        files = [("direct,io_uring", "cache.direct=on,aio=io_uring"),
+                 ("direct,native", "cache.direct=on,aio=native"),
+                 ("direct,threads", "cache.direct=on,aio=threads")]
+    return [(f"{name},poll-max-ns={p}", opts, p) for name, opts in files for p in polls]
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+class Procs:
+    """Every backend we started, killed on exit whatever happens."""
+
+    def __init__(self):
+        self.live = []
+
+    def start(self, argv, log_path):
+        log = open(log_path, "wb")
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.live.append(p)
+        return p
+
+    def stop(self, p, timeout=10):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p in self.live:
+            self.live.remove(p)
+        return p.returncode
+
+    def stop_all(self):
+        for p in list(self.live):
+            try:
+                self.stop(p, timeout=3)
+            except Exception:  # noqa: BLE001 - best effort at exit
+                p.kill()
+
+
+PROCS = Procs()
+
+
+def proc_cpu_us(pid):
+    """utime + stime of the whole process (all threads, including exited ones), in µs."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime is field 14, stime field 15.
+    return (int(fields[11]) + int(fields[12])) * 1e6 / CLK_TCK
+
+
+def sys_cpu_us():
+    """(busy, steal) µs of all CPUs from /proc/stat: to see how much else ran during a run."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    busy = v[0] + v[1] + v[2] + v[5] + v[6]
+    return busy * 1e6 / CLK_TCK, v[7] * 1e6 / CLK_TCK
+
+
+def proc_table():
+    """{pid: (comm, utime + stime ticks)} of every process: to name who else was busy."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        comm = data[data.index("(") + 1:data.rindex(")")]
+        fields = data.rsplit(")", 1)[1].split()
+        out[int(pid)] = (comm, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def noise(before, after, wall, ours_us, procs0=None, procs1=None, ours=()):
+    """CPU share (in CPUs) used by other processes and stolen by the hypervisor during a run,
+    and the busiest other processes still alive at the end."""
+    busy, steal = after[0] - before[0], after[1] - before[1]
+    n = {"others_cpus": max(0.0, (busy - ours_us) / 1e6 / wall), "steal_cpus": steal / 1e6 / wall}
+    if procs0 is not None and procs1 is not None:
+        top = []
+        for pid, (comm, t1) in procs1.items():
+            if pid in ours or pid == os.getpid():
+                continue
+            t0 = procs0.get(pid, (comm, 0))[1]
+            share = (t1 - t0) / CLK_TCK / wall
+            if share >= 0.02:
+                top.append((round(share, 2), f"{comm}[{pid}]"))
+        n["top_others"] = [f"{name} {share:.2f}" for share, name in sorted(top, reverse=True)[:5]]
+    return n
+
+
+def wait_socket(path, proc, log_path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"backend exited with {proc.returncode}: {tail(log_path)}")
+        # Only check the socket file exists; do not connect (that would be a frontend
+        # session of its own).
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"backend did not create {path} within {timeout} s: {tail(log_path)}")
+
+
+def tail(path, n=600):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data[-n:].decode(errors="replace").strip().replace("\n", " | ")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# sides
+
+
+class Env:
+    def __init__(self, args, tmp):
+        self.args, self.tmp = args, tmp
+        self.files = {}  # disk kind -> path
+        self.counter = 0
+
+    def sock(self):
+        self.counter += 1
+        return os.path.join(self.tmp, f"s{self.counter}.sock")
+
+    def disk_file(self, disk):
+        if disk in self.files:
+            return self.files[disk]
+        d = self.args.tmpfs_dir if disk == "tmpfs" else self.args.disk_dir
+        os.makedirs(d, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="vblk-bench-", suffix=".img", dir=d)
+        self.files[disk] = path
+        size = self.args.file_size
+        print(f"preparing {path} ({size >> 20} MiB, {fstype(d)}, written, not sparse) ...", flush=True)
+        chunk = b"\x5a" * (1 << 20)
+        try:
+            written = 0
+            while written < size:
+                written += os.write(fd, chunk[: min(len(chunk), size - written)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+    def cleanup(self):
+        for path in self.files.values():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def fstype(path):
+    best, kind = "", "?"
+    path = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    return kind
+
+
+def vblk_argv(env, wl, sock):
+    a = env.args
+    argv = ["taskset", "-c", str(a.backend_cpu), VBLK_RUN, "serve"]
+    if wl.disk == "null":
+        argv += [os.path.join(env.tmp, "null.img"), "--backend", "null", "--size", "1G"]
+    else:
+        argv += [env.disk_file(wl.disk)]
+    argv += ["--socket", sock, "--num-queues", "1"]
+    return argv + vblk_flags(a, wl)
+
+
+def vblk_flags(a, wl):
+    """The extra `vblk serve` flags of a workload (--vblk-args, --vblk-extra)."""
+    flags = shlex.split(a.vblk_args)
+    for spec in a.vblk_extra:
+        key, _, extra = spec.partition(":")
+        if key in (str(wl.case), wl.id):
+            flags += shlex.split(extra)
+    return flags
+
+
+def qsd_argv(env, wl, sock, cfg):
+    _, opts, poll = cfg
+    argv = ["taskset", "-c", str(env.args.backend_cpu), QSD,
+            "--object", f"iothread,id=io0,poll-max-ns={poll}"]
+    if wl.disk == "null":
+        argv += ["--blockdev", f"driver=null-co,node-name=disk0,size={GIB},read-zeroes=off"]
+    else:
+        path = env.disk_file(wl.disk)
+        argv += ["--blockdev", f"driver=file,node-name=file0,filename={path},{opts}",
+                 "--blockdev", "driver=raw,node-name=disk0,file=file0"]
+    argv += ["--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+             f"addr.path={sock},writable=on,num-queues=1,iothread=io0"]
+    return argv
+
+
+def bench_argv(env, wl, sock, seconds):
+    b = wl.bench
+    argv = ["taskset", "-c", str(env.args.client_cpu), VBLK_RUN, "bench", "--socket", sock,
+            "--rw", b["rw"], "--bs", b["bs"], "--iodepth", str(b["iodepth"]), "--queues", "1",
+            "--seconds", str(seconds), "--json"]
+    if b.get("poll"):
+        argv.append("--poll")
+    return argv
+
+
+def run_client(argv, timeout):
+    """Run a client to the end; also snapshot the process table just before it exits."""
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    procs1 = proc_table()
+    return subprocess.CompletedProcess(argv, p.returncode, out, err), p.pid, procs1
+
+
+def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
+    """Start a backend, run `vblk bench` against it, stop the backend. Returns the run record."""
+    sock = env.sock()
+    log = sock + ".log"
+    if side == "vblk":
+        argv = vblk_argv(env, wl, sock)
+    else:
+        argv = qsd_argv(env, wl, sock, qsd_cfg)
+    rec = {"side": side, "config": qsd_cfg[0] if qsd_cfg else " ".join(argv[4:]),
+           "backend_cmd": argv}
+    proc = PROCS.start(argv, log)
+    try:
+        wait_socket(sock, proc, log)
+        client = bench_argv(env, wl, sock, seconds)
+        rec["client_cmd"] = client
+        procs0 = proc_table()
+        sys0, cpu0, t0 = sys_cpu_us(), proc_cpu_us(proc.pid), time.monotonic()
+        r, cpid, procs1 = run_client(client, seconds + 60)
+        wall = time.monotonic() - t0
+        cpu1, sys1 = proc_cpu_us(proc.pid), sys_cpu_us()
+        if r.returncode != 0:
+            raise RuntimeError(f"vblk bench exited with {r.returncode}: {r.stderr.strip()[-500:]}"
+                               f" (backend log: {tail(log)})")
+        lines = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("{")]
+        if not lines:
+            raise RuntimeError(f"vblk bench printed no JSON: {r.stdout[-300:]} {r.stderr[-300:]}")
+        js = json.loads(lines[-1])
+        rec["client"] = js
+        rec["backend_cpu_us"] = cpu1 - cpu0
+        rec["client_wall_s"] = wall
+        ios = js.get("ios") or 0
+        rec["noise"] = noise(sys0, sys1, wall, cpu1 - cpu0 + js["cpu_us_per_io"] * ios,
+                             procs0, procs1, (proc.pid, cpid))
+        rec["metrics"] = {
+            "iops": js["iops"],
+            "mib_s": js["mib_s"],
+            "p50": js["lat_us"]["p50"],
+            "p99": js["lat_us"]["p99"],
+            "mean": js["lat_us"]["mean"],
+            "client_cpu_us_per_io": js["cpu_us_per_io"],
+            "backend_cpu_us_per_io": (cpu1 - cpu0) / ios if ios else None,
+            "errors": js["errors"],
+        }
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        rec["error"] = str(e)
+    finally:
+        rc = PROCS.stop(proc)
+        rec["backend_exit"] = rc
+        for p in (sock, log):
+            if p == log and "error" in rec:
+                rec["backend_log"] = tail(log, 2000)
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+    return rec
+
+
+# fio configurations probed for case 5: buffered, and O_DIRECT (which tmpfs accepts since
+# Linux 6.6, and which vblk uses there too).
+FIO_CONFIGS = [("io_uring,direct=0", ["--ioengine=io_uring", "--direct=0"]),
+               ("io_uring,direct=1", ["--ioengine=io_uring", "--direct=1"])]
+
+
+def run_fio(env, wl, seconds, cfg):
+    b = wl.bench
+    path = env.disk_file(wl.disk)
+    argv = ["taskset", "-c", str(env.args.client_cpu), FIO, "--name=vblk-bench", f"--filename={path}",
+            *cfg[1], f"--bs={b['bs']}", f"--iodepth={b['iodepth']}",
+            f"--rw={b['rw']}", "--time_based", f"--runtime={seconds}", "--output-format=json"]
+    rec = {"side": "fio", "config": cfg[0], "client_cmd": argv}
+    try:
+        procs0 = proc_table()
+        sys0, t0, c0 = sys_cpu_us(), time.monotonic(), os.times()
+        r, cpid, procs1 = run_client(argv, seconds + 60)
+        wall, sys1, c1 = time.monotonic() - t0, sys_cpu_us(), os.times()
+        fio_us = ((c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)) * 1e6
+        rec["noise"] = noise(sys0, sys1, wall, fio_us, procs0, procs1, (cpid,))
+        if r.returncode != 0:
+            raise RuntimeError(f"fio exited with {r.returncode}: {r.stderr.strip()[-500:]}")
+        js = json.loads(r.stdout[r.stdout.index("{"):])
+        job = js["jobs"][0]
+        d = job["read"] if b["rw"] in ("read", "randread") else job["write"]
+        ios = d["total_ios"]
+        runtime_s = job["job_runtime"] / 1000.0
+        pct = d["clat_ns"].get("percentile", {})
+        rec["client"] = {k: job[k] for k in ("usr_cpu", "sys_cpu", "job_runtime", "error")}
+        rec["client"].update({k: d[k] for k in ("io_bytes", "bw_bytes", "iops", "total_ios")})
+        rec["metrics"] = {
+            "iops": d["iops"],
+            "mib_s": d["bw_bytes"] / (1 << 20),
+            "p50": pct.get("50.000000", 0) / 1000.0,
+            "p99": pct.get("99.000000", 0) / 1000.0,
+            "mean": d["lat_ns"]["mean"] / 1000.0,
+            "client_cpu_us_per_io": (job["usr_cpu"] + job["sys_cpu"]) / 100 * runtime_s * 1e6 / ios
+            if ios else None,
+            "backend_cpu_us_per_io": None,
+            "errors": job["error"],
+        }
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        rec["error"] = str(e)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def better(a, b, direction):
+    return a > b if direction == HIGHER else a < b
+
+
+def probe(env, wl, side):
+    """Short run of each configuration of a peer (QSD or fio); returns (records, best config)."""
+    metric, direction = wl.primary
+    results, best = [], None
+    configs = qsd_configs(wl.disk) if side == "qsd" else FIO_CONFIGS
+    for cfg in configs:
+        if side == "qsd":
+            rec = run_backend_side(env, "qsd", wl, env.args.probe_seconds, cfg)
+        else:
+            rec = run_fio(env, wl, env.args.probe_seconds, cfg)
+        results.append(rec)
+        label = f"{side.upper() if side == 'qsd' else side} {cfg[0]}"
+        if "error" in rec:
+            print(f"    probe {label:38} failed: {rec['error'][:160]}", flush=True)
+            continue
+        v = rec["metrics"][metric]
+        print(f"    probe {label:38} {fmt(metric, v):>10} {METRICS[metric][0]}", flush=True)
+        if best is None or better(v, best[1], direction):
+            best = (cfg, v)
+    return results, (best[0] if best else None)
+
+
+def noise_text(rec):
+    n = rec.get("noise")
+    if not n or (n["others_cpus"] < 0.1 and n["steal_cpus"] < 0.05):
+        return ""
+    top = ", ".join(n.get("top_others", [])[:3])
+    return f"  [noisy: others {n['others_cpus']:.2f} CPU, steal {n['steal_cpus']:.2f} CPU{': ' + top if top else ''}]"
+
+
+def wait_quiet(a):
+    """Wait (at most --quiet-wait s) until other processes use less than --noise-limit CPU."""
+    deadline = time.monotonic() + a.quiet_wait
+    said = False
+    while True:
+        b0, t0 = sys_cpu_us(), time.monotonic()
+        time.sleep(1.0)
+        used = (sys_cpu_us()[0] - b0[0]) / 1e6 / (time.monotonic() - t0)
+        if used <= a.noise_limit or time.monotonic() >= deadline:
+            if said:
+                print(f"    ... {'quiet' if used <= a.noise_limit else 'still busy, going on'} "
+                      f"({used:.2f} CPU)", flush=True)
+            return
+        if not said:
+            print(f"    waiting for the machine to calm down ({used:.2f} CPU busy) ...", flush=True)
+            said = True
+
+
+def median(values):
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(metric, v):
+    if v is None:
+        return "-"
+    if metric == "iops":
+        return f"{v / 1e6:.3f}M" if v >= 1e6 else f"{v / 1e3:.1f}k"
+    if metric == "mib_s":
+        return f"{v:.0f}"
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def run_workload(env, wl):
+    a = env.args
+    print(f"\n== case {wl.id}: {wl.title}", flush=True)
+    out = {"case": wl.case, "id": wl.id, "title": wl.title, "disk": wl.disk, "bench": wl.bench,
+           "sides": wl.sides, "peer": wl.peer, "vblk_flags": vblk_flags(a, wl), "runs": [],
+           "probe": []}
+    chosen = {}
+    for side in wl.sides:
+        if side == "vblk":
+            continue
+        wait_quiet(a)
+        recs, cfg = probe(env, wl, side)
+        out["probe"] += recs
+        chosen[side] = cfg
+        out[f"{side}_config"] = cfg[0] if cfg else None
+        print(f"    {side} config for the pairs: {cfg[0] if cfg else 'NONE (every config failed)'}",
+              flush=True)
+    out["discarded"] = []
+    retries, i = a.retries, 0
+    while i < a.pairs:
+        wait_quiet(a)
+        pair = []
+        for side in wl.sides:
+            if side != "vblk" and chosen[side] is None:
+                continue
+            if side == "fio":
+                rec = run_fio(env, wl, a.seconds, chosen["fio"])
+            else:
+                rec = run_backend_side(env, side, wl, a.seconds, chosen.get(side))
+            rec["pair"] = i
+            pair.append(rec)
+            if "error" in rec:
+                print(f"    [{i + 1}/{a.pairs}] {side:4} ERROR {rec['error'][:300]}", flush=True)
+            else:
+                m = rec["metrics"]
+                print(f"    [{i + 1}/{a.pairs}] {side:4} {fmt('iops', m['iops']):>8} IOPS "
+                      f"{fmt('mib_s', m['mib_s']):>6} MiB/s  p50 {fmt('p50', m['p50']):>6} µs "
+                      f"p99 {fmt('p99', m['p99']):>6} µs  client {fmt('x', m['client_cpu_us_per_io'])} "
+                      f"backend {fmt('x', m['backend_cpu_us_per_io'])} µs/IO"
+                      + (f"  ERRORS {m['errors']}" if m["errors"] else "")
+                      + noise_text(rec), flush=True)
+        noisy = any(r.get("noise", {}).get("others_cpus", 0) > a.noise_limit for r in pair)
+        if noisy and retries > 0:
+            retries -= 1
+            print(f"    pair {i + 1} disturbed by other processes (> {a.noise_limit} CPU): "
+                  f"discarded, measuring it again ({retries} retries left)", flush=True)
+            out["discarded"] += pair
+            continue
+        out["runs"] += pair
+        i += 1
+    # medians per side and metric
+    med = {}
+    for side in wl.sides:
+        runs = [r for r in out["runs"] if r["side"] == side and "error" not in r]
+        med[side] = {k: median([r["metrics"][k] for r in runs]) for k in METRICS}
+        med[side]["runs_ok"] = len(runs)
+        med[side]["runs_failed"] = sum(1 for r in out["runs"] if r["side"] == side and "error" in r)
+        med[side]["discarded"] = sum(1 for r in out["discarded"] if r["side"] == side)
+        med[side]["io_errors"] = sum(r["metrics"]["errors"] or 0 for r in runs)
+        med[side]["others_cpus"] = median([r.get("noise", {}).get("others_cpus") for r in runs])
+        med[side]["steal_cpus"] = median([r.get("noise", {}).get("steal_cpus") for r in runs])
+    out["medians"] = med
+    checks = []
+    for c in wl.checks:
+        v, p = med["vblk"][c.metric], med[wl.peer][c.metric]
+        ratio = v / p if v is not None and p else None
+        # per-pair ratios, to show the spread
+        pair_ratios = []
+        for i in range(a.pairs):
+            rv = [r for r in out["runs"] if r["pair"] == i and r["side"] == "vblk" and "error" not in r]
+            rp = [r for r in out["runs"] if r["pair"] == i and r["side"] == wl.peer and "error" not in r]
+            if rv and rp and rv[0]["metrics"][c.metric] is not None and rp[0]["metrics"][c.metric]:
+                pair_ratios.append(rv[0]["metrics"][c.metric] / rp[0]["metrics"][c.metric])
+        info = {s: med[s][c.metric] for s in wl.info}
+        checks.append({"metric": c.metric, "direction": c.direction, "target": c.target,
+                       "target_text": c.target_text(), "vblk": v, "peer": p, "peer_side": wl.peer,
+                       "info": info, "ratio": ratio, "pair_ratios": pair_ratios,
+                       "pass": None if ratio is None else c.passes(ratio)})
+    out["checks"] = checks
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def table(results, cases):
+    rows = []
+    head = ["case", "workload", "metric", "vblk", "peer", "ratio vblk/peer", "pair ratios (min-max)",
+            "target", "result"]
+    done = set()
+    for wr in results:
+        done.add(wr["case"])
+        for c in wr["checks"]:
+            name, unit = METRICS[c["metric"]]
+            metric = name + (f" ({unit})" if unit else "") + (" ↑" if c["direction"] == HIGHER else " ↓")
+            peer = c["peer_side"].upper() if c["peer_side"] == "qsd" else c["peer_side"]
+            peer_txt = f"{fmt(c['metric'], c['peer'])} ({peer})"
+            for s, v in c["info"].items():
+                peer_txt += f"; {s.upper()} {fmt(c['metric'], v)}"
+            pr = c["pair_ratios"]
+            spread = f"{min(pr):.2f}-{max(pr):.2f}" if pr else "-"
+            ratio = "-" if c["ratio"] is None else f"{c['ratio']:.2f}"
+            res = {True: "pass", False: "short", None: "n/a"}[c["pass"]]
+            errs = sum(wr["medians"][s]["io_errors"] + wr["medians"][s]["runs_failed"] for s in wr["sides"])
+            if errs:
+                res += f" (!{errs} errors/failed runs)"
+            busy = max((wr["medians"][s]["others_cpus"] or 0) for s in wr["sides"])
+            if busy > 0.15:
+                res += f" (noisy: others used {busy:.1f} CPU)"
+            rows.append([wr["id"], wr["title"], metric, fmt(c["metric"], c["vblk"]), peer_txt, ratio,
+                         spread, c["target_text"], res])
+    for case, (cid, title, text) in NOT_MEASURED.items():
+        if case in cases:
+            rows.append([cid, title, "-", "-", "-", "-", "-", "-", text])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def detail_table(results):
+    head = ["case", "side", "config", "IOPS", "MiB/s", "mean µs", "p50 µs", "p99 µs", "client CPU µs/IO",
+            "backend CPU µs/IO", "others/steal CPUs", "runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for wr in results:
+        for side in wr["sides"]:
+            m = wr["medians"][side]
+            cfg = " ".join(wr["vblk_flags"]) or "default" if side == "vblk" else wr.get(f"{side}_config") or "-"
+            runs = f"{m['runs_ok']}" + (f" (+{m['runs_failed']} failed)" if m["runs_failed"] else "")
+            runs += f" ({m['discarded']} disturbed, redone)" if m["discarded"] else ""
+            lines.append("| " + " | ".join([wr["id"], side, cfg, fmt("iops", m["iops"]), fmt("mib_s", m["mib_s"]),
+                                            fmt("mean", m["mean"]), fmt("p50", m["p50"]), fmt("p99", m["p99"]),
+                                            fmt("x", m["client_cpu_us_per_io"]),
+                                            fmt("x", m["backend_cpu_us_per_io"]),
+                                            f"{m['others_cpus'] or 0:.2f}/{m['steal_cpus'] or 0:.2f}", runs]) + " |")
+    return "\n".join(lines)
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, shell=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def machine():
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "lscpu": sh("lscpu | head -n 15"),
+        "memory": sh("free -m | sed -n 2p"),
+        "loadavg_start": sh("cat /proc/loadavg"),
+        "qsd": sh(f"{QSD} --version | head -n 1"),
+        "fio": sh(f"{FIO} --version"),
+        "vblk_binary_mtime": datetime.datetime.fromtimestamp(os.stat(VBLK).st_mtime).isoformat(timespec="seconds"),
+        "vblk_commit": sh(f"cd {shlex.quote(ROOT)} && GIT_OPTIONAL_LOCKS=0 git rev-parse --short HEAD"),
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_size(s):
+    s = s.strip().upper().rstrip("B").rstrip("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
+    return int(float(s[:-1] if s[-1:] in "KMG" else s) * mult)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="1,2,3,4,5,6,7", help="comma-separated case numbers (default: all)")
+    ap.add_argument("--pairs", type=int, help="interleaved vblk/peer pairs per workload (default 5)")
+    ap.add_argument("--seconds", type=float, help="seconds per run (default 5)")
+    ap.add_argument("--probe-seconds", type=float, default=None,
+                    help="seconds per QSD probe run (default: min(2, --seconds))")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 pairs of 2 s, 1 s probes "
+                    "(explicit --pairs/--seconds/--probe-seconds still win)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-results.json"),
+                    help="JSON file with every run's figures (default target/bench-results.json)")
+    ap.add_argument("--client-cpu", type=int, default=0, help="CPU of vblk bench / fio (default 0)")
+    ap.add_argument("--backend-cpu", type=int, default=1, help="CPU of the backend (default 1)")
+    ap.add_argument("--tmpfs-dir", default="/dev/shm", help="tmpfs directory for cases 3 and 5")
+    ap.add_argument("--disk-dir", default=os.path.join(ROOT, "target"),
+                    help="directory on a real file system (ext4) for case 4 (default target/)")
+    ap.add_argument("--file-size", type=parse_size, default=GIB, help="size of the image files (default 1G)")
+    ap.add_argument("--noise-limit", type=float, default=0.15,
+                    help="CPUs other processes may use during a run before it counts as disturbed")
+    ap.add_argument("--retries", type=int, default=4,
+                    help="disturbed pairs measured again, per workload (default 4; 0: keep everything)")
+    ap.add_argument("--quiet-wait", type=float, default=120,
+                    help="seconds to wait before each pair for the machine to be quiet (default 120)")
+    ap.add_argument("--vblk-args", default="", help="extra `vblk serve` flags for every case, e.g. '--poll-us 50'")
+    ap.add_argument("--vblk-extra", action="append", default=[], metavar="CASE:FLAGS",
+                    help="extra `vblk serve` flags for one case or workload, e.g. '2:--poll-us 50' "
+                         "or '4:--no-merge' (repeatable)")
+    a = ap.parse_args()
+    if a.quick:
+        a.pairs, a.seconds = a.pairs or 2, a.seconds or 2
+        a.probe_seconds = a.probe_seconds or 1
+    a.pairs, a.seconds = a.pairs or 5, a.seconds or 5
+    if a.probe_seconds is None:
+        a.probe_seconds = min(2.0, a.seconds)
+    cases = {int(c) for c in a.cases.split(",") if c.strip()}
+
+    if not os.access(VBLK, os.X_OK):
+        sys.exit(f"{VBLK} not found: run `cargo build --release` in {ROOT} first")
+    for tool in ("taskset", QSD, FIO):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found (QSD comes with qemu-system / qemu-utils, fio with fio)")
+    if os.cpu_count() < 2 or a.client_cpu == a.backend_cpu:
+        print("warning: the client and the backend share a CPU", file=sys.stderr)
+    selected = [w for w in workloads() if w.case in cases]
+    if any(w.disk == "tmpfs" for w in selected) and fstype(a.tmpfs_dir) != "tmpfs":
+        sys.exit(f"{a.tmpfs_dir} is not a tmpfs ({fstype(a.tmpfs_dir)}): pass --tmpfs-dir")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    # Also SIGINT: a shell starting us in the background would leave it ignored.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_term)
+    tmp = tempfile.mkdtemp(prefix="vblk-bench-")
+    # Run a private copy: a `cargo build` during the run must not swap the binary under us.
+    global VBLK_RUN
+    VBLK_RUN = os.path.join(tmp, "vblk")
+    shutil.copy2(VBLK, VBLK_RUN)
+    env = Env(a, tmp)
+    meta = machine()
+    meta.update(pairs=a.pairs, seconds=a.seconds, probe_seconds=a.probe_seconds,
+                noise_limit=a.noise_limit, retries=a.retries, quiet_wait=a.quiet_wait,
+                client_cpu=a.client_cpu, backend_cpu=a.backend_cpu, cases=sorted(cases),
+                vblk_args=a.vblk_args, vblk_extra=a.vblk_extra, argv=sys.argv)
+    load = float(meta["loadavg_start"].split()[0] or 0)
+    if load > 0.5:
+        print(f"warning: load average {load} before the start: other work will add noise", file=sys.stderr)
+    print(f"vblk vs qemu-storage-daemon: {a.pairs} pairs x {a.seconds} s, client on CPU {a.client_cpu}, "
+          f"backend on CPU {a.backend_cpu}; {meta['qsd']}; {meta['kernel']}", flush=True)
+    results, t0, interrupted = [], time.monotonic(), False
+    try:
+        for wl in selected:
+            results.append(run_workload(env, wl))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: reporting what was measured", file=sys.stderr)
+    finally:
+        PROCS.stop_all()
+        env.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    meta["duration_s"] = round(time.monotonic() - t0, 1)
+    meta["loadavg_end"] = sh("cat /proc/loadavg")
+    meta["interrupted"] = interrupted
+    summary = table(results, cases)
+    details = detail_table(results)
+    print(f"\n{meta['date']}, {a.pairs} pairs x {a.seconds:g} s, medians; ratio = vblk / peer; "
+          f"↑ higher is better, ↓ lower is better\n")
+    print(summary)
+    print("\nMedians per side:\n")
+    print(details)
+    print(f"\n{meta['duration_s']:.0f} s in all")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"meta": meta, "table": summary, "details": details, "workloads": results}, f, indent=1)
+    print(f"raw figures: {a.out}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
