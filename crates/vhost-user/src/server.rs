@@ -79,7 +79,9 @@ impl Server {
         let stream = match self.listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
+                // E.g. EMFILE: the listener stays readable, so back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 return Ok(ConnectionEnd::Disconnected);
             }
         };
