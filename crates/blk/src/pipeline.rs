@@ -112,9 +112,13 @@ impl BlkQueue {
     /// An error means the ring is broken (the queue stops; the caller reports it).
     pub fn process_available(&mut self, io: &mut Engine) -> Result<usize, QueueError> {
         let mut n = 0;
-        loop {
-            match self.queue.pop(&mut self.spare_chain)? {
-                Popped::Empty => break,
+        let ring = loop {
+            let popped = match self.queue.pop(&mut self.spare_chain) {
+                Ok(p) => p,
+                Err(e) => break Err(e),
+            };
+            match popped {
+                Popped::Empty => break Ok(()),
                 Popped::Refused { head, error } => {
                     tracing::warn!(head, %error, "refusing descriptor chain");
                     self.stats.refused_chains += 1;
@@ -127,14 +131,16 @@ impl BlkQueue {
                 }
             }
             n += 1;
-        }
+        };
+        // Requests popped before the ring broke still run to completion: none may be left
+        // staged (never submitted, never completed, its memory never released).
         self.submit_staged(io);
         if n > 0 {
             if let Err(e) = io.submit() {
                 tracing::error!(%e, "backend submit failed");
             }
         }
-        Ok(n)
+        ring.map(|()| n)
     }
 
     /// Parse the chain in `head`'s slot and start it, or finish it at once.

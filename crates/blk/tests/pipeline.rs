@@ -324,3 +324,28 @@ fn the_null_backend_completes_everything() {
     assert_eq!(r.write(0, &[1u8; 4096]), OK);
     assert_eq!(r.read(0, 4096).0, OK);
 }
+
+/// Found by the chain_request fuzzer: a valid read followed, in the same batch, by a head
+/// out of range. The ring breaks, but the read popped before it must still be submitted and
+/// completed (it used to stay staged forever, its memory never released).
+#[test]
+fn requests_popped_before_a_ring_breaks_still_complete() {
+    let mut r = file_rig(false, EngineKind::Uring);
+    let bufs = [r.header(0, req_type::IN, 0), Buffer { addr: DATA, len: 4096, write: true }, r.status(0)];
+    let head = r.drv.add(&bufs).unwrap();
+    r.drv.publish();
+    // The driver then publishes a head that does not exist (avail ring entry 1, idx 2).
+    let avail = RINGS + 16 * QSIZE as u64;
+    r.mem.write_at(avail + 4 + 2, &(QSIZE as u16 + 5).to_le_bytes()).unwrap();
+    r.mem.write_at(avail + 2, &2u16.to_le_bytes()).unwrap();
+    assert!(r.dev.process_available(&mut r.io).is_err(), "the ring is broken");
+    let mut done = Vec::new();
+    while r.io.in_flight() > 0 {
+        r.io.wait(&mut done).unwrap();
+        done.drain(..).for_each(|c| r.dev.complete(c));
+    }
+    r.dev.publish();
+    assert_eq!(r.dev.in_flight(), 0, "nothing stranded");
+    assert_eq!(r.drv.pop_used().unwrap().map(|(h, _)| h), Some(head));
+    assert_eq!(r.status_byte(0), OK);
+}
