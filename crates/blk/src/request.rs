@@ -151,7 +151,7 @@ fn check(
         t @ (req_type::DISCARD | req_type::WRITE_ZEROES) => {
             writable(params)?;
             let n = reader.remaining();
-            if n == 0 || n % DiscardSegment::SIZE as u64 != 0 {
+            if n == 0 || !n.is_multiple_of(DiscardSegment::SIZE as u64) {
                 return Err(RequestError::BadSegmentList(n));
             }
             let count = n / DiscardSegment::SIZE as u64;

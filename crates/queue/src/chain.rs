@@ -99,12 +99,12 @@ impl Chain {
 
     /// The device-readable bytes as a stream.
     pub fn reader(&self) -> Reader<'_> {
-        Reader { mem: self.mem.as_deref(), iovs: &self.readable, pos: Cursor::default(), remaining: self.readable_len }
+        Reader(Stream::new(self.mem.as_deref(), &self.readable, self.readable_len))
     }
 
     /// The device-writable bytes as a stream.
     pub fn writer(&self) -> Writer<'_> {
-        Writer { mem: self.mem.as_deref(), iovs: &self.writable, pos: Cursor::default(), remaining: self.writable_len }
+        Writer(Stream::new(self.mem.as_deref(), &self.writable, self.writable_len))
     }
 }
 
@@ -157,88 +157,96 @@ impl Cursor {
     }
 }
 
-/// Reads the device-readable part of a chain as a byte stream.
-pub struct Reader<'a> {
+/// A position in a list of buffers, with the bytes left after it.
+struct Stream<'a> {
     mem: Option<&'a GuestMemory>,
     iovs: &'a [Iov],
     pos: Cursor,
     remaining: u64,
 }
 
+impl<'a> Stream<'a> {
+    fn new(mem: Option<&'a GuestMemory>, iovs: &'a [Iov], remaining: u64) -> Self {
+        Stream { mem, iovs, pos: Cursor::default(), remaining }
+    }
+
+    fn check(&self, n: u64) -> Result<(), StreamError> {
+        if n > self.remaining {
+            return Err(StreamError::Short { available: self.remaining, wanted: n });
+        }
+        Ok(())
+    }
+
+    /// Move `n` bytes ahead without touching them.
+    fn skip(&mut self, n: u64) -> Result<(), StreamError> {
+        self.check(n)?;
+        self.pos.walk(self.iovs, n, |_, _, _, _| Ok(()))?;
+        self.remaining -= n;
+        Ok(())
+    }
+
+    /// Move `n` bytes ahead, calling `f(memory, iov, offset, len, done)` for each piece.
+    fn copy(
+        &mut self,
+        n: u64,
+        mut f: impl FnMut(&GuestMemory, Iov, u32, usize, usize) -> Result<(), StreamError>,
+    ) -> Result<(), StreamError> {
+        self.check(n)?;
+        let mem = self.mem.ok_or(StreamError::Detached)?;
+        self.pos.walk(self.iovs, n, |iov, off, len, done| f(mem, iov, off, len, done))?;
+        self.remaining -= n;
+        Ok(())
+    }
+}
+
+/// Reads the device-readable part of a chain as a byte stream.
+pub struct Reader<'a>(Stream<'a>);
+
 impl Reader<'_> {
     pub fn remaining(&self) -> u64 {
-        self.remaining
+        self.0.remaining
     }
 
     /// Fill `buf` from the stream, across descriptor boundaries.
     pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), StreamError> {
-        let wanted = buf.len() as u64;
-        if wanted > self.remaining {
-            return Err(StreamError::Short { available: self.remaining, wanted });
-        }
-        let mem = self.mem.ok_or(StreamError::Detached)?;
-        self.pos.walk(self.iovs, wanted, |iov, off, len, done| {
+        self.0.copy(buf.len() as u64, |mem, iov, off, len, done| {
             mem.read_iov(iov, off, &mut buf[done..done + len]).map_err(StreamError::from)
-        })?;
-        self.remaining -= wanted;
-        Ok(())
+        })
     }
 
     /// Skip `n` bytes without copying them.
     pub fn skip(&mut self, n: u64) -> Result<(), StreamError> {
-        if n > self.remaining {
-            return Err(StreamError::Short { available: self.remaining, wanted: n });
-        }
-        self.pos.walk(self.iovs, n, |_, _, _, _| Ok(()))?;
-        self.remaining -= n;
-        Ok(())
+        self.0.skip(n)
     }
 
     /// The unread bytes as buffers (for handing to the backend), without consuming them.
     pub fn rest(&self, out: &mut Vec<Iov>) {
-        self.pos.rest(self.iovs, self.remaining, out);
+        self.0.pos.rest(self.0.iovs, self.0.remaining, out);
     }
 }
 
 /// Writes the device-writable part of a chain as a byte stream.
-pub struct Writer<'a> {
-    mem: Option<&'a GuestMemory>,
-    iovs: &'a [Iov],
-    pos: Cursor,
-    remaining: u64,
-}
+pub struct Writer<'a>(Stream<'a>);
 
 impl Writer<'_> {
     pub fn remaining(&self) -> u64 {
-        self.remaining
+        self.0.remaining
     }
 
     /// Write all of `buf` to the stream.
     pub fn write_all(&mut self, buf: &[u8]) -> Result<(), StreamError> {
-        let wanted = buf.len() as u64;
-        if wanted > self.remaining {
-            return Err(StreamError::Short { available: self.remaining, wanted });
-        }
-        let mem = self.mem.ok_or(StreamError::Detached)?;
-        self.pos.walk(self.iovs, wanted, |iov, off, len, done| {
+        self.0.copy(buf.len() as u64, |mem, iov, off, len, done| {
             mem.write_iov(iov, off, &buf[done..done + len]).map_err(StreamError::from)
-        })?;
-        self.remaining -= wanted;
-        Ok(())
+        })
     }
 
     /// Up to `limit` unwritten bytes as buffers (for the backend to fill), not consumed.
     pub fn rest(&self, limit: u64, out: &mut Vec<Iov>) {
-        self.pos.rest(self.iovs, limit.min(self.remaining), out);
+        self.0.pos.rest(self.0.iovs, limit.min(self.0.remaining), out);
     }
 
     /// Skip `n` bytes (they were filled by the backend).
     pub fn skip(&mut self, n: u64) -> Result<(), StreamError> {
-        if n > self.remaining {
-            return Err(StreamError::Short { available: self.remaining, wanted: n });
-        }
-        self.pos.walk(self.iovs, n, |_, _, _, _| Ok(()))?;
-        self.remaining -= n;
-        Ok(())
+        self.0.skip(n)
     }
 }
