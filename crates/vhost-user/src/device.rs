@@ -150,6 +150,8 @@ impl VblkDevice {
         self.acked_features = 0;
         self.acked_protocol = 0;
         self.fatal = false;
+        // The next frontend starts from the default cache mode, whatever this one chose.
+        self.params.set_writeback(true);
     }
 
     fn protocol_features_negotiated(&self) -> bool {

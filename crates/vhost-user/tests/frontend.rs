@@ -277,6 +277,11 @@ fn bad_ring_parameters_are_refused_and_the_connection_survives() {
     let mut b = vec![0u8; 512];
     assert_eq!(g.request(0, req_type::IN, 0, &mut b, true), OK);
     assert!(g.fe.get_features().is_ok());
+    // The next frontend gets the default (write-back) again.
+    drop(g);
+    let mut g = Guest::connect(&d, 1);
+    let (_, bytes) = g.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).unwrap();
+    assert_eq!(BlkConfig::from_bytes(&bytes).writeback, 1, "cache mode reset on reconnect");
 }
 
 #[test]
