@@ -30,6 +30,8 @@ pub mod device;
 pub mod loopback;
 pub mod memory;
 pub mod queue;
+#[cfg(feature = "raw")]
+pub mod raw;
 
 use std::path::PathBuf;
 use std::time::Duration;

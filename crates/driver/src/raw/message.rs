@@ -1,0 +1,1 @@
+//! Raw vhost-user messages: see the module docs of [`super`].

@@ -1,0 +1,1 @@
+//! Raw ring access: see the module docs of [`super`].
