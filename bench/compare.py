@@ -33,6 +33,9 @@ VBLK = os.path.join(ROOT, "target", "release", "vblk")
 QSD = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
 FIO = shutil.which("fio") or "fio"
 VBLK_RUN = VBLK  # the copy in the temp directory, once main() made it
+BLKIO = os.path.join(ROOT, "target", "release", "examples", "blkio_bench")  # case 7's peer client
+BLKIO_RUN = BLKIO
+PERF = shutil.which("perf")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
 
@@ -47,17 +50,23 @@ METRICS = {
     "mean": ("mean latency", "µs"),
     "backend_cpu_us_per_io": ("backend CPU/IO", "µs"),
     "client_cpu_us_per_io": ("client CPU/IO", "µs"),
+    "syscalls_per_io": ("client syscalls/IO", ""),
 }
 
 
 class Check:
-    def __init__(self, metric, direction, target):
-        self.metric, self.direction, self.target = metric, direction, target
+    """A target on the ratio vblk / peer, or (absolute=True) on vblk's own figure."""
+
+    def __init__(self, metric, direction, target, absolute=False):
+        self.metric, self.direction, self.target, self.absolute = metric, direction, target, absolute
 
     def target_text(self):
-        return (">= " if self.direction == HIGHER else "<= ") + f"{self.target:g}"
+        op = ">= " if self.direction == HIGHER else ("< " if self.absolute else "<= ")
+        return ("vblk " if self.absolute else "") + op + f"{self.target:g}"
 
     def passes(self, ratio):
+        if self.absolute:
+            return ratio >= self.target if self.direction == HIGHER else ratio < self.target
         return ratio >= self.target if self.direction == HIGHER else ratio <= self.target
 
 
@@ -66,15 +75,29 @@ class Workload:
 
     def __init__(self, case, wid, title, disk, bench, checks, primary, peer="qsd", info=()):
         self.case, self.id, self.title, self.disk = case, wid, title, disk
-        self.bench = bench  # dict: rw, bs, iodepth, poll
+        self.bench = bench  # dict: rw, bs, iodepth, poll, batch
         self.checks = checks
         self.primary = primary  # (metric, direction) used to pick the best QSD config
-        self.peer = peer  # "qsd" or "fio": the side the ratio is taken against
+        # The side the ratio is taken against: "qsd" or "fio" (vblk serve vs a peer backend,
+        # `vblk bench` as the client), or "blkio" (`vblk bench` vs libblkio's client, both
+        # against QSD: the sides are clients and the backend is QSD for both).
+        self.peer = peer
         self.info = list(info)  # extra sides measured for information only
 
     @property
     def sides(self):
         return ["vblk", self.peer] + [s for s in self.info if s != self.peer]
+
+    @property
+    def clients_compared(self):
+        return self.peer == "blkio"
+
+    def backend_of(self, side):
+        return "qsd" if self.clients_compared else side
+
+    def probed(self):
+        """Peers whose configuration is probed before the pairs."""
+        return ["qsd"] if self.clients_compared else [s for s in self.sides if s != "vblk"]
 
 
 def workloads():
@@ -100,13 +123,21 @@ def workloads():
         Workload(5, "5b", "tmpfs file, seq write 1M QD32 vs host fio", "tmpfs",
                  dict(rw="write", bs="1M", iodepth=32, poll=False), [Check("mib_s", HIGHER, 0.95)],
                  ("mib_s", HIGHER), peer="fio", info=["qsd"]),
+        Workload(7, "7a", "client: vblk bench vs libblkio vs QSD null, randread 4k QD32, eventfd", "null",
+                 rr4k32, [Check("client_cpu_us_per_io", LOWER, 0.8)], ("iops", HIGHER), peer="blkio"),
+        Workload(7, "7b", "client: as 7a, 8 completions per wait", "null", dict(rr4k32, batch=8),
+                 [Check("client_cpu_us_per_io", LOWER, 0.8)], ("iops", HIGHER), peer="blkio"),
+        Workload(7, "7c", "client: as 7a, polling the used ring", "null", dict(rr4k32, poll=True),
+                 # A polling client spins a whole CPU, so its CPU/IO only mirrors IOPS: the target
+                 # here is no system call per I/O.
+                 [Check("syscalls_per_io", LOWER, 1, absolute=True)],
+                 ("iops", HIGHER), peer="blkio"),
     ]
 
 
 # Rows for the cases this script does not measure.
 NOT_MEASURED = {
     6: ("6", "idle backend CPU (no I/O, guest attached)", "not measured by this script: see docs/PERFORMANCE.md"),
-    7: ("7", "client CPU/IO: vblk bench vs libblkio, both against QSD", "not measured"),
 }
 
 
@@ -332,14 +363,37 @@ def qsd_argv(env, wl, sock, cfg):
     return argv
 
 
-def bench_argv(env, wl, sock, seconds):
+def bench_argv(env, wl, sock, seconds, client="vblk"):
     b = wl.bench
-    argv = ["taskset", "-c", str(env.args.client_cpu), VBLK_RUN, "bench", "--socket", sock,
-            "--rw", b["rw"], "--bs", b["bs"], "--iodepth", str(b["iodepth"]), "--queues", "1",
-            "--seconds", str(seconds), "--json"]
+    argv = ["taskset", "-c", str(env.args.client_cpu)]
+    if wl.clients_compared and PERF:
+        # Count the client's system calls (all threads) with perf: no slowdown, unlike strace.
+        argv += [PERF, "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-o", sock + ".perf", "--"]
+    if client == "blkio":
+        # examples/blkio_bench.rs: SOCKET SECONDS IODEPTH MIN [--poll]; randread 4k only.
+        assert b["rw"] == "randread" and b["bs"] == "4k"
+        argv += [BLKIO_RUN, sock, str(seconds), str(b["iodepth"]), str(b.get("batch", 1))]
+    else:
+        argv += [VBLK_RUN, "bench", "--socket", sock, "--rw", b["rw"], "--bs", b["bs"],
+                 "--iodepth", str(b["iodepth"]), "--queues", "1", "--seconds", str(seconds), "--json"]
+        if b.get("batch", 1) > 1:
+            argv += ["--batch-complete", str(b["batch"])]
     if b.get("poll"):
         argv.append("--poll")
     return argv
+
+
+def perf_syscalls(path):
+    """The syscall count `perf stat -x,` wrote, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) > 2 and "raw_syscalls:sys_enter" in parts[2] and parts[0].isdigit():
+                    return int(parts[0])
+    except OSError:
+        pass
+    return None
 
 
 def run_client(argv, timeout):
@@ -359,7 +413,7 @@ def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
     """Start a backend, run `vblk bench` against it, stop the backend. Returns the run record."""
     sock = env.sock()
     log = sock + ".log"
-    if side == "vblk":
+    if wl.backend_of(side) == "vblk":
         argv = vblk_argv(env, wl, sock)
     else:
         argv = qsd_argv(env, wl, sock, qsd_cfg)
@@ -368,7 +422,7 @@ def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
     proc = PROCS.start(argv, log)
     try:
         wait_socket(sock, proc, log)
-        client = bench_argv(env, wl, sock, seconds)
+        client = bench_argv(env, wl, sock, seconds, "blkio" if side == "blkio" else "vblk")
         rec["client_cmd"] = client
         procs0 = proc_table()
         sys0, cpu0, t0 = sys_cpu_us(), proc_cpu_us(proc.pid), time.monotonic()
@@ -388,14 +442,17 @@ def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
         ios = js.get("ios") or 0
         rec["noise"] = noise(sys0, sys1, wall, cpu1 - cpu0 + js["cpu_us_per_io"] * ios,
                              procs0, procs1, (proc.pid, cpid))
+        lat = js.get("lat_us", {})  # blkio_bench reports no latencies
+        syscalls = perf_syscalls(sock + ".perf")
         rec["metrics"] = {
             "iops": js["iops"],
-            "mib_s": js["mib_s"],
-            "p50": js["lat_us"]["p50"],
-            "p99": js["lat_us"]["p99"],
-            "mean": js["lat_us"]["mean"],
+            "mib_s": js.get("mib_s", js["iops"] * 4096 / (1 << 20)),
+            "p50": lat.get("p50"),
+            "p99": lat.get("p99"),
+            "mean": lat.get("mean"),
             "client_cpu_us_per_io": js["cpu_us_per_io"],
             "backend_cpu_us_per_io": (cpu1 - cpu0) / ios if ios else None,
+            "syscalls_per_io": syscalls / ios if syscalls is not None and ios else None,
             "errors": js["errors"],
         }
     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
@@ -405,7 +462,7 @@ def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
     finally:
         rc = PROCS.stop(proc)
         rec["backend_exit"] = rc
-        for p in (sock, log):
+        for p in (sock, log, sock + ".perf"):
             if p == log and "error" in rec:
                 rec["backend_log"] = tail(log, 2000)
             try:
@@ -541,9 +598,7 @@ def run_workload(env, wl):
            "sides": wl.sides, "peer": wl.peer, "vblk_flags": vblk_flags(a, wl), "runs": [],
            "probe": []}
     chosen = {}
-    for side in wl.sides:
-        if side == "vblk":
-            continue
+    for side in wl.probed():
         wait_quiet(a)
         recs, cfg = probe(env, wl, side)
         out["probe"] += recs
@@ -557,12 +612,12 @@ def run_workload(env, wl):
         wait_quiet(a)
         pair = []
         for side in wl.sides:
-            if side != "vblk" and chosen[side] is None:
+            if side != "vblk" and chosen.get(wl.backend_of(side), 0) is None:
                 continue
             if side == "fio":
                 rec = run_fio(env, wl, a.seconds, chosen["fio"])
             else:
-                rec = run_backend_side(env, side, wl, a.seconds, chosen.get(side))
+                rec = run_backend_side(env, side, wl, a.seconds, chosen.get(wl.backend_of(side)))
             rec["pair"] = i
             pair.append(rec)
             if "error" in rec:
@@ -573,6 +628,7 @@ def run_workload(env, wl):
                       f"{fmt('mib_s', m['mib_s']):>6} MiB/s  p50 {fmt('p50', m['p50']):>6} µs "
                       f"p99 {fmt('p99', m['p99']):>6} µs  client {fmt('x', m['client_cpu_us_per_io'])} "
                       f"backend {fmt('x', m['backend_cpu_us_per_io'])} µs/IO"
+                      + (f"  {m['syscalls_per_io']:.3f} syscalls/IO" if m.get("syscalls_per_io") is not None else "")
                       + (f"  ERRORS {m['errors']}" if m["errors"] else "")
                       + noise_text(rec), flush=True)
         noisy = any(r.get("noise", {}).get("others_cpus", 0) > a.noise_limit for r in pair)
@@ -599,17 +655,22 @@ def run_workload(env, wl):
     checks = []
     for c in wl.checks:
         v, p = med["vblk"][c.metric], med[wl.peer][c.metric]
-        ratio = v / p if v is not None and p else None
+        if c.absolute:
+            ratio = v  # the check is on vblk's own figure
+        else:
+            ratio = v / p if v is not None and p else None
         # per-pair ratios, to show the spread
         pair_ratios = []
         for i in range(a.pairs):
             rv = [r for r in out["runs"] if r["pair"] == i and r["side"] == "vblk" and "error" not in r]
             rp = [r for r in out["runs"] if r["pair"] == i and r["side"] == wl.peer and "error" not in r]
-            if rv and rp and rv[0]["metrics"][c.metric] is not None and rp[0]["metrics"][c.metric]:
+            if c.absolute and rv and rv[0]["metrics"][c.metric] is not None:
+                pair_ratios.append(rv[0]["metrics"][c.metric])
+            elif rv and rp and rv[0]["metrics"][c.metric] is not None and rp[0]["metrics"][c.metric]:
                 pair_ratios.append(rv[0]["metrics"][c.metric] / rp[0]["metrics"][c.metric])
         info = {s: med[s][c.metric] for s in wl.info}
         checks.append({"metric": c.metric, "direction": c.direction, "target": c.target,
-                       "target_text": c.target_text(), "vblk": v, "peer": p, "peer_side": wl.peer,
+                       "target_text": c.target_text(), "absolute": c.absolute, "vblk": v, "peer": p, "peer_side": wl.peer,
                        "info": info, "ratio": ratio, "pair_ratios": pair_ratios,
                        "pass": None if ratio is None else c.passes(ratio)})
     out["checks"] = checks
@@ -630,13 +691,13 @@ def table(results, cases):
         for c in wr["checks"]:
             name, unit = METRICS[c["metric"]]
             metric = name + (f" ({unit})" if unit else "") + (" ↑" if c["direction"] == HIGHER else " ↓")
-            peer = c["peer_side"].upper() if c["peer_side"] == "qsd" else c["peer_side"]
+            peer = {"qsd": "QSD", "blkio": "libblkio"}.get(c["peer_side"], c["peer_side"])
             peer_txt = f"{fmt(c['metric'], c['peer'])} ({peer})"
             for s, v in c["info"].items():
                 peer_txt += f"; {s.upper()} {fmt(c['metric'], v)}"
             pr = c["pair_ratios"]
             spread = f"{min(pr):.2f}-{max(pr):.2f}" if pr else "-"
-            ratio = "-" if c["ratio"] is None else f"{c['ratio']:.2f}"
+            ratio = "-" if c["ratio"] is None else f"{c['ratio']:.2f}" + (" (vblk)" if c.get("absolute") else "")
             res = {True: "pass", False: "short", None: "n/a"}[c["pass"]]
             errs = sum(wr["medians"][s]["io_errors"] + wr["medians"][s]["runs_failed"] for s in wr["sides"])
             if errs:
@@ -661,7 +722,12 @@ def detail_table(results):
     for wr in results:
         for side in wr["sides"]:
             m = wr["medians"][side]
-            cfg = " ".join(wr["vblk_flags"]) or "default" if side == "vblk" else wr.get(f"{side}_config") or "-"
+            if wr.get("peer") == "blkio":
+                cfg = f"client {'vblk bench' if side == 'vblk' else 'libblkio'}, QSD {wr.get('qsd_config') or '-'}"
+            elif side == "vblk":
+                cfg = " ".join(wr["vblk_flags"]) or "default"
+            else:
+                cfg = wr.get(f"{side}_config") or "-"
             runs = f"{m['runs_ok']}" + (f" (+{m['runs_failed']} failed)" if m["runs_failed"] else "")
             runs += f" ({m['discarded']} disturbed, redone)" if m["discarded"] else ""
             lines.append("| " + " | ".join([wr["id"], side, cfg, fmt("iops", m["iops"]), fmt("mib_s", m["mib_s"]),
@@ -742,6 +808,11 @@ def main():
 
     if not os.access(VBLK, os.X_OK):
         sys.exit(f"{VBLK} not found: run `cargo build --release` in {ROOT} first")
+    if 7 in cases and not os.access(BLKIO, os.X_OK):
+        sys.exit(f"{BLKIO} not found: run `cargo build --release -p vblk --example blkio_bench` first")
+    if 7 in cases and not PERF:
+        print("warning: perf not found: case 7 will not count system calls (apt install linux-perf)",
+              file=sys.stderr)
     for tool in ("taskset", QSD, FIO):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found (QSD comes with qemu-system / qemu-utils, fio with fio)")
@@ -762,6 +833,10 @@ def main():
     global VBLK_RUN
     VBLK_RUN = os.path.join(tmp, "vblk")
     shutil.copy2(VBLK, VBLK_RUN)
+    global BLKIO_RUN
+    if 7 in cases:
+        BLKIO_RUN = os.path.join(tmp, "blkio_bench")
+        shutil.copy2(BLKIO, BLKIO_RUN)
     env = Env(a, tmp)
     meta = machine()
     meta.update(pairs=a.pairs, seconds=a.seconds, probe_seconds=a.probe_seconds,

@@ -25,4 +25,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests"
 # Guest tests share the CPUs under TCG, so they serialize themselves; the rest run in parallel.
 cargo test --workspace --locked 2>&1 | tee target/test.log
+echo "== fuzz (60 s per target, regression inputs first)"
+bash scripts/fuzz.sh 60 2>&1 | tee target/fuzz.log | grep -E '^(==|!!)|Done [0-9]+ runs|ERROR|panicked'
 echo "== all tests passed"

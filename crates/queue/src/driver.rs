@@ -269,13 +269,23 @@ impl DriverQueue {
     /// Ask the device for an interrupt once anything more is used (EVENT_IDX
     /// `used_event`) or at all (flags). Returns `true` if something is already there.
     pub fn enable_interrupts(&mut self) -> bool {
+        self.enable_interrupts_after(1)
+    }
+
+    /// Ask for an interrupt only once `n` (≥ 1) more entries are used: with EVENT_IDX,
+    /// `used_event` = last seen + n − 1, so the device stays silent for the first n − 1
+    /// completions (what Linux's `virtqueue_enable_cb_delayed` does; §2.7.10). Without
+    /// EVENT_IDX the device interrupts on every completion. Returns `true` if `n` entries
+    /// are already there (do not sleep).
+    pub fn enable_interrupts_after(&mut self, n: u16) -> bool {
+        let n = n.clamp(1, self.layout.size);
         if self.features.event_idx {
-            self.avail.store_u16(self.layout.used_event(), self.last_used);
+            self.avail.store_u16(self.layout.used_event(), self.last_used.wrapping_add(n - 1));
         } else {
             self.avail.store_u16(SplitLayout::FLAGS, 0);
         }
         fence(Ordering::SeqCst);
-        self.used.load_u16(SplitLayout::IDX) != self.last_used
+        self.used.load_u16(SplitLayout::IDX).wrapping_sub(self.last_used) >= n
     }
 
     /// Tell the device we poll the used ring and need no interrupts.

@@ -223,6 +223,49 @@ proptest! {
         }
     }
 
+    /// Delayed interrupts (`enable_interrupts_after(k)`, Linux's `virtqueue_enable_cb_delayed`):
+    /// with `n` requests in flight, a device completing them one by one interrupts exactly
+    /// once, at the k-th completion; a driver arming for k when k are already used does not
+    /// sleep.
+    #[test]
+    fn delayed_interrupts_fire_once_at_the_kth_completion(
+        size in queue_size(),
+        n in 1u16..=256,
+        k in 1u16..=256,
+        warmup in 0u16..=300,
+    ) {
+        let mut p = Pair::new(size, RingFeatures { event_idx: true, indirect: false });
+        let mut chain = Chain::new();
+        // Move the indices somewhere (wrapping included) and past the first publication,
+        // which always notifies.
+        for _ in 0..=warmup {
+            p.add_one();
+            p.drv.publish();
+            for h in p.pop_all(&mut chain) {
+                p.dev.add_used(h, 1);
+            }
+            p.dev.publish_used();
+            while p.drv.pop_used().unwrap().is_some() {}
+        }
+        let n = n.min(size);
+        let k = k.min(n);
+        for _ in 0..n {
+            p.add_one();
+        }
+        p.drv.publish();
+        prop_assert!(!p.drv.enable_interrupts_after(k), "nothing is used yet");
+        let heads = p.pop_all(&mut chain);
+        prop_assert_eq!(heads.len(), n as usize);
+        for (i, h) in heads.iter().enumerate() {
+            p.dev.add_used(*h, 1);
+            let irq = p.dev.publish_used();
+            prop_assert_eq!(irq, i + 1 == k as usize, "completion {} of {}, k {}", i + 1, n, k);
+            if i + 1 == k as usize {
+                prop_assert!(p.drv.enable_interrupts_after(k), "k entries are there: do not sleep");
+            }
+        }
+    }
+
     /// Whatever `avail.idx` the driver writes, relative to where the device is: at most
     /// `size` ahead is work (popped one by one), more is a broken ring.
     #[test]

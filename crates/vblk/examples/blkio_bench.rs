@@ -2,8 +2,9 @@
 //! comparison (performance case 7): same workload, same backend, different driver.
 //!
 //! ```sh
-//! cargo run --release -p vblk --example blkio_bench -- SOCKET [SECONDS] [IODEPTH] [--poll]
+//! cargo run --release -p vblk --example blkio_bench -- SOCKET [SECONDS] [IODEPTH] [MIN] [--poll]
 //! ```
+//! MIN: completions to wait for per `do_io` (like `vblk bench --batch-complete`), default 1.
 //! Prints one JSON object: `{"iops": .., "cpu_us_per_io": .., "ios": .., "errors": ..}`.
 
 use std::mem::MaybeUninit;
@@ -27,9 +28,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let poll = args.iter().any(|a| a == "--poll");
     let pos: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
-    let socket = pos.first().ok_or("usage: blkio_bench SOCKET [SECONDS] [IODEPTH] [--poll]")?;
+    let socket = pos.first().ok_or("usage: blkio_bench SOCKET [SECONDS] [IODEPTH] [MIN] [--poll]")?;
     let seconds: f64 = pos.get(1).map_or(Ok(5.0), |s| s.parse())?;
     let depth: usize = pos.get(2).map_or(Ok(32), |s| s.parse())?;
+    let min: usize = pos.get(3).map_or(Ok(1), |s| s.parse())?;
 
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
     b.set_str("path", socket)?;
@@ -60,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let end = t0 + Duration::from_secs_f64(seconds);
     while Instant::now() < end {
         let mut timeout = Duration::from_secs(10);
-        let n = q.do_io(&mut comps, 1, Some(&mut timeout), None)?;
+        let n = q.do_io(&mut comps, min.min(depth), Some(&mut timeout), None)?;
         for c in &comps[..n] {
             // SAFETY: do_io initialised the first `n` completions.
             let c = unsafe { c.assume_init_ref() };
@@ -73,7 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
     println!(
-        "{{\"iops\": {:.1}, \"cpu_us_per_io\": {:.3}, \"ios\": {ios}, \"errors\": {errors}, \"poll\": {poll}}}",
+        "{{\"iops\": {:.1}, \"cpu_us_per_io\": {:.3}, \"ios\": {ios}, \"errors\": {errors}, \"poll\": {poll}, \"min\": {min}}}",
         ios as f64 / elapsed,
         cpu * 1e6 / ios.max(1) as f64
     );

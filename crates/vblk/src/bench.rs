@@ -76,6 +76,10 @@ pub struct BenchArgs {
     /// Reap completions by spinning on the used ring instead of sleeping on the eventfd.
     #[arg(long)]
     pub poll: bool,
+    /// Reap at least this many completions per wait (fio's `iodepth_batch_complete_min`):
+    /// the device is asked, through EVENT_IDX `used_event`, to interrupt once per batch.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32768))]
+    pub batch_complete: u32,
     /// randrw: percent of reads.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub rwmixread: u8,
@@ -101,6 +105,7 @@ struct Job {
     len: u64,
     seed: u64,
     poll: bool,
+    batch_complete: u32,
     seconds: f64,
     done: Arc<AtomicU64>,
 }
@@ -176,7 +181,8 @@ fn worker(mut q: QueueHandle, job: Job, go: Arc<Barrier>) -> Result<Outcome> {
     let mut stopping = false;
     while q.in_flight() > 0 {
         out.clear();
-        q.wait(&mut out, 1)?;
+        let min = if stopping { 1 } else { job.batch_complete.min(job.iodepth) as usize };
+        q.wait(&mut out, min)?;
         let now = Instant::now();
         stopping |= now >= deadline;
         let n = out.len() as u64;
@@ -224,6 +230,7 @@ struct Report {
     size: u64,
     seconds: f64,
     poll: bool,
+    batch_complete: u32,
     ios: u64,
     iops: f64,
     mib_s: f64,
@@ -330,6 +337,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             len,
             seed: seed.wrapping_add(i as u64 * 0x1000_0000_0001),
             poll: args.poll,
+            batch_complete: args.batch_complete,
             seconds: args.seconds,
             done: Arc::clone(&done),
         };
@@ -377,6 +385,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         size,
         seconds: elapsed,
         poll: args.poll,
+        batch_complete: args.batch_complete,
         ios,
         iops: ios as f64 / elapsed,
         mib_s: (ios * args.bs) as f64 / elapsed / (1 << 20) as f64,
