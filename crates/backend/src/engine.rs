@@ -13,7 +13,6 @@
 //!   after submitting, before it sleeps. Only the kernel signals the eventfd,
 //!   for io_uring completions.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
@@ -48,7 +47,7 @@ pub struct Engine {
     // for in-flight ops) goes first, the eventfd and the disk after it.
     flavour: Flavour,
     /// Completions produced synchronously, waiting for `reap`.
-    ready: VecDeque<Completion>,
+    ready: Vec<Completion>,
     eventfd: OwnedFd,
     disk: Arc<Disk>,
     depth: usize,
@@ -81,7 +80,7 @@ impl Engine {
                 }
             },
         };
-        Ok(Engine { disk, flavour, depth, in_flight: 0, ready: VecDeque::with_capacity(depth), eventfd })
+        Ok(Engine { disk, flavour, depth, in_flight: 0, ready: Vec::with_capacity(depth), eventfd })
     }
 
     /// `"io_uring"`, `"sync"` or `"null"`.
@@ -123,12 +122,12 @@ impl Engine {
             return Err(op);
         }
         if let Some(result) = precheck(&self.disk, &op) {
-            self.ready.push_back(Completion { op, result });
+            self.ready.push(Completion { op, result });
         } else {
             match &mut self.flavour {
                 Flavour::Null => {
                     let result = Ok(if op.kind == OpKind::Read || op.kind == OpKind::Write { op.len } else { 0 });
-                    self.ready.push_back(Completion { op, result });
+                    self.ready.push(Completion { op, result });
                 }
                 // SAFETY: forwarded caller contract.
                 Flavour::Sync(s) => unsafe { s.push(op) },
@@ -164,8 +163,14 @@ impl Engine {
             sys::eventfd_clear(self.eventfd.as_fd());
             u.reap(&self.disk, out);
         }
-        out.extend(self.ready.drain(..));
+        self.take_ready(out);
         self.in_flight -= (out.len() - before).min(self.in_flight);
+    }
+
+    /// Move the synchronous completions to `out` (one memcpy, not an element-wise `extend`).
+    #[inline]
+    fn take_ready(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.ready);
     }
 
     /// Like [`Engine::reap`] but without clearing the completion eventfd (no
@@ -176,7 +181,7 @@ impl Engine {
         if let Flavour::Uring(u) = &mut self.flavour {
             u.reap(&self.disk, out);
         }
-        out.extend(self.ready.drain(..));
+        self.take_ready(out);
         self.in_flight -= (out.len() - before).min(self.in_flight);
     }
 

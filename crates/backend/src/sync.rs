@@ -55,13 +55,13 @@ impl SyncEngine {
     }
 
     /// Execute every queued op, appending completions to `ready`.
-    pub(crate) fn submit(&mut self, disk: &Disk, ready: &mut VecDeque<Completion>) {
+    pub(crate) fn submit(&mut self, disk: &Disk, ready: &mut Vec<Completion>) {
         while let Some(op) = self.pending.pop_front() {
             // SAFETY: every op entered through the unsafe `push`, whose caller
             // guaranteed the iovecs stay valid until the completion is reaped,
             // which happens only after this call.
             let result = unsafe { execute(disk, &op, &mut self.work) };
-            ready.push_back(Completion { op, result });
+            ready.push(Completion { op, result });
         }
     }
 }

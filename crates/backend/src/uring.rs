@@ -24,7 +24,6 @@
 //! The completion eventfd is registered with the ring, so the kernel signals
 //! it for each CQE; the worker `poll()`s it.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -155,12 +154,12 @@ impl UringEngine {
     /// # Safety
     /// As for `Engine::push`: the iovecs stay valid until the completion is
     /// handed back.
-    pub(crate) unsafe fn push(&mut self, disk: &Disk, op: IoOp, ready: &mut VecDeque<Completion>) -> Result<(), IoOp> {
+    pub(crate) unsafe fn push(&mut self, disk: &Disk, op: IoOp, ready: &mut Vec<Completion>) -> Result<(), IoOp> {
         let data_less = matches!(op.kind, OpKind::Discard | OpKind::WriteZeroes { .. });
         if data_less && disk.is_block_device() {
             // No io_uring opcode for BLKDISCARD/BLKZEROOUT: do it now.
             let result = sync::discard_or_zero(disk, &op);
-            ready.push_back(Completion { op, result });
+            ready.push(Completion { op, result });
             return Ok(());
         }
         let Some(idx) = self.free.pop() else {
@@ -193,7 +192,7 @@ impl UringEngine {
                     }
                     Err(e) => {
                         self.free.push(idx);
-                        ready.push_back(Completion { op, result: Err(e) });
+                        ready.push(Completion { op, result: Err(e) });
                         return Ok(());
                     }
                 }
@@ -202,7 +201,7 @@ impl UringEngine {
         slot.op = Some(op);
         if let Err(e) = self.queue_sqe(disk, idx) {
             if let Some(c) = self.finish(idx, Err(e)) {
-                ready.push_back(c);
+                ready.push(c);
             }
         }
         Ok(())

@@ -21,6 +21,8 @@
 //!
 //! Workloads (4 KiB each, header + data + status, batch 1 and 32):
 //! - `read4k`: reads 8 KiB apart (never merged), three direct descriptors;
+//! - `randread4k`: the same reads in a scrambled offset order (what a random-read workload
+//!   hands the merge step: it has to sort them);
 //! - `read4k-indirect`: the same chains through one indirect descriptor each;
 //! - `write4k-merge` / `write4k-nomerge`: writes at contiguous offsets with `params.merge`
 //!   on (a batch of 32 becomes one backend op) or off (32 ops).
@@ -66,6 +68,7 @@ const STATUS: u64 = 0x70_0000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Read,
+    RandRead,
     ReadIndirect,
     Write,
 }
@@ -80,8 +83,13 @@ struct Workload {
 impl Workload {
     fn all() -> Vec<Workload> {
         let mut v = Vec::new();
-        for (kind, merge) in [(Kind::Read, true), (Kind::ReadIndirect, true), (Kind::Write, true), (Kind::Write, false)]
-        {
+        for (kind, merge) in [
+            (Kind::Read, true),
+            (Kind::RandRead, true),
+            (Kind::ReadIndirect, true),
+            (Kind::Write, true),
+            (Kind::Write, false),
+        ] {
             for batch in [1, MAX_BATCH] {
                 v.push(Workload { kind, merge, batch });
             }
@@ -92,6 +100,7 @@ impl Workload {
     fn kind_name(&self) -> &'static str {
         match (self.kind, self.merge) {
             (Kind::Read, _) => "read4k",
+            (Kind::RandRead, _) => "randread4k",
             (Kind::ReadIndirect, _) => "read4k-indirect",
             (Kind::Write, true) => "write4k-merge",
             (Kind::Write, false) => "write4k-nomerge",
@@ -290,8 +299,13 @@ fn device(w: Workload) -> (Arc<GuestMemory>, Device) {
     let spec = RegionSpec { guest_phys_addr: 0, size: MEM, user_addr: 0x7000_0000_0000, mmap_offset: 0 };
     let mem = Arc::new(GuestMemory::from_files(&[(spec, memfd("guest", MEM).unwrap())]).unwrap());
     for i in 0..w.batch as u64 {
-        // Reads 8 KiB apart (never contiguous); writes back to back.
-        let sector = if w.write() { i * 8 } else { i * 16 };
+        // Reads 8 KiB apart (never contiguous), in a scrambled order for randread (13 is
+        // coprime with the batch sizes); writes back to back.
+        let sector = match w.kind {
+            Kind::Write => i * 8,
+            Kind::RandRead => (i * 13 + 5) % w.batch as u64 * 16,
+            Kind::Read | Kind::ReadIndirect => i * 16,
+        };
         let t = if w.write() { req_type::OUT } else { req_type::IN };
         let h = OutHdr { req_type: t, ioprio: 0, sector };
         mem.write_at(HDR + i * 16, &h.to_bytes()).unwrap();

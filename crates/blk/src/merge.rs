@@ -23,15 +23,47 @@ impl Staged {
     fn end(&self) -> u64 {
         self.offset + self.len
     }
+
+    /// Reads before writes, each by offset.
+    #[inline]
+    fn sort_key(&self) -> (bool, u64) {
+        (self.write, self.offset)
+    }
 }
 
 /// The reads and writes of one batch.
 #[derive(Debug, Default)]
 pub struct MergeBuffer {
     staged: Vec<Staged>,
+    /// Scratch for sorting: `sort_key << 16 | index` (a batch is at most a queue, 32768).
+    keys: Vec<u64>,
+    sorted: Vec<Staged>,
 }
 
 impl MergeBuffer {
+    /// Sort by [`Staged::sort_key`]. Sorting plain `u64`s (direction, sector, and the index
+    /// in the low 16 bits: a batch is at most a queue, 32768) and gathering once costs a
+    /// third of moving the 40-byte structs around (callgrind, `randread4k/32`). The packing
+    /// needs whole sectors below 2^47 (64 PiB), which every request has; anything else is
+    /// sorted directly.
+    fn sort(&mut self) {
+        const SECTOR_BITS: u32 = 47;
+        let packable = self.staged.len() <= 1 << 16
+            && self.staged.iter().all(|s| s.offset % 512 == 0 && s.offset >> 9 >> SECTOR_BITS == 0);
+        if !packable {
+            self.staged.sort_unstable_by_key(Staged::sort_key);
+            return;
+        }
+        self.keys.clear();
+        self.keys.extend(
+            self.staged.iter().enumerate().map(|(i, s)| (s.write as u64) << 63 | (s.offset >> 9) << 16 | i as u64),
+        );
+        self.keys.sort_unstable();
+        self.sorted.clear();
+        self.sorted.extend(self.keys.iter().map(|&k| self.staged[(k & 0xffff) as usize]));
+        std::mem::swap(&mut self.staged, &mut self.sorted);
+    }
+
     pub fn push(&mut self, s: Staged) {
         self.staged.push(s);
     }
@@ -51,7 +83,10 @@ impl MergeBuffer {
         }
         // Unstable (no allocation): requests in flight together have no order among
         // them (the driver waits for completions it depends on), and equal offsets never merge.
-        self.staged.sort_unstable_by_key(|s| (s.write, s.offset));
+        // Sequential streams usually arrive in order: then there is nothing to sort.
+        if !self.staged.is_sorted_by_key(Staged::sort_key) {
+            self.sort();
+        }
         let mut start = 0;
         let (mut segs, mut bytes) = (0usize, 0u64);
         for i in 0..self.staged.len() {
@@ -128,6 +163,23 @@ mod tests {
         b.push(Staged { head: 0, write: true, offset: 0, len: 512, segs: MAX_MERGE_SEGS });
         b.push(Staged { head: 1, write: true, offset: 512, len: 512, segs: 1 });
         assert_eq!(runs(&mut b, true), vec![vec![0], vec![1]]);
+    }
+
+    #[test]
+    fn both_sort_paths_order_reads_then_writes_by_offset() {
+        // Packed keys; sectors beyond 2^47; offsets not on a sector (both sorted directly).
+        for base in [0u64, 1 << 60, 3] {
+            let mut b = MergeBuffer::default();
+            let offsets = [5u64, 1, 4, 0, 3, 2].map(|k| base + k * 4096);
+            for (h, &off) in offsets.iter().enumerate() {
+                b.push(st(h as u16, h % 2 == 0, off, 4096));
+            }
+            b.sort();
+            let got: Vec<(bool, u64)> = b.staged.iter().map(|s| (s.write, s.offset - base)).collect();
+            // Writes (even h): offsets 5, 4, 3; reads: 1, 0, 2.
+            let want = [0, 1, 2, 3, 4, 5].map(|k| (k >= 3, k * 4096));
+            assert_eq!(got, want, "base {base:#x}");
+        }
     }
 
     #[test]
