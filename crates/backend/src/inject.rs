@@ -238,7 +238,11 @@ impl fmt::Display for FaultSpec {
                 Fault::Eio => f.write_str(":eio")?,
                 Fault::Enospc => f.write_str(":enospc")?,
                 Fault::Short => f.write_str(":short")?,
-                Fault::Delay(d) => write!(f, ":delay={}us", d.as_micros())?,
+                Fault::Delay(d) => match d.as_micros() {
+                    us if us % 1_000_000 == 0 => write!(f, ":delay={}s", us / 1_000_000)?,
+                    us if us % 1000 == 0 => write!(f, ":delay={}ms", us / 1000)?,
+                    us => write!(f, ":delay={us}us")?,
+                },
             }
             if let Some((a, b)) = r.range {
                 write!(f, "@offset={a}-{b}")?;

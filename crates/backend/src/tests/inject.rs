@@ -46,8 +46,9 @@ fn fault_specs_parse_and_print_back() {
         assert_eq!(spec(&printed), a, "{s:?} printed as {printed:?}");
     }
     assert_eq!(spec("read:eio@offset=0-1M").to_string(), "seed=0;read:eio@offset=0-1048576");
-    assert_eq!(spec("seed=3;write+read:delay=2s@times=1").to_string(), "seed=3;read+write:delay=2000000us@times=1");
+    assert_eq!(spec("seed=3;write+read:delay=2s@times=1").to_string(), "seed=3;read+write:delay=2s@times=1");
     assert_eq!(spec("read+write+flush+discard+write-zeroes:eio").to_string(), "seed=0;any:eio");
+    assert_eq!(spec("any:delay=5ms;any:delay=250us").to_string(), "seed=0;any:delay=5ms;any:delay=250us");
     assert!(spec("any:delay=1ms").has_delays() && !spec("any:eio").has_delays());
 }
 
