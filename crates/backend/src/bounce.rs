@@ -162,3 +162,18 @@ pub(crate) fn advance_iovecs(iovs: &mut Vec<libc::iovec>, mut n: usize) {
         }
     }
 }
+
+/// Keep only the first `n` bytes of an iovec list, in place: later iovecs are removed, the
+/// one holding byte `n - 1` is shortened. Used for injected short transfers.
+pub(crate) fn truncate_iovecs(iovs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut keep = 0;
+    for v in iovs.iter_mut() {
+        if n == 0 {
+            break;
+        }
+        v.iov_len = v.iov_len.min(n);
+        n -= v.iov_len;
+        keep += 1;
+    }
+    iovs.truncate(keep);
+}

@@ -30,6 +30,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::inject::{FaultSpec, Faults};
 use crate::sys;
 use crate::BackendError;
 
@@ -93,6 +94,8 @@ pub struct Disk {
     /// O_DIRECT offset/length alignment (1 when not direct).
     dio_offset_align: u32,
     flush_failed: AtomicBool,
+    /// Injected faults (testing aid), applied by every engine on this disk.
+    faults: Option<Faults>,
 }
 
 impl Disk {
@@ -176,6 +179,7 @@ impl Disk {
             dio_mem_align: mem_align,
             dio_offset_align: off_align,
             flush_failed: AtomicBool::new(false),
+            faults: None,
         })
     }
 
@@ -193,7 +197,20 @@ impl Disk {
             dio_mem_align: 1,
             dio_offset_align: 1,
             flush_failed: AtomicBool::new(false),
+            faults: None,
         }
+    }
+
+    /// Inject the faults of `spec` into every op on this disk, whichever engine runs it
+    /// (see `inject.rs`). A testing aid: `vblk serve --inject`.
+    pub fn with_faults(mut self, spec: FaultSpec) -> Disk {
+        self.faults = Some(Faults::new(spec));
+        self
+    }
+
+    /// The injected faults in force, if any.
+    pub fn faults(&self) -> Option<&Faults> {
+        self.faults.as_ref()
     }
 
     /// Wrap an arbitrary already-open file (tests use a pipe to get a real
@@ -292,6 +309,9 @@ impl Disk {
         }
         if self.readonly {
             s.push_str(", read-only");
+        }
+        if self.faults.is_some() {
+            s.push_str(", faults injected");
         }
         s.push(')');
         s

@@ -12,11 +12,18 @@
 //!   cost a write and a read syscall per batch for nothing): the caller reaps
 //!   after submitting, before it sleeps. Only the kernel signals the eventfd,
 //!   for io_uring completions.
+//! * applies injected faults (`inject.rs`) when the disk has them: the
+//!   decision is taken here, at push time, so every flavour is covered alike;
+//!   injected errors and short transfers complete through `ready`, delayed ops
+//!   wait in a [`DelayQueue`] until their deadline.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::disk::Disk;
+use crate::inject::delay::DelayQueue;
+use crate::inject::{self, Outcome};
 use crate::sync::SyncEngine;
 use crate::uring::UringEngine;
 use crate::{sys, BackendError, Completion, IoOp, OpKind};
@@ -48,6 +55,8 @@ pub struct Engine {
     flavour: Flavour,
     /// Completions produced synchronously, waiting for `reap`.
     ready: Vec<Completion>,
+    /// Ops held back by injected delays (only when the disk's faults delay ops).
+    delays: Option<DelayQueue>,
     eventfd: OwnedFd,
     disk: Arc<Disk>,
     depth: usize,
@@ -80,7 +89,11 @@ impl Engine {
                 }
             },
         };
-        Ok(Engine { disk, flavour, depth, in_flight: 0, ready: Vec::with_capacity(depth), eventfd })
+        let delays = match disk.faults() {
+            Some(f) if f.spec().has_delays() => Some(DelayQueue::new(eventfd.as_fd())?),
+            _ => None,
+        };
+        Ok(Engine { disk, flavour, depth, in_flight: 0, ready: Vec::with_capacity(depth), delays, eventfd })
     }
 
     /// `"io_uring"`, `"sync"` or `"null"`.
@@ -102,10 +115,15 @@ impl Engine {
         self.depth
     }
 
-    /// An eventfd that becomes readable when completions are ready. Poll it
-    /// for `POLLIN`, then call [`Engine::reap`] (which also clears it).
+    /// An fd that becomes readable when completions are ready. Poll it
+    /// for `POLLIN`, then call [`Engine::reap`] (which also clears it). It is
+    /// the completion eventfd, or, when injected faults delay ops, an epoll fd
+    /// that also reports the delay timer.
     pub fn completion_fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+        match &self.delays {
+            Some(d) => d.poll_fd().as_raw_fd(),
+            None => self.eventfd.as_raw_fd(),
+        }
     }
 
     /// Queue `op`. It is executed at the next [`Engine::submit`] (io_uring,
@@ -123,20 +141,85 @@ impl Engine {
         }
         if let Some(result) = precheck(&self.disk, &op) {
             self.ready.push(Completion { op, result });
-        } else {
-            match &mut self.flavour {
-                Flavour::Null => {
-                    let result = Ok(if op.kind == OpKind::Read || op.kind == OpKind::Write { op.len } else { 0 });
-                    self.ready.push(Completion { op, result });
-                }
+        } else if let Some(faults) = self.disk.faults() {
+            let d = faults.decide(&op);
+            match &mut self.delays {
+                Some(q) if !d.delay.is_zero() => q.hold(op, Instant::now() + d.delay, d.outcome),
                 // SAFETY: forwarded caller contract.
-                Flavour::Sync(s) => unsafe { s.push(op) },
-                // SAFETY: forwarded caller contract.
-                Flavour::Uring(u) => unsafe { u.push(&self.disk, op, &mut self.ready) }?,
+                _ => unsafe { self.apply(op, d.outcome) }?,
             }
+        } else {
+            // SAFETY: forwarded caller contract.
+            unsafe { self.start(op) }?;
         }
         self.in_flight += 1;
         Ok(())
+    }
+
+    /// Hand a checked op to the flavour. `Err(op)` if it has no room.
+    ///
+    /// # Safety
+    /// As for [`Engine::push`].
+    unsafe fn start(&mut self, op: IoOp) -> Result<(), IoOp> {
+        match &mut self.flavour {
+            Flavour::Null => {
+                let result = Ok(if op.kind == OpKind::Read || op.kind == OpKind::Write { op.len } else { 0 });
+                self.ready.push(Completion { op, result });
+            }
+            // SAFETY: forwarded caller contract.
+            Flavour::Sync(s) => unsafe { s.push(op) },
+            // SAFETY: forwarded caller contract.
+            Flavour::Uring(u) => unsafe { u.push(&self.disk, op, &mut self.ready) }?,
+        }
+        Ok(())
+    }
+
+    /// Carry out an injected-fault decision for `op`.
+    ///
+    /// # Safety
+    /// As for [`Engine::push`].
+    unsafe fn apply(&mut self, op: IoOp, outcome: Outcome) -> Result<(), IoOp> {
+        let result = match outcome {
+            // SAFETY: forwarded caller contract.
+            Outcome::Run => return unsafe { self.start(op) },
+            Outcome::Fail(errno) => {
+                if op.kind == OpKind::Flush {
+                    // As after a real failed fdatasync: no later flush may succeed.
+                    self.disk.mark_flush_failed();
+                }
+                Err(inject::injected_error(op.kind, errno))
+            }
+            // SAFETY: forwarded caller contract.
+            Outcome::Short => unsafe { inject::short_transfer(&self.disk, &op) },
+        };
+        self.ready.push(Completion { op, result });
+        Ok(())
+    }
+
+    /// Start (or fail) the held ops whose injected delay has passed.
+    fn release_due(&mut self) {
+        let mut due = Vec::new();
+        match &mut self.delays {
+            Some(q) => q.take_due(Instant::now(), &mut due),
+            None => return,
+        }
+        let mut started = false;
+        for (op, outcome) in due {
+            started |= outcome == Outcome::Run;
+            // SAFETY: every held op entered through `push`, whose caller's contract holds
+            // until its completion is handed back, which has not happened yet.
+            if let Err(op) = unsafe { self.apply(op, outcome) } {
+                // Cannot happen (in-flight ops never exceed the flavour's room), but an op
+                // must never be lost.
+                let result = Err(BackendError::errno(op.kind.name(), libc::EBUSY));
+                self.ready.push(Completion { op, result });
+            }
+        }
+        if started {
+            if let Err(e) = self.submit() {
+                tracing::error!(error = %e, "submitting delayed ops failed");
+            }
+        }
     }
 
     /// Start everything pushed since the last submit: one `io_uring_enter`
@@ -158,19 +241,17 @@ impl Engine {
     /// clear the completion eventfd (io_uring: the kernel signals it).
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         let before = out.len();
+        self.release_due();
+        if let Some(q) = &mut self.delays {
+            q.rearm();
+        }
         if let Flavour::Uring(u) = &mut self.flavour {
             // Clear first: a completion arriving after this re-arms the fd.
             sys::eventfd_clear(self.eventfd.as_fd());
             u.reap(&self.disk, out);
         }
-        self.take_ready(out);
+        out.append(&mut self.ready); // one memcpy, not an element-wise extend
         self.in_flight -= (out.len() - before).min(self.in_flight);
-    }
-
-    /// Move the synchronous completions to `out` (one memcpy, not an element-wise `extend`).
-    #[inline]
-    fn take_ready(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.ready);
     }
 
     /// Like [`Engine::reap`] but without clearing the completion eventfd (no
@@ -178,10 +259,11 @@ impl Engine {
     /// before it sleeps on the eventfd again.
     pub fn poll_completions(&mut self, out: &mut Vec<Completion>) {
         let before = out.len();
+        self.release_due();
         if let Flavour::Uring(u) = &mut self.flavour {
             u.reap(&self.disk, out);
         }
-        self.take_ready(out);
+        out.append(&mut self.ready); // one memcpy, not an element-wise extend
         self.in_flight -= (out.len() - before).min(self.in_flight);
     }
 
@@ -198,8 +280,12 @@ impl Engine {
             match &mut self.flavour {
                 Flavour::Uring(u) if u.busy() > 0 => u.wait_cqe()?,
                 Flavour::Sync(s) if s.pending() > 0 => self.submit()?,
-                // Nothing can complete any more; avoid spinning forever.
-                _ => return Ok(()),
+                _ => match self.delays.as_ref().and_then(DelayQueue::next_deadline) {
+                    // Held by an injected delay: sleep until the first one is due.
+                    Some(t) => std::thread::sleep(t.saturating_duration_since(Instant::now())),
+                    // Nothing can complete any more; avoid spinning forever.
+                    None => return Ok(()),
+                },
             }
         }
     }

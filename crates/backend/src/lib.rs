@@ -23,6 +23,8 @@
 //!     and also as the helper library for the rare synchronous paths of the
 //!     io_uring engine (block-device discard, zero-writing fallback);
 //!   * null: completes everything immediately.
+//! * `inject.rs`: fault injection for tests ([`FaultSpec`], [`Disk::with_faults`]):
+//!   chosen ops fail (EIO, ENOSPC), transfer short, or start late.
 //! * `bounce.rs`: aligned bounce buffers and iovec helpers for the rare case
 //!   where guest buffers do not satisfy O_DIRECT's alignment rules.
 //!
@@ -44,6 +46,7 @@
 mod bounce;
 mod disk;
 mod engine;
+mod inject;
 mod sync;
 mod sys;
 mod uring;
@@ -56,6 +59,7 @@ use std::path::PathBuf;
 
 pub use disk::{Disk, DiskOptions};
 pub use engine::{Engine, EngineKind, MAX_DEPTH};
+pub use inject::{FaultSpec, FaultSpecError, Faults};
 
 /// What an [`IoOp`] asks the backend to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,4 +224,33 @@ impl BackendError {
     pub fn is_unsupported(&self) -> bool {
         sync::is_unsupported(self.raw_os_error())
     }
+}
+
+/// Parse a byte size with an optional binary suffix (K, M, G, T, P; `iB`/`B` allowed):
+/// `1G`, `512M`, `4096`, `10GiB`, `1.5T`. Used by fault specs and the command line.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        "p" | "pb" | "pib" => 1 << 50,
+        other => return Err(format!("unknown size unit '{other}' in '{s}' (use K, M, G, T)")),
+    };
+    let bad = || format!("invalid size '{s}'");
+    let bytes = if num.contains('.') {
+        let v: f64 = num.parse().map_err(|_| bad())?;
+        let b = v * mult as f64;
+        if !b.is_finite() || b < 0.0 || b >= u64::MAX as f64 {
+            return Err(bad());
+        }
+        b as u64
+    } else {
+        num.parse::<u64>().map_err(|_| bad())?.checked_mul(mult).ok_or_else(bad)?
+    };
+    Ok(bytes)
 }

@@ -183,7 +183,47 @@ pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
-/// Reset an eventfd's counter to 0 (no-op if already 0).
+/// A non-blocking, close-on-exec `CLOCK_MONOTONIC` timerfd, disarmed.
+pub(crate) fn timerfd() -> io::Result<OwnedFd> {
+    // SAFETY: timerfd_create takes only integer arguments.
+    let fd =
+        cvt(unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK) }.into())?;
+    // SAFETY: timerfd_create returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Arm `fd` to expire once, `after` from now (at least 1 ns: zero would disarm it), or
+/// disarm it with `None`.
+pub(crate) fn timerfd_set(fd: BorrowedFd<'_>, after: Option<std::time::Duration>) -> io::Result<()> {
+    let value = match after {
+        None => libc::timespec { tv_sec: 0, tv_nsec: 0 },
+        Some(d) => {
+            let d = d.max(std::time::Duration::from_nanos(1));
+            let tv_sec = libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX);
+            libc::timespec { tv_sec, tv_nsec: d.subsec_nanos().into() }
+        }
+    };
+    let spec = libc::itimerspec { it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 }, it_value: value };
+    // SAFETY: `spec` is a valid itimerspec; the old value is not requested (null).
+    cvt(unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) }.into()).map(drop)
+}
+
+/// A close-on-exec epoll instance watching each of `fds` for `EPOLLIN` (level-triggered).
+/// It is itself pollable: readable while any of them is.
+pub(crate) fn epoll_watching(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes only integer flags.
+    let ep = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) }.into())?;
+    // SAFETY: epoll_create1 returned a fresh descriptor that nothing else owns.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep as libc::c_int) };
+    for fd in fds {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd.as_raw_fd() as u64 };
+        // SAFETY: both fds are open; `ev` is a valid epoll_event the kernel only reads.
+        cvt(unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) }.into())?;
+    }
+    Ok(ep)
+}
+
+/// Reset an eventfd's counter (or a timerfd's expiration count) to 0 (no-op if already 0).
 pub(crate) fn eventfd_clear(fd: BorrowedFd<'_>) {
     let mut val: u64 = 0;
     // SAFETY: reads at most 8 bytes into a live local u64. Errors (EAGAIN when

@@ -237,10 +237,18 @@ impl BlkQueue {
         }
     }
 
-    /// A backend completion for one of this queue's (possibly merged) requests.
+    /// A backend completion for one of this queue's (possibly merged) requests. A read or
+    /// write succeeds only if the backend moved every byte: a short transfer is an I/O error
+    /// (§5.2.6: VIRTIO_BLK_S_OK vouches for the whole data buffer, which a short read did
+    /// not fill).
     pub fn complete(&mut self, c: Completion) {
         let (_, head) = split_tag(c.op.tag);
-        let result = c.result.map(|_| ()).map_err(|e| RequestError::Backend(e.to_string()));
+        let data = matches!(c.op.kind, OpKind::Read | OpKind::Write);
+        let result = match c.result {
+            Ok(done) if data && done != c.op.len => Err(RequestError::ShortTransfer { done, len: c.op.len }),
+            Ok(_) => Ok(()),
+            Err(e) => Err(RequestError::Backend(e.to_string())),
+        };
         self.recycle(c.op);
         self.finish_all(head, result);
     }

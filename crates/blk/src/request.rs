@@ -71,6 +71,10 @@ pub enum RequestError {
     Memory(String),
     #[error("backend: {0}")]
     Backend(String),
+    /// The backend moved fewer bytes than asked: the rest of a read's buffers holds stale
+    /// memory, and a write is incomplete.
+    #[error("backend transferred {done} of {len} bytes")]
+    ShortTransfer { done: u64, len: u64 },
     #[error("backend queue full")]
     BackendFull,
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use vblk_backend::{Disk, DiskOptions, EngineKind};
+use vblk_backend::{Disk, DiskOptions, EngineKind, FaultSpec};
 use vblk_blk::DeviceParams;
 use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
 
@@ -76,7 +76,21 @@ pub struct ServeArgs {
     /// Permission bits of the socket file (octal).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    // A testing aid: see INJECT_LONG_HELP.
+    #[arg(long, value_name = "SPEC", help = INJECT_HELP, long_help = INJECT_LONG_HELP)]
+    pub inject: Option<FaultSpec>,
 }
+
+const INJECT_HELP: &str = "Testing aid: make chosen I/O fail, short or late, e.g. 'read:eio@offset=0-1M;flush:eio'";
+const INJECT_LONG_HELP: &str = "\
+TESTING AID, never for data you care about: make the backend fail, shorten or delay chosen
+I/O, to see what a guest does with a failing disk. SPEC is a list of rules separated by ';'
+or ',', each OPS:FAULT[@COND]... (or seed=N, the seed of rate=, default 0):
+  OPS    read, write, flush, discard, write-zeroes or any, joined with '+'
+  FAULT  eio | enospc | short (half the data moves, reported short) | delay=DUR (250us, 5ms, 2s)
+  COND   offset=START-END (bytes, K/M/G) | rate=P | after=N (matching ops pass first) | times=N
+Examples: 'read:eio@offset=0-1M', 'write:enospc@rate=0.1', 'write:eio@after=100',
+'any:delay=5ms', 'flush:eio' (every later flush fails too, as after a real fdatasync error).";
 
 pub(crate) fn parse_queue_size(s: &str) -> Result<u16, String> {
     let n: u32 = s.parse().map_err(|_| format!("invalid queue size '{s}'"))?;
@@ -93,6 +107,17 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 const DEFAULT_SIZE: u64 = 1 << 30;
 
 fn open_disk(args: &ServeArgs) -> Result<Disk> {
+    let disk = open_backend(args)?;
+    Ok(match &args.inject {
+        Some(spec) => {
+            tracing::warn!(%spec, "FAULT INJECTION ON (--inject, a testing aid): I/O will fail on purpose");
+            disk.with_faults(spec.clone())
+        }
+        None => disk,
+    })
+}
+
+fn open_backend(args: &ServeArgs) -> Result<Disk> {
     if args.backend == BackendKind::Null {
         return Ok(Disk::null(args.size.unwrap_or(DEFAULT_SIZE)));
     }

@@ -1,32 +1,7 @@
 //! Sizes on the command line: `1G`, `512M`, `4096`, `10GiB`, `1.5T`.
 
 /// Parse a byte size with an optional binary suffix (K, M, G, T, P; `iB`/`B` allowed).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        "p" | "pb" | "pib" => 1 << 50,
-        other => return Err(format!("unknown size unit '{other}' in '{s}' (use K, M, G, T)")),
-    };
-    let bad = || format!("invalid size '{s}'");
-    let bytes = if num.contains('.') {
-        let v: f64 = num.parse().map_err(|_| bad())?;
-        let b = v * mult as f64;
-        if !b.is_finite() || b < 0.0 || b >= u64::MAX as f64 {
-            return Err(bad());
-        }
-        b as u64
-    } else {
-        num.parse::<u64>().map_err(|_| bad())?.checked_mul(mult).ok_or_else(bad)?
-    };
-    Ok(bytes)
-}
+pub use vblk_backend::parse_size;
 
 /// `1073741824` → `1 GiB`.
 pub fn human(bytes: u64) -> String {

@@ -153,6 +153,31 @@ fn second_guest_after_first_powers_off() {
     second_guest("second_guest_after_first_powers_off", under_test());
 }
 
+/// `vblk serve --inject`: the disk fails every write after the first `N` (enough for
+/// mkfs.ext4 and mount); the guest writes files until it sees EIO, and must survive it.
+const FAILING_DISK_SPEC: &str = "write:eio@after=200";
+
+/// ext4 on a disk that starts returning EIO: the guest reports the errors, the data synced
+/// before them stays readable, and after the guest powers off the daemon still serves a new
+/// frontend (and still fails its writes).
+#[test]
+fn ext4_on_failing_disk() {
+    let name = "ext4_on_failing_disk";
+    let cfg = BackendConfig { readonly: false, num_queues: 2, vblk_args: &["--inject", FAILING_DISK_SPEC] };
+    // Fault injection is vblk's: this test never runs against qemu-storage-daemon.
+    let Some(mut fx) = Fixture::new(name, Backend::Vblk, 128 * MIB, cfg, |_| {}) else {
+        return;
+    };
+    let after = FAILING_DISK_SPEC.rsplit('=').next().unwrap_or_default();
+    fx.boot_expect_pass("ext4-eio", &format!("after={after}"), 2);
+    fx.backend.check_alive().expect("vblk serve must survive a guest on a failing disk");
+    assert!(fx.backend.log_text().contains("FAULT INJECTION ON"), "no startup warning:\n{}", fx.backend.log_text());
+    let mut c = client::Client::connect(&fx.backend.socket);
+    let sb = c.read(1024, 1024).expect("the daemon still serves reads");
+    assert_eq!(&sb[56..58], &[0x53, 0xef], "the ext4 superblock written before the failure is intact");
+    assert_eq!(c.write(64 * MIB, &[0u8; 4096]), Err(vblk_driver::RequestFailure::IoErr), "writes still fail");
+}
+
 // --- qemu-storage-daemon reference (validates the harness and guest scripts) ---
 
 #[test]

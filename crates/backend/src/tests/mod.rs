@@ -2,8 +2,10 @@
 //!
 //! `mod.rs` holds the helpers; `io.rs` covers reads and writes (engines,
 //! O_DIRECT, bounce buffers, short transfers); `ops.rs` covers flush,
-//! discard, write-zeroes, read-only, null, and opening.
+//! discard, write-zeroes, read-only, null, and opening; `inject.rs` covers
+//! fault injection.
 
+mod inject;
 mod io;
 mod ops;
 

@@ -14,6 +14,8 @@
 //! * `VBLK_QSD_AIO`          QSD file aio mode (default io_uring, falls back to native).
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -155,7 +157,7 @@ impl Drop for TempDir {
 
 /// A unix socket path short enough for sun_path (108 bytes): inside `dir` if
 /// possible, otherwise under the system temp dir.
-fn socket_path(dir: &TempDir) -> PathBuf {
+pub fn socket_path(dir: &TempDir) -> PathBuf {
     let p = dir.join("vhost.sock");
     if p.as_os_str().len() < 100 {
         return p;
@@ -475,6 +477,24 @@ impl BackendProcess {
     /// Kills the backend (SIGKILL) and reaps it.
     pub fn stop(&mut self) {
         self.proc.kill();
+    }
+
+    /// Asks the backend to stop (SIGTERM) and waits up to `timeout` for it to exit;
+    /// `None` if it did not (it is then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.proc.child.as_mut()?;
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.proc.try_wait() {
+                self.proc.child = None;
+                return Some(st);
+            }
+            sleep(Duration::from_millis(20));
+        }
+        self.proc.kill();
+        None
     }
 }
 
