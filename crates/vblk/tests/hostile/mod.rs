@@ -178,6 +178,10 @@ impl Rig {
         self.q.kick().expect("kick");
         assert!(self.q.wait_err(WAIT).expect("wait err"), "the vring err eventfd was not signalled");
         let done = if completed > 0 { self.q.wait_used(completed, WAIT).expect("completions") } else { Vec::new() };
+        // The driver keeps kicking the dead queue: the device must neither answer nor spin.
+        for _ in 0..3 {
+            self.q.kick().expect("kick");
+        }
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(self.q.pending_used(), 0, "a broken queue published more entries");
         self.broken = true;
