@@ -25,7 +25,7 @@ mod common;
 mod hostile;
 
 use hostile::*;
-use vblk_driver::raw::ring::{Buffer, Descriptor, RawQueue, UsedElem, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use vblk_driver::raw::ring::{Buffer, Descriptor, UsedElem, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use vblk_driver::IoBuf;
 use vblk_virtio::blk::{req_type, DiscardSegment};
 
@@ -76,23 +76,12 @@ fn seg(offset: u64, sectors: u32, flags: u32) -> DiscardSegment {
     DiscardSegment { sector: offset / SECTOR, num_sectors: sectors, flags }
 }
 
-/// Write an indirect table at `addr`.
-fn table(q: &RawQueue, addr: u64, descs: &[Descriptor]) {
-    let bytes: Vec<u8> = descs.iter().flat_map(|d| d.to_bytes()).collect();
-    q.write_mem(addr, &bytes).expect("indirect table");
-}
-
-/// A valid 3-entry table `[header IN at TARGET, data, status]` for head 0, in its slot.
+/// A valid indirect table `[header IN at TARGET, data, status]` for head 0, in its slot
+/// (descriptor 0 not touched). Returns its address.
 fn valid_table(rig: &Rig, data: &IoBuf) -> u64 {
-    let (h, s) = (hdr(&rig.q, 0, req_type::IN, TARGET / SECTOR), status(&rig.q, 0));
-    let d = |b: Buffer, next: Option<u16>| Descriptor {
-        addr: b.addr,
-        len: b.len,
-        flags: (if b.write { DESC_F_WRITE } else { 0 }) | (if next.is_some() { DESC_F_NEXT } else { 0 }),
-        next: next.unwrap_or(0),
-    };
-    let addr = rig.q.slot(0) + 64;
-    table(&rig.q, addr, &[d(h, Some(1)), d(writable(data), Some(2)), d(s, None)]);
+    let bufs = [hdr(&rig.q, 0, req_type::IN, TARGET / SECTOR), writable(data), status(&rig.q, 0)];
+    let addr = table_addr(&rig.q, 0);
+    write_table(&rig.q, addr, &table_of(&bufs));
     addr
 }
 
@@ -356,7 +345,7 @@ fn nested_indirect_tables_are_refused(t: Target) {
     let b = rig.buf(4096);
     let inner = valid_table(&rig, &b);
     let outer = rig.q.slot(1);
-    table(&rig.q, outer, &[Descriptor { addr: inner, len: 48, flags: DESC_F_INDIRECT, next: 0 }]);
+    write_table(&rig.q, outer, &[Descriptor { addr: inner, len: 48, flags: DESC_F_INDIRECT, next: 0 }]);
     indirect(&rig, outer, 16);
     rig.expect_refused_head();
     // The inner table alone is a valid request (the case is refused for nesting only).

@@ -14,7 +14,7 @@ mod hostile;
 use std::time::Instant;
 
 use hostile::*;
-use vblk_driver::raw::ring::{Buffer, Descriptor, RawQueue, UsedElem, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use vblk_driver::raw::ring::{Buffer, RawQueue, UsedElem};
 use vblk_virtio::blk::req_type;
 
 hostile_cases!(in_flight_requests_never_exceed_the_queue_size);
@@ -25,17 +25,8 @@ fn post_reads(q: &RawQueue, heads: std::ops::Range<u16>, bufs: &[vblk_driver::Io
         // Each head's descriptors: an indirect table in its slot (one ring descriptor each,
         // so all QSIZE heads fit at once).
         let offset = TARGET + 4096 * (h as u64 % 8);
-        let (hd, st) = (hdr(q, h, req_type::IN, offset / SECTOR), status(q, h));
-        let d = bufs[h as usize].gpa();
-        let tbl = [
-            Descriptor { addr: hd.addr, len: 16, flags: DESC_F_NEXT, next: 1 },
-            Descriptor { addr: d, len: 4096, flags: DESC_F_NEXT | DESC_F_WRITE, next: 2 },
-            Descriptor { addr: st.addr, len: 1, flags: DESC_F_WRITE, next: 0 },
-        ];
-        let bytes: Vec<u8> = tbl.iter().flat_map(|d| d.to_bytes()).collect();
-        let at = q.slot(h) + 64;
-        q.write_mem(at, &bytes).expect("table");
-        q.write_desc(h, Descriptor { addr: at, len: 48, flags: DESC_F_INDIRECT, next: 0 }).expect("desc");
+        let data = writable(&bufs[h as usize]);
+        indirect_request(q, h, &[hdr(q, h, req_type::IN, offset / SECTOR), data, status(q, h)]);
     }
 }
 
@@ -131,15 +122,9 @@ impl Flood {
         let size = q.size();
         for h in 0..size {
             let (t, sector) = if h % 3 == 0 { (0x7777, 0) } else { (req_type::IN, u64::MAX) };
-            let (hd, st) = (hdr(q, h, t, sector), status(q, h));
-            let tbl = [
-                Descriptor { addr: hd.addr, len: 16, flags: DESC_F_NEXT, next: 1 },
-                Descriptor { addr: st.addr, len: if h % 3 == 2 { 0 } else { 1 }, flags: DESC_F_WRITE, next: 0 },
-            ];
-            let bytes: Vec<u8> = tbl.iter().flat_map(|d| d.to_bytes()).collect();
-            q.write_mem(q.slot(h) + 64, &bytes).expect("table");
-            q.write_desc(h, Descriptor { addr: q.slot(h) + 64, len: 32, flags: DESC_F_INDIRECT, next: 0 })
-                .expect("desc");
+            let mut st = status(q, h);
+            st.len = if h % 3 == 2 { 0 } else { 1 };
+            indirect_request(q, h, &[hdr(q, h, t, sector), st]);
         }
         Flood { size }
     }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vblk_backend::{Disk, DiskOptions};
-use vblk_driver::raw::ring::{Buffer, RawQueue, UsedElem};
+use vblk_driver::raw::ring::{Buffer, Descriptor, RawQueue, UsedElem, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use vblk_driver::{loopback, Device, DeviceInfo, IoBuf, LoopbackConfig, LoopbackServer, Options};
 use vblk_virtio::blk::{req_type, OutHdr, Status};
 
@@ -310,6 +310,39 @@ pub fn readable(b: &IoBuf) -> Buffer {
 
 pub fn writable(b: &IoBuf) -> Buffer {
     Buffer { addr: b.gpa(), len: b.len(), write: true }
+}
+
+/// `bufs` as the entries of an indirect table, linked `0 → 1 → ...` (§2.7.5.3).
+pub fn table_of(bufs: &[Buffer]) -> Vec<Descriptor> {
+    let n = bufs.len();
+    let flags =
+        |k: usize, b: &Buffer| (if b.write { DESC_F_WRITE } else { 0 }) | if k + 1 < n { DESC_F_NEXT } else { 0 };
+    let next = |k: usize| if k + 1 < n { k as u16 + 1 } else { 0 };
+    bufs.iter()
+        .enumerate()
+        .map(|(k, b)| Descriptor { addr: b.addr, len: b.len, flags: flags(k, b), next: next(k) })
+        .collect()
+}
+
+/// Write an indirect table at `addr`.
+pub fn write_table(q: &RawQueue, addr: u64, descs: &[Descriptor]) {
+    let bytes: Vec<u8> = descs.iter().flat_map(|d| d.to_bytes()).collect();
+    q.write_mem(addr, &bytes).expect("indirect table");
+}
+
+/// Where head `head` keeps its indirect table (up to 4 entries) in its slot.
+pub fn table_addr(q: &RawQueue, head: u16) -> u64 {
+    q.slot(head) + 64
+}
+
+/// Make descriptor `head` a well-formed indirect request of `bufs` (at most 4), its
+/// table in the head's slot. Returns the table's address.
+pub fn indirect_request(q: &RawQueue, head: u16, bufs: &[Buffer]) -> u64 {
+    let addr = table_addr(q, head);
+    write_table(q, addr, &table_of(bufs));
+    q.write_desc(head, Descriptor { addr, len: 16 * bufs.len() as u32, flags: DESC_F_INDIRECT, next: 0 })
+        .expect("indirect descriptor");
+    addr
 }
 
 /// The last byte of the last buffer (where a status goes).
