@@ -42,9 +42,11 @@ pub const OK: u8 = Status::Ok as u8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// vblk's device engine in this process (`vblk_driver::loopback`), one worker thread.
+    /// vblk's device engine in this process (`vblk_driver::loopback`), one worker thread
+    /// for both queues, adaptive polling on (`poll_us` 50).
     Loopback,
-    /// A `vblk serve` process over its socket, one worker thread per queue.
+    /// A `vblk serve` process over its socket, one worker thread per queue, sleeping on
+    /// eventfds (default options).
     Serve,
 }
 
@@ -256,7 +258,10 @@ fn connect(
         Target::Loopback => {
             let dopts = DiskOptions { readonly: setup.readonly, direct: true, create_size: None };
             let disk = Disk::open(image, &dopts).expect("open image");
-            let cfg = LoopbackConfig { readonly: setup.readonly, num_queues: 2, ..LoopbackConfig::default() };
+            // Adaptive polling on: the loopback covers the worker's polling path, `vblk
+            // serve` (default options) the sleeping one.
+            let cfg =
+                LoopbackConfig { readonly: setup.readonly, num_queues: 2, poll_us: 50, ..LoopbackConfig::default() };
             let (dev, server) = loopback(disk, &cfg, &opts).expect("loopback");
             (dev, Some(server))
         }
