@@ -281,6 +281,12 @@ impl Device {
         }
     }
 
+    /// The vhost-user connection, for the raw API (e.g. `SET_VRING_ERR`).
+    #[cfg(feature = "raw")]
+    pub(crate) fn frontend(&self) -> &Frontend {
+        &self.frontend
+    }
+
     pub fn info(&self) -> &DeviceInfo {
         &self.info
     }

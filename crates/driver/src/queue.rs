@@ -67,6 +67,16 @@ struct Pending {
     buf: Option<IoBuf>,
 }
 
+/// What [`QueueHandle::into_raw_parts`] hands over.
+#[cfg(feature = "raw")]
+pub(crate) struct RawParts {
+    pub index: u16,
+    pub shared: Arc<SharedMemory>,
+    pub kick: EventFd,
+    pub call: EventFd,
+    pub socket: Arc<OwnedFd>,
+}
+
 /// One virtqueue of a [`crate::Device`], used from one thread.
 pub struct QueueHandle {
     index: u16,
@@ -201,6 +211,16 @@ impl QueueHandle {
         self.pending[head as usize] = Some(Pending { user, buf });
         self.in_flight += 1;
         Ok(())
+    }
+
+    /// Give up the handle for the raw API ([`crate::raw::ring::RawQueue`]): its memory,
+    /// eventfds and socket, with nothing in flight.
+    #[cfg(feature = "raw")]
+    pub(crate) fn into_raw_parts(self) -> Result<RawParts, DriverError> {
+        if self.in_flight != 0 {
+            return Err(DriverError::BadOptions("a queue handle with requests in flight"));
+        }
+        Ok(RawParts { index: self.index, shared: self.shared, kick: self.kick, call: self.call, socket: self.socket })
     }
 
     /// The descriptor the next `add` will use as its head.

@@ -462,6 +462,11 @@ impl BackendProcess {
         }
     }
 
+    /// Process id of the backend (0 once it was stopped).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// Err if the backend process has exited.
     pub fn check_alive(&mut self) -> Result<(), String> {
         match self.proc.try_wait() {
