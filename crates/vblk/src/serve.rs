@@ -61,8 +61,10 @@ pub struct ServeArgs {
     /// Use the host page cache instead of O_DIRECT.
     #[arg(long)]
     pub no_direct: bool,
-    /// Adaptive polling: after work, spin on the rings for this many µs before sleeping.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    /// Adaptive polling: after work, spin on the rings for this many µs before sleeping
+    /// (0: always sleep on the kick eventfds). Idle queues cost nothing: spinning stops
+    /// this long after the last request.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub poll_us: u32,
     /// Do not merge contiguous requests into one backend I/O.
     #[arg(long)]

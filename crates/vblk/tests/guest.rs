@@ -116,21 +116,21 @@ fn fio_verify_4_queues() {
     fio_verify("fio_verify_4_queues", under_test(), 4);
 }
 
-/// The same data-integrity check with adaptive polling on and request merging off (the
-/// defaults are polling off, merging on).
+/// The same data-integrity check with adaptive polling off (workers always sleep on the
+/// kick eventfds) and request merging off; the defaults are polling (50 µs) and merging.
 #[test]
-fn fio_verify_2_queues_polling_without_merging() {
+fn fio_verify_2_queues_sleeping_without_merging() {
     fio_verify_with(
-        "fio_verify_2_queues_polling_without_merging",
+        "fio_verify_2_queues_sleeping_without_merging",
         under_test(),
         2,
-        &["--poll-us", "100", "--no-merge"],
+        &["--poll-us", "0", "--no-merge"],
     );
 }
 
 #[test]
-fn fio_verify_2_queues_polling_and_merging() {
-    fio_verify_with("fio_verify_2_queues_polling_and_merging", under_test(), 2, &["--poll-us", "100"]);
+fn fio_verify_2_queues_sleeping_and_merging() {
+    fio_verify_with("fio_verify_2_queues_sleeping_and_merging", under_test(), 2, &["--poll-us", "0"]);
 }
 
 #[test]

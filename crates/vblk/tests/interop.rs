@@ -121,8 +121,8 @@ fn exercise(b: &Backend, capacity: u64, keeps_data: bool) {
 #[test]
 fn the_tools_work_against_vblk_serve() {
     let d = dir("vblk");
-    // Defaults (merging on, polling off), then the opposite of both.
-    for extra in [&[][..], &["--poll-us", "100", "--no-merge"][..]] {
+    // Defaults (merging on, adaptive polling on), then the opposite of both.
+    for extra in [&[][..], &["--poll-us", "0", "--no-merge"][..]] {
         let b = Backend::vblk(&d.0, "disk.img", extra);
         exercise(&b, 256 << 20, true);
     }
