@@ -118,9 +118,18 @@ impl Daemon {
     }
 }
 
-fn fd_list(pid: u32) -> Vec<String> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
-    dir.filter_map(|e| e.ok()).map(|e| format!("{:?}", std::fs::read_link(e.path()).unwrap_or_default())).collect()
+/// What the open fds of `pid` are, counted by kind (`socket:[…]`, `anon_inode:[eventfd]`, paths).
+fn fd_list(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(e.path()).unwrap_or_default().to_string_lossy().into_owned();
+        let kind = match target.split_once(":[") {
+            Some((k, rest)) if rest.bytes().all(|b| b.is_ascii_digit() || b == b']') => format!("{k}:[…]"),
+            _ => target,
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    kinds
 }
 
 /// Write a 4 KiB pattern at `offset` on queue 0, read it back, compare.

@@ -300,3 +300,50 @@ fn wait_readable(fd: RawFd, shutdown: RawFd) -> Result<bool, ServerError> {
     }
     Ok(fds[0].revents == 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    use vblk_backend::{Disk, EngineKind};
+    use vblk_blk::DeviceParams;
+
+    use super::*;
+    use crate::DataPlaneOptions;
+
+    /// GET_FEATURES (1), version 1, no payload.
+    const GET_FEATURES: [u8; 12] = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+
+    /// The timer tells a message that is slow to arrive (cut after the timeout) from one
+    /// that arrived whole and is slow to apply (the device lock is held: never cut).
+    #[test]
+    fn only_a_message_still_arriving_is_timed_out() {
+        let disk = Arc::new(Disk::null(1 << 20));
+        let params = Arc::new(DeviceParams::new(disk.size(), false, 512, "t", 1, 64));
+        let opts = DataPlaneOptions { threads: 1, engine: EngineKind::Sync, poll_us: 0 };
+        let dev = Arc::new(Mutex::new(VblkDevice::new(params, disk, opts)));
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let (stop, _keep) = UnixStream::pair().unwrap();
+        let t = Duration::from_millis(200);
+        let d = Arc::clone(&dev);
+        let server = std::thread::spawn(move || serve_stream_with_timeout(&d, theirs, stop.as_raw_fd(), Some(t)));
+        ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+
+        // A whole message, applied slowly (the device is busy for three timeouts): answered.
+        let busy = dev.lock().unwrap();
+        ours.write_all(&GET_FEATURES).unwrap();
+        std::thread::sleep(t * 3);
+        drop(busy);
+        let mut reply = [0u8; 20];
+        ours.read_exact(&mut reply).expect("the reply to a message that was slow to apply");
+        assert_eq!(reply[..4], GET_FEATURES[..4]);
+
+        // Half a header, then nothing: disconnected after the timeout.
+        let start = Instant::now();
+        ours.write_all(&GET_FEATURES[..6]).unwrap();
+        assert_eq!(ours.read(&mut reply).unwrap(), 0, "EOF expected");
+        assert!(start.elapsed() >= t, "cut after {:?}", start.elapsed());
+        assert_eq!(server.join().unwrap(), ConnectionEnd::Disconnected);
+    }
+}

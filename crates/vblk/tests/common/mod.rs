@@ -187,6 +187,13 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// What guest/tests/smoke.sh (and fio-until-killed.sh) write at 1 MiB:
+/// `yes vblk-smoke-pattern-TAG | head -c 1M`.
+pub fn smoke_pattern(tag: &str) -> Vec<u8> {
+    let line = format!("vblk-smoke-pattern-{tag}\n");
+    line.as_bytes().iter().copied().cycle().take(MIB as usize).collect()
+}
+
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
     use std::os::unix::fs::FileExt;
     let f = fs::OpenOptions::new().write(true).open(path).expect("open image for writing");
