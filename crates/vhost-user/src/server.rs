@@ -128,7 +128,7 @@ pub fn serve_stream(device: &Arc<Mutex<VblkDevice>>, stream: UnixStream, shutdow
 }
 
 /// [`serve_stream`], disconnecting a frontend that starts a message and does not finish it
-/// within `message_timeout` (see [`MessageTimer`]).
+/// within `message_timeout` (see `MessageTimer` in this module).
 pub fn serve_stream_with_timeout(
     device: &Arc<Mutex<VblkDevice>>,
     stream: UnixStream,
