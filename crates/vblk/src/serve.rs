@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// I/O engine.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     pub engine: EngineArg,
+    /// Disconnect a frontend that starts a vhost-user message and does not finish sending
+    /// it within this many milliseconds (0: wait forever). Idle frontends are never timed out.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    pub message_timeout_ms: u64,
     /// Permission bits of the socket file (octal).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
@@ -189,7 +193,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Arc::clone(&disk),
         DataPlaneOptions { threads, engine, poll_us: args.poll_us },
     );
-    let server = Server::bind(&args.socket, args.socket_mode, device)?;
+    let mut server = Server::bind(&args.socket, args.socket_mode, device)?;
+    server
+        .set_message_timeout(Some(std::time::Duration::from_millis(args.message_timeout_ms)).filter(|t| !t.is_zero()));
     let socket = std::fs::canonicalize(&args.socket).unwrap_or_else(|_| args.socket.clone());
 
     let (shutdown_rx, shutdown_tx) = UnixStream::pair().context("socketpair")?;

@@ -75,12 +75,6 @@ fn readonly(name: &str, backend: Backend) {
     assert!(read_at(&fx.image, 0, MIB as usize) == data, "the read-only image was modified");
 }
 
-fn smoke_pattern(tag: &str) -> Vec<u8> {
-    // what guest/tests/smoke.sh writes: `yes vblk-smoke-pattern-TAG | head -c 1M`
-    let line = format!("vblk-smoke-pattern-{tag}\n");
-    line.as_bytes().iter().copied().cycle().take(MIB as usize).collect()
-}
-
 fn second_guest(name: &str, backend: Backend) {
     let cfg = BackendConfig { readonly: false, num_queues: 2, vblk_args: &[] };
     let Some(mut fx) = Fixture::new(name, backend, 64 * MIB, cfg, |_| {}) else {

@@ -35,6 +35,11 @@ use crate::worker::{RingSetup, RingStop, Worker};
 /// Memory slots offered with `CONFIGURE_MEM_SLOTS`.
 pub const MAX_MEM_SLOTS: u64 = 32;
 
+/// Regions one `SET_MEM_TABLE` may carry: the vhost-user spec's "Multiple Memory regions
+/// description" holds up to `VHOST_MEMORY_BASELINE_NREGIONS` (8) regions; more memory
+/// needs `CONFIGURE_MEM_SLOTS` and `ADD_MEM_REG`. (The `vhost` crate accepts up to 32.)
+pub const MAX_MEM_TABLE_REGIONS: usize = 8;
+
 /// Errors of the control plane. Each becomes an error reply (or, for messages that
 /// expect a value, a disconnect).
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,8 @@ pub enum DeviceError {
     Memory(#[from] vblk_virtio::MemoryError),
     #[error("more than {MAX_MEM_SLOTS} memory regions")]
     TooManyRegions,
+    #[error("SET_MEM_TABLE with {0} regions (at most {MAX_MEM_TABLE_REGIONS})")]
+    TooManyTableRegions(usize),
     #[error("features {0:#x} were not offered")]
     BadFeatures(u64),
     #[error("config access at {offset}+{len} refused")]
@@ -365,6 +372,9 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if ctx.len() > MAX_MEM_TABLE_REGIONS {
+            return Err(DeviceError::TooManyTableRegions(ctx.len()).into());
+        }
         let regions: Vec<(RegionSpec, File)> = ctx.iter().map(spec).zip(files).collect();
         let mem = GuestMemory::from_files(&regions).map_err(DeviceError::from)?;
         self.set_memory(mem)?;

@@ -9,5 +9,7 @@ pub mod device;
 pub mod server;
 mod worker;
 
-pub use device::{DataPlaneOptions, DeviceError, VblkDevice, MAX_MEM_SLOTS};
-pub use server::{serve_stream, ConnectionEnd, Server, ServerError};
+pub use device::{DataPlaneOptions, DeviceError, VblkDevice, MAX_MEM_SLOTS, MAX_MEM_TABLE_REGIONS};
+pub use server::{
+    serve_stream, serve_stream_with_timeout, ConnectionEnd, Server, ServerError, DEFAULT_MESSAGE_TIMEOUT,
+};

@@ -1,11 +1,19 @@
 //! The listening socket and the connection loop: one frontend at a time, then the next
 //! (QEMU's `reconnect=` re-attaches to the same daemon).
+//!
+//! Between messages the loop waits for the frontend without a time limit (an idle VM sends
+//! nothing for hours). Once a message has started, the rest of it must arrive within the
+//! message timeout ([`DEFAULT_MESSAGE_TIMEOUT`]), or the frontend is disconnected: a
+//! frontend that stops mid-message would otherwise block the daemon, which serves one
+//! frontend at a time, forever.
 
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, TryLockError};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
@@ -31,11 +39,18 @@ pub enum ConnectionEnd {
     Shutdown,
 }
 
+/// How long a frontend may take to deliver the rest of a message once its first byte has
+/// arrived. Frontends send a message's header, payload and fds in one `sendmsg` (the
+/// vhost-user spec's framing: a 12-byte header whose `size` field gives the payload
+/// length), so any time limit well above a scheduling delay is safe.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A vhost-user-blk server on a unix socket.
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
     device: Arc<Mutex<VblkDevice>>,
+    message_timeout: Option<Duration>,
 }
 
 impl Server {
@@ -51,7 +66,17 @@ impl Server {
         let bind_err = |source| ServerError::Bind { path: path.to_owned(), source };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
-        Ok(Server { listener, path: path.to_owned(), device: Arc::new(Mutex::new(device)) })
+        Ok(Server {
+            listener,
+            path: path.to_owned(),
+            device: Arc::new(Mutex::new(device)),
+            message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+        })
+    }
+
+    /// Set the message timeout (`None`: wait forever for the rest of a message).
+    pub fn set_message_timeout(&mut self, timeout: Option<Duration>) {
+        self.message_timeout = timeout;
     }
 
     pub fn path(&self) -> &Path {
@@ -86,7 +111,7 @@ impl Server {
             }
         };
         tracing::info!("frontend connected");
-        Ok(serve_stream(&self.device, stream, shutdown))
+        Ok(serve_stream_with_timeout(&self.device, stream, shutdown, self.message_timeout))
     }
 }
 
@@ -96,9 +121,48 @@ fn lock(device: &Mutex<VblkDevice>) -> std::sync::MutexGuard<'_, VblkDevice> {
 }
 
 /// Serve one connected frontend on `stream` until it disconnects or `shutdown` becomes
-/// readable; then release everything it set up. Used by [`Server`] and by in-process
-/// loopback (a socketpair instead of a listening socket).
+/// readable; then release everything it set up. Used by in-process loopback (a socketpair
+/// instead of a listening socket): no message timeout.
 pub fn serve_stream(device: &Arc<Mutex<VblkDevice>>, stream: UnixStream, shutdown: RawFd) -> ConnectionEnd {
+    serve_stream_with_timeout(device, stream, shutdown, None)
+}
+
+/// [`serve_stream`], disconnecting a frontend that starts a message and does not finish it
+/// within `message_timeout` (see `MessageTimer` in this module).
+pub fn serve_stream_with_timeout(
+    device: &Arc<Mutex<VblkDevice>>,
+    stream: UnixStream,
+    shutdown: RawFd,
+    message_timeout: Option<Duration>,
+) -> ConnectionEnd {
+    let timer = MessageTimer::default();
+    let conn = match message_timeout.map(|_| stream.try_clone()).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the connection for stalled messages: dropping it");
+            return ConnectionEnd::Disconnected;
+        }
+    };
+    std::thread::scope(|s| {
+        let watching = conn.as_ref().and_then(|conn| {
+            let spawned =
+                std::thread::Builder::new().name("vblk-msg-timer".into()).spawn_scoped(s, || timer.run(conn, device));
+            spawned.map_err(|e| tracing::error!(error = %e, "cannot start the message timer")).ok()
+        });
+        let timeout = message_timeout.filter(|_| watching.is_some());
+        let end = serve_messages(device, stream, shutdown, &timer, timeout);
+        timer.stop();
+        end
+    })
+}
+
+fn serve_messages(
+    device: &Arc<Mutex<VblkDevice>>,
+    stream: UnixStream,
+    shutdown: RawFd,
+    timer: &MessageTimer,
+    timeout: Option<Duration>,
+) -> ConnectionEnd {
     let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(device));
     let end = loop {
         match wait_readable(handler.as_raw_fd(), shutdown) {
@@ -109,7 +173,16 @@ pub fn serve_stream(device: &Arc<Mutex<VblkDevice>>, stream: UnixStream, shutdow
                 break ConnectionEnd::Disconnected;
             }
         }
-        match handler.handle_request() {
+        // A message has started: the rest of it must arrive in time.
+        if let Some(t) = timeout {
+            timer.arm(t);
+        }
+        let r = handler.handle_request();
+        if timer.disarm() {
+            tracing::warn!(timeout = ?timeout.unwrap_or_default(), "frontend stalled in the middle of a message: disconnecting it");
+            break ConnectionEnd::Disconnected;
+        }
+        match r {
             Ok(()) => {}
             Err(VuError::ReqHandlerError(e)) if !lock(device).take_fatal() => {
                 // Refused, and the frontend got an error reply (REPLY_ACK) or expects
@@ -136,6 +209,78 @@ impl Drop for Server {
     }
 }
 
+/// Ends a connection whose frontend started a message and did not finish sending it in time.
+///
+/// Armed when the socket becomes readable (a message has started), disarmed when
+/// `handle_request` returns. If the deadline passes while the `vhost` crate is still
+/// receiving the message, the timer shuts the socket down: the blocked `recvmsg` returns
+/// and the message fails. This covers every way a receive can block in the crate: a
+/// partial header, a payload shorter than the header's `size` field, and the retry after
+/// a header carrying more fds than it accepts (it closes them and reads on). Applying a
+/// message happens under the device lock and may legitimately take long (draining a ring's
+/// I/O on a slow disk): a deadline that passes while the lock is held means the message
+/// was received whole, and is not enforced.
+#[derive(Default)]
+struct MessageTimer {
+    state: Mutex<TimerState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct TimerState {
+    deadline: Option<Instant>,
+    fired: bool,
+    stop: bool,
+}
+
+impl MessageTimer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TimerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn arm(&self, timeout: Duration) {
+        self.lock().deadline = Some(Instant::now() + timeout);
+        self.wake.notify_one();
+    }
+
+    /// Disarm; true if the timer fired (the connection was shut down) since `arm`.
+    fn disarm(&self) -> bool {
+        let mut s = self.lock();
+        s.deadline = None;
+        std::mem::take(&mut s.fired)
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_one();
+    }
+
+    /// The timer thread: shut `conn` down when an armed deadline passes.
+    fn run(&self, conn: &UnixStream, device: &Mutex<VblkDevice>) {
+        let mut s = self.lock();
+        while !s.stop {
+            let Some(deadline) = s.deadline else {
+                s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let now = Instant::now();
+            if now < deadline {
+                s = self.wake.wait_timeout(s, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+                continue;
+            }
+            s.deadline = None;
+            if matches!(device.try_lock(), Err(TryLockError::WouldBlock)) {
+                // The message is being applied: it arrived whole.
+                continue;
+            }
+            s.fired = true;
+            if let Err(e) = conn.shutdown(Shutdown::Both) {
+                tracing::error!(error = %e, "cannot shut down a stalled connection");
+            }
+        }
+    }
+}
+
 /// Wait until `fd` is readable (`Ok(true)`) or `shutdown` is (`Ok(false)`).
 fn wait_readable(fd: RawFd, shutdown: RawFd) -> Result<bool, ServerError> {
     let mut fds = [
@@ -154,4 +299,51 @@ fn wait_readable(fd: RawFd, shutdown: RawFd) -> Result<bool, ServerError> {
         }
     }
     Ok(fds[0].revents == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    use vblk_backend::{Disk, EngineKind};
+    use vblk_blk::DeviceParams;
+
+    use super::*;
+    use crate::DataPlaneOptions;
+
+    /// GET_FEATURES (1), version 1, no payload.
+    const GET_FEATURES: [u8; 12] = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+
+    /// The timer tells a message that is slow to arrive (cut after the timeout) from one
+    /// that arrived whole and is slow to apply (the device lock is held: never cut).
+    #[test]
+    fn only_a_message_still_arriving_is_timed_out() {
+        let disk = Arc::new(Disk::null(1 << 20));
+        let params = Arc::new(DeviceParams::new(disk.size(), false, 512, "t", 1, 64));
+        let opts = DataPlaneOptions { threads: 1, engine: EngineKind::Sync, poll_us: 0 };
+        let dev = Arc::new(Mutex::new(VblkDevice::new(params, disk, opts)));
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let (stop, _keep) = UnixStream::pair().unwrap();
+        let t = Duration::from_millis(200);
+        let d = Arc::clone(&dev);
+        let server = std::thread::spawn(move || serve_stream_with_timeout(&d, theirs, stop.as_raw_fd(), Some(t)));
+        ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+
+        // A whole message, applied slowly (the device is busy for three timeouts): answered.
+        let busy = dev.lock().unwrap();
+        ours.write_all(&GET_FEATURES).unwrap();
+        std::thread::sleep(t * 3);
+        drop(busy);
+        let mut reply = [0u8; 20];
+        ours.read_exact(&mut reply).expect("the reply to a message that was slow to apply");
+        assert_eq!(reply[..4], GET_FEATURES[..4]);
+
+        // Half a header, then nothing: disconnected after the timeout.
+        let start = Instant::now();
+        ours.write_all(&GET_FEATURES[..6]).unwrap();
+        assert_eq!(ours.read(&mut reply).unwrap(), 0, "EOF expected");
+        assert!(start.elapsed() >= t, "cut after {:?}", start.elapsed());
+        assert_eq!(server.join().unwrap(), ConnectionEnd::Disconnected);
+    }
 }

@@ -27,6 +27,10 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod procfs;
+#[allow(unused_imports)] // not every test binary inspects /proc
+pub use procfs::*;
+
 pub const MIB: u64 = 1024 * 1024;
 /// Guest RAM (also the size of the shared memfd backend).
 const GUEST_MEM_MIB: u64 = 512;
@@ -187,6 +191,13 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     v.truncate(len);
     v
+}
+
+/// What guest/tests/smoke.sh (and fio-until-killed.sh) write at 1 MiB:
+/// `yes vblk-smoke-pattern-TAG | head -c 1M`.
+pub fn smoke_pattern(tag: &str) -> Vec<u8> {
+    let line = format!("vblk-smoke-pattern-{tag}\n");
+    line.as_bytes().iter().copied().cycle().take(MIB as usize).collect()
 }
 
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
@@ -479,6 +490,11 @@ impl BackendProcess {
         read_lossy(&self.log)
     }
 
+    /// The backend's process id (for /proc inspection).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// Kills the backend (SIGKILL) and reaps it.
     pub fn stop(&mut self) {
         self.proc.kill();
@@ -532,6 +548,20 @@ fn result_line(serial: &str) -> Option<String> {
 
 /// Boots the guest against the vhost-user socket and runs `/tests/<test>.sh`.
 pub fn run_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_queues: u16) -> GuestOutcome {
+    spawn_guest(dir, socket, test, args, num_queues).wait()
+}
+
+/// A booting or running guest (QEMU), killed on drop.
+pub struct RunningGuest {
+    qemu: ProcGuard,
+    test: String,
+    serial_path: PathBuf,
+    stderr_path: PathBuf,
+    start: Instant,
+}
+
+/// Starts QEMU booting the guest that runs `/tests/<test>.sh`; does not wait.
+pub fn spawn_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_queues: u16) -> RunningGuest {
     let g = guest_image();
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
@@ -567,42 +597,78 @@ pub fn run_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_queue
     cmd.stdin(Stdio::null()).stdout(errf.try_clone().unwrap()).stderr(errf);
     let start = Instant::now();
     let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start QEMU: {command}: {e}"));
-    let mut qemu = ProcGuard { child: Some(child), what: "qemu".into() };
+    let qemu = ProcGuard { child: Some(child), what: "qemu".into() };
     eprintln!("[{test}] booting guest (qemu pid {}): {command}", qemu.pid());
+    RunningGuest { qemu, test: test.to_string(), serial_path, stderr_path, start }
+}
 
-    let timeout = guest_timeout();
-    let mut timed_out = false;
-    let mut result_seen: Option<Instant> = None;
-    let exit = loop {
-        if let Some(st) = qemu.try_wait() {
-            break Some(st);
+impl RunningGuest {
+    pub fn pid(&self) -> u32 {
+        self.qemu.pid()
+    }
+
+    /// The serial console so far.
+    pub fn serial(&self) -> String {
+        read_lossy(&self.serial_path)
+    }
+
+    /// Waits (up to `timeout`) until the serial console contains `marker`; false if QEMU
+    /// exited or time ran out first.
+    pub fn wait_for_serial(&mut self, marker: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && self.qemu.try_wait().is_none() {
+            if self.serial().contains(marker) {
+                return true;
+            }
+            sleep(Duration::from_millis(100));
         }
-        if result_seen.is_none() && result_line(&read_lossy(&serial_path)).is_some() {
-            result_seen = Some(Instant::now());
+        self.serial().contains(marker)
+    }
+
+    /// SIGKILL QEMU (no shutdown of the device, no goodbye on the vhost-user socket) and
+    /// reap it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        self.qemu.kill()
+    }
+
+    /// Waits for the guest to print its result and power off (or for the timeout).
+    pub fn wait(self) -> GuestOutcome {
+        let RunningGuest { mut qemu, test, serial_path, stderr_path, start } = self;
+        let test = test.as_str();
+        let timeout = guest_timeout();
+        let mut timed_out = false;
+        let mut result_seen: Option<Instant> = None;
+        let exit = loop {
+            if let Some(st) = qemu.try_wait() {
+                break Some(st);
+            }
+            if result_seen.is_none() && result_line(&read_lossy(&serial_path)).is_some() {
+                result_seen = Some(Instant::now());
+            }
+            // The guest powers off right after printing the result; don't wait
+            // forever if that does not work.
+            let stuck_after_result = result_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(30));
+            if start.elapsed() > timeout || stuck_after_result {
+                timed_out = !stuck_after_result;
+                break qemu.kill();
+            }
+            sleep(Duration::from_millis(100));
+        };
+        qemu.kill();
+        let elapsed = start.elapsed();
+        let serial = read_lossy(&serial_path);
+        let result = result_line(&serial);
+        let passed = result.as_deref() == Some(&format!("VBLK-RESULT PASS {test}"));
+        GuestOutcome {
+            test: test.to_string(),
+            result,
+            passed,
+            serial,
+            qemu_stderr: read_lossy(&stderr_path),
+            exit,
+            timed_out,
+            elapsed,
         }
-        // The guest powers off right after printing the result; don't wait
-        // forever if that does not work.
-        let stuck_after_result = result_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(30));
-        if start.elapsed() > timeout || stuck_after_result {
-            timed_out = !stuck_after_result;
-            break qemu.kill();
-        }
-        sleep(Duration::from_millis(100));
-    };
-    qemu.kill();
-    let elapsed = start.elapsed();
-    let serial = read_lossy(&serial_path);
-    let result = result_line(&serial);
-    let passed = result.as_deref() == Some(&format!("VBLK-RESULT PASS {test}"));
-    GuestOutcome {
-        test: test.to_string(),
-        result,
-        passed,
-        serial,
-        qemu_stderr: read_lossy(&stderr_path),
-        exit,
-        timed_out,
-        elapsed,
     }
 }
 
