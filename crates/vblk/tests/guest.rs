@@ -114,12 +114,7 @@ fn fio_verify_4_queues() {
 /// kick eventfds) and request merging off; the defaults are polling (50 µs) and merging.
 #[test]
 fn fio_verify_2_queues_sleeping_without_merging() {
-    fio_verify_with(
-        "fio_verify_2_queues_sleeping_without_merging",
-        under_test(),
-        2,
-        &["--poll-us", "0", "--no-merge"],
-    );
+    fio_verify_with("fio_verify_2_queues_sleeping_without_merging", under_test(), 2, &["--poll-us", "0", "--no-merge"]);
 }
 
 #[test]

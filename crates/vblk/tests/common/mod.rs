@@ -490,11 +490,6 @@ impl BackendProcess {
         read_lossy(&self.log)
     }
 
-    /// The backend's process id (for /proc inspection).
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
     /// Kills the backend (SIGKILL) and reaps it.
     pub fn stop(&mut self) {
         self.proc.kill();
