@@ -136,9 +136,35 @@ def workloads():
 
 
 # Rows for the cases this script does not measure.
-NOT_MEASURED = {
-    6: ("6", "idle backend CPU (no I/O, guest attached)", "not measured by this script: see docs/PERFORMANCE.md"),
-}
+NOT_MEASURED = {}
+
+IDLE_TARGET = 1.0  # case 6: % of one CPU
+
+
+def run_idle(a):
+    """Case 6: `bench/idle.sh` (a TCG guest attached, no I/O) --pairs times; the backend's CPU
+    share between 1 s and 6 s after the guest's last I/O. An absolute target, no peer."""
+    print("\n== case 6: idle backend CPU, a Linux guest attached (TCG), no I/O", flush=True)
+    out = {"case": 6, "id": "6", "title": "idle backend CPU, guest attached, no I/O", "runs": []}
+    script = os.path.join(ROOT, "bench", "idle.sh")
+    for i in range(a.pairs):
+        argv = ["bash", script, "--window", "5"]
+        if a.vblk_args:
+            argv += ["--"] + shlex.split(a.vblk_args)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("idle:")), None)
+        if r.returncode != 0 or line is None:
+            rec = {"error": (r.stdout + r.stderr).strip()[-400:]}
+            print(f"    [{i + 1}/{a.pairs}] ERROR {rec['error']}", flush=True)
+        else:
+            pct = float(line.split(" used ")[1].split("%")[0])
+            rec = {"pct": pct, "line": line}
+            print(f"    [{i + 1}/{a.pairs}] {pct:.2f}% of one CPU", flush=True)
+        out["runs"].append(rec)
+    v = median([r.get("pct") for r in out["runs"]])
+    out["checks"] = [{"metric": "idle_pct", "vblk": v, "target": IDLE_TARGET,
+                      "pass": None if v is None else v < IDLE_TARGET}]
+    return out
 
 
 def qsd_configs(disk):
@@ -688,6 +714,15 @@ def table(results, cases):
     done = set()
     for wr in results:
         done.add(wr["case"])
+        if wr["case"] == 6:
+            c = wr["checks"][0]
+            pcts = [r["pct"] for r in wr["runs"] if "pct" in r]
+            spread = f"{min(pcts):.2f}-{max(pcts):.2f}" if pcts else "-"
+            res = {True: "pass", False: "short", None: "n/a"}[c["pass"]]
+            v = "-" if c["vblk"] is None else f"{c['vblk']:.2f}"
+            rows.append([wr["id"], wr["title"], "backend CPU (% of one CPU) ↓", v, "- (absolute)",
+                         f"{v} (vblk)", spread, f"vblk < {IDLE_TARGET:g}", res])
+            continue
         for c in wr["checks"]:
             name, unit = METRICS[c["metric"]]
             metric = name + (f" ({unit})" if unit else "") + (" ↑" if c["direction"] == HIGHER else " ↓")
@@ -720,7 +755,7 @@ def detail_table(results):
             "backend CPU µs/IO", "others/steal CPUs", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for wr in results:
-        for side in wr["sides"]:
+        for side in wr.get("sides", []):
             m = wr["medians"][side]
             if wr.get("peer") == "blkio":
                 cfg = f"client {'vblk bench' if side == 'vblk' else 'libblkio'}, QSD {wr.get('qsd_config') or '-'}"
@@ -852,6 +887,9 @@ def main():
     try:
         for wl in selected:
             results.append(run_workload(env, wl))
+        if 6 in cases:
+            wait_quiet(a)
+            results.append(run_idle(a))
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: reporting what was measured", file=sys.stderr)
@@ -862,6 +900,7 @@ def main():
     meta["duration_s"] = round(time.monotonic() - t0, 1)
     meta["loadavg_end"] = sh("cat /proc/loadavg")
     meta["interrupted"] = interrupted
+    results.sort(key=lambda w: (w["case"], w["id"]))
     summary = table(results, cases)
     details = detail_table(results)
     print(f"\n{meta['date']}, {a.pairs} pairs x {a.seconds:g} s, medians; ratio = vblk / peer; "
