@@ -537,6 +537,7 @@ def run_fio(env, wl, seconds, cfg):
             "client_cpu_us_per_io": (job["usr_cpu"] + job["sys_cpu"]) / 100 * runtime_s * 1e6 / ios
             if ios else None,
             "backend_cpu_us_per_io": None,
+            "syscalls_per_io": None,
             "errors": job["error"],
         }
     except Exception as e:  # noqa: BLE001
@@ -670,7 +671,7 @@ def run_workload(env, wl):
     med = {}
     for side in wl.sides:
         runs = [r for r in out["runs"] if r["side"] == side and "error" not in r]
-        med[side] = {k: median([r["metrics"][k] for r in runs]) for k in METRICS}
+        med[side] = {k: median([r["metrics"].get(k) for r in runs]) for k in METRICS}
         med[side]["runs_ok"] = len(runs)
         med[side]["runs_failed"] = sum(1 for r in out["runs"] if r["side"] == side and "error" in r)
         med[side]["discarded"] = sum(1 for r in out["discarded"] if r["side"] == side)

@@ -94,6 +94,8 @@ pub struct Disk {
     /// O_DIRECT offset/length alignment (1 when not direct).
     dio_offset_align: u32,
     flush_failed: AtomicBool,
+    /// The file is in memory (tmpfs, ramfs, hugetlbfs): see [`Disk::is_memory_backed`].
+    memory_backed: bool,
     /// Injected faults (testing aid), applied by every engine on this disk.
     faults: Option<Faults>,
 }
@@ -168,6 +170,7 @@ impl Disk {
             None
         };
 
+        let memory_backed = !block_device && sys::memory_backed(file.as_fd());
         Ok(Disk {
             backing: Backing::File { file, buffered },
             path: Some(path.to_path_buf()),
@@ -179,6 +182,7 @@ impl Disk {
             dio_mem_align: mem_align,
             dio_offset_align: off_align,
             flush_failed: AtomicBool::new(false),
+            memory_backed,
             faults: None,
         })
     }
@@ -197,6 +201,7 @@ impl Disk {
             dio_mem_align: 1,
             dio_offset_align: 1,
             flush_failed: AtomicBool::new(false),
+            memory_backed: false,
             faults: None,
         }
     }
@@ -255,6 +260,14 @@ impl Disk {
         self.block_device
     }
 
+    /// Whether the image lives in memory (tmpfs, ramfs, hugetlbfs). io_uring cannot do
+    /// non-blocking I/O on such files (no `FMODE_NOWAIT`) and hands every op to a kernel
+    /// worker thread; doing the copy in the calling thread is cheaper (see
+    /// [`EngineKind::Auto`](crate::EngineKind::Auto)).
+    pub fn is_memory_backed(&self) -> bool {
+        self.memory_backed
+    }
+
     /// Whether this is the null backend.
     pub fn is_null(&self) -> bool {
         matches!(self.backing, Backing::Null)
@@ -306,6 +319,9 @@ impl Disk {
                 let _ = write!(s, ", {}-byte blocks", self.logical_block_size);
             }
             s.push_str(if self.direct { ", O_DIRECT" } else { ", buffered" });
+            if self.memory_backed {
+                s.push_str(", in memory");
+            }
         }
         if self.readonly {
             s.push_str(", read-only");

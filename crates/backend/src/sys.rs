@@ -175,6 +175,23 @@ pub(crate) fn dio_alignment(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
     Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
 }
 
+/// Whether the file lives in memory (tmpfs, ramfs, hugetlbfs): reads and writes are copies
+/// that never wait for a device. `fstatfs` failing counts as "no".
+pub(crate) fn memory_backed(fd: BorrowedFd<'_>) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let mut st = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `st` is a writable statfs buffer owned by this frame.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded and filled the (zero-initialised) struct.
+    #[allow(clippy::unnecessary_cast)] // `f_type` is i64 on x86-64, other types elsewhere
+    let f_type = unsafe { st.assume_init() }.f_type as i64;
+    matches!(f_type, TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC)
+}
+
 /// A non-blocking, close-on-exec eventfd (counter starts at 0).
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd takes only integer flags.

@@ -292,3 +292,23 @@ fn loop_block_device() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn auto_uses_the_synchronous_engine_for_images_in_memory() {
+    let Some(shm) = TempDir::new_shm() else {
+        eprintln!("SKIPPED: no tmpfs at /dev/shm");
+        return;
+    };
+    let opts = DiskOptions { readonly: false, direct: true, create_size: Some(MIB) };
+    let in_memory = Arc::new(Disk::open(&shm.path("m.img"), &opts).expect("open on tmpfs"));
+    assert!(in_memory.is_memory_backed());
+    assert!(in_memory.describe().contains(", in memory"), "{}", in_memory.describe());
+    assert_eq!(Engine::new(in_memory.clone(), EngineKind::Auto, 8).unwrap().kind_name(), "sync");
+    assert_eq!(Engine::new(in_memory, EngineKind::Uring, 8).unwrap().kind_name(), "io_uring", "explicit choice wins");
+
+    let dir = TempDir::new();
+    let on_disk = Arc::new(Disk::open(&dir.path("d.img"), &opts).expect("open"));
+    if !on_disk.is_memory_backed() {
+        assert_eq!(Engine::new(on_disk, EngineKind::Auto, 8).unwrap().kind_name(), "io_uring");
+    }
+}
