@@ -14,6 +14,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::memory::{IoBuf, SharedMemory, SLOT_HDR, SLOT_SEGMENT, SLOT_STATUS, SLOT_TABLE};
 use crate::DriverError;
 
+/// How long [`QueueHandle::wait`] sleeps on the call eventfd before it checks whether the
+/// backend hung up or the timeout passed.
+pub const HANGUP_CHECK: Duration = Duration::from_millis(20);
+
 /// A block operation. Offsets and lengths are in bytes (multiples of 512).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -266,8 +270,12 @@ impl QueueHandle {
     /// Wait until at least `min` completions were reaped (or nothing is in flight),
     /// sleeping on the call eventfd (or spinning in poll mode). A backend that does not
     /// answer within the timeout, or hangs up, is an error.
+    ///
+    /// The common path reads no clock and polls one fd: the deadline starts at the first
+    /// sleep, and the socket (which hangs up when the backend dies) is only looked at when
+    /// a sleep slice of [`HANGUP_CHECK`] passes without an interrupt.
     pub fn wait(&mut self, out: &mut Vec<Completion>, min: usize) -> Result<usize, DriverError> {
-        let deadline = Instant::now() + self.timeout;
+        let mut deadline: Option<Instant> = None;
         let mut got = 0;
         let mut spins = 0u32;
         loop {
@@ -278,7 +286,8 @@ impl QueueHandle {
             if self.poll_mode {
                 spins += 1;
                 if spins.is_multiple_of(4096) {
-                    self.check_alive(deadline, Duration::ZERO)?;
+                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+                    self.sleep(deadline, Duration::ZERO)?;
                 }
                 std::hint::spin_loop();
                 continue;
@@ -289,26 +298,30 @@ impl QueueHandle {
             if self.ring.enable_interrupts_after(u16::try_from(rest).unwrap_or(u16::MAX)) {
                 continue;
             }
-            self.check_alive(deadline, deadline.saturating_duration_since(Instant::now()))?;
-            // Non-blocking eventfd: consume the notification, if any.
-            let _ = self.call.read();
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+            self.sleep(deadline, HANGUP_CHECK)?;
         }
     }
 
-    /// Sleep until the call eventfd fires (at most `sleep`); fail if the backend hung up
-    /// or the deadline passed.
-    fn check_alive(&self, deadline: Instant, sleep: Duration) -> Result<(), DriverError> {
-        let mut fds = [
-            libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.socket.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 },
-        ];
-        let ms = sleep.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: a valid array of two pollfd.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, if sleep.is_zero() { 0 } else { ms.max(1) }) };
-        if n > 0 && fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+    /// Sleep until the call eventfd fires (at most `slice`) and consume it. When the slice
+    /// passes without an interrupt, fail if the backend hung up or `deadline` passed.
+    fn sleep(&self, deadline: Instant, slice: Duration) -> Result<(), DriverError> {
+        let mut fd = libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = slice.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut fd, 1, ms) };
+        if n > 0 {
+            // Non-blocking eventfd: consume the notification.
+            let _ = self.call.read();
+            return Ok(());
+        }
+        let mut hup = libc::pollfd { fd: self.socket.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd; no waiting.
+        let n = unsafe { libc::poll(&mut hup, 1, 0) };
+        if n > 0 && hup.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
             return Err(DriverError::BackendGone);
         }
-        if n <= 0 && Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             return Err(DriverError::Timeout(self.timeout));
         }
         Ok(())
