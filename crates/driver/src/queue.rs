@@ -271,9 +271,10 @@ impl QueueHandle {
     /// sleeping on the call eventfd (or spinning in poll mode). A backend that does not
     /// answer within the timeout, or hangs up, is an error.
     ///
-    /// The common path reads no clock and polls one fd: the deadline starts at the first
-    /// sleep, and the socket (which hangs up when the backend dies) is only looked at when
-    /// a sleep slice of [`HANGUP_CHECK`] passes without an interrupt.
+    /// Cheap on the common path: the clock is read only when the call first has to sleep
+    /// (the deadline starts there), each sleep polls one fd, and the socket (which hangs up
+    /// when the backend dies) is only looked at when a slice of [`HANGUP_CHECK`] passes
+    /// without an interrupt.
     pub fn wait(&mut self, out: &mut Vec<Completion>, min: usize) -> Result<usize, DriverError> {
         let mut deadline: Option<Instant> = None;
         let mut got = 0;
