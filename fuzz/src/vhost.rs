@@ -423,7 +423,7 @@ pub fn device(input: &VuInput) -> Arc<Mutex<VblkDevice>> {
         engine: EngineKind::Auto,
         poll_us: if input.options & 1 != 0 { 20 } else { 0 },
     };
-    Arc::new(Mutex::new(VblkDevice::new(params, disk, opts)))
+    Arc::new(Mutex::new(VblkDevice::new(params, disk, opts).expect("a valid configuration")))
 }
 
 /// Serve one connection in a thread; returns the frontend end and the daemon's result.

@@ -228,18 +228,34 @@ impl Engine {
         }
     }
 
-    /// Start everything pushed since the last submit: one `io_uring_enter`
-    /// (io_uring), or execute it all now (sync).
+    /// Start everything pushed since the last submit: `io_uring_enter` (io_uring), or
+    /// execute it all now (sync). An error means some ops are still waiting to be
+    /// submitted ([`Engine::unsubmitted`]): call again before sleeping.
     pub fn submit(&mut self) -> Result<(), BackendError> {
         match &mut self.flavour {
             Flavour::Null => Ok(()),
-            Flavour::Uring(u) => u.submit(),
+            Flavour::Uring(u) => {
+                if u.unsubmitted() > 0 && self.disk.faults().is_some_and(|f| f.fail_submit()) {
+                    return Err(BackendError::errno("io_uring_enter (injected fault)", libc::EAGAIN));
+                }
+                u.submit()
+            }
             Flavour::Sync(s) => {
                 if s.pending() > 0 {
                     s.submit(&self.disk, &mut self.ready);
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Ops pushed but not yet handed to the kernel (io_uring SQEs a failed or partial
+    /// submission left queued). Nothing completes them until [`Engine::submit`] succeeds.
+    pub fn unsubmitted(&mut self) -> usize {
+        match &mut self.flavour {
+            Flavour::Uring(u) => u.unsubmitted(),
+            Flavour::Sync(s) => s.pending(),
+            Flavour::Null => 0,
         }
     }
 

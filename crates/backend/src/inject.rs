@@ -8,6 +8,9 @@
 //! SPEC  := ITEM { (';' | ',') ITEM }
 //! ITEM  := 'seed=' N                       seed of the rate= generator (default 0)
 //!        | OPS ':' FAULT { '@' COND }
+//!        | 'submit:eagain' [ '@times=' N ]   the next N (default 1) io_uring submissions
+//!                                          fail with EAGAIN before reaching the kernel,
+//!                                          their SQEs left queued
 //! OPS   := OP { '+' OP }
 //! OP    := read | write | flush | discard | write-zeroes | any
 //! FAULT := eio | enospc                    fail with that errno
@@ -52,6 +55,8 @@ pub(crate) mod delay;
 pub struct FaultSpec {
     seed: u64,
     rules: Vec<Rule>,
+    /// `submit:eagain@times=N`: io_uring submissions to fail with EAGAIN.
+    submit_eagain: u64,
 }
 
 /// A set of op kinds (bits).
@@ -126,15 +131,23 @@ impl FromStr for FaultSpec {
     type Err = FaultSpecError;
 
     fn from_str(s: &str) -> Result<FaultSpec, FaultSpecError> {
-        let mut spec = FaultSpec { seed: 0, rules: Vec::new() };
+        let mut spec = FaultSpec { seed: 0, rules: Vec::new(), submit_eagain: 0 };
         for item in s.split([';', ',']).map(str::trim).filter(|i| !i.is_empty()) {
             if let Some(seed) = item.strip_prefix("seed=") {
                 spec.seed = parse_u64(item, seed)?;
+            } else if let Some(rest) = item.strip_prefix("submit:") {
+                spec.submit_eagain += match rest.trim() {
+                    "eagain" => 1,
+                    r => match r.strip_prefix("eagain@times=") {
+                        Some(n) => parse_u64(item, n)?.max(1),
+                        None => return Err(bad(item, "submit faults are `submit:eagain[@times=N]`")),
+                    },
+                };
             } else {
                 spec.rules.push(parse_rule(item)?);
             }
         }
-        if spec.rules.is_empty() {
+        if spec.rules.is_empty() && spec.submit_eagain == 0 {
             return Err(FaultSpecError::Empty);
         }
         Ok(spec)
@@ -226,6 +239,9 @@ impl fmt::Display for FaultSpec {
     /// The canonical form, which parses back to the same spec.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "seed={}", self.seed)?;
+        if self.submit_eagain > 0 {
+            write!(f, ";submit:eagain@times={}", self.submit_eagain)?;
+        }
         for r in &self.rules {
             f.write_str(";")?;
             if r.ops.0 == ANY {
@@ -295,12 +311,25 @@ pub struct Faults {
     spec: FaultSpec,
     state: Vec<RuleState>,
     injected: AtomicU64,
+    /// Injected submission failures left.
+    submit_eagain: AtomicU64,
 }
 
 impl Faults {
     pub(crate) fn new(spec: FaultSpec) -> Faults {
         let state = spec.rules.iter().map(|_| RuleState::default()).collect();
-        Faults { spec, state, injected: AtomicU64::new(0) }
+        let submit_eagain = AtomicU64::new(spec.submit_eagain);
+        Faults { spec, state, injected: AtomicU64::new(0), submit_eagain }
+    }
+
+    /// Whether this io_uring submission is to fail with EAGAIN (`submit:eagain`).
+    pub(crate) fn fail_submit(&self) -> bool {
+        let fire = self.submit_eagain.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        if fire {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("injecting EAGAIN into an io_uring submission");
+        }
+        fire
     }
 
     /// The spec in force.

@@ -240,15 +240,26 @@ impl UringEngine {
             .map_err(|_| BackendError::errno("io_uring submission queue full", libc::EBUSY))
     }
 
-    /// One `io_uring_enter` submitting everything queued.
+    /// Submit everything queued: `io_uring_enter` until the SQ is empty (the kernel may
+    /// take fewer SQEs than offered). On a transient failure (`EAGAIN`, `EBUSY`, `ENOMEM`)
+    /// or no progress the rest stays queued and the error is returned: the caller must
+    /// try again before it sleeps ([`UringEngine::unsubmitted`]), or those ops would wait
+    /// for an event that never comes.
     pub(crate) fn submit(&mut self) -> Result<(), BackendError> {
-        loop {
+        while !self.ring.submission().is_empty() {
             match self.ring.submit() {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(0) => return Err(BackendError::errno("io_uring_enter (no SQE taken)", libc::EAGAIN)),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => return Err(BackendError::Io { op: "io_uring_enter", source }),
             }
         }
+        Ok(())
+    }
+
+    /// SQEs queued and not yet taken by the kernel.
+    pub(crate) fn unsubmitted(&mut self) -> usize {
+        self.ring.submission().len()
     }
 
     /// Submit anything queued and block until at least one CQE is ready.

@@ -31,9 +31,17 @@ pub struct DeviceParams {
     pub queue_size: u16,
     /// Merge contiguous reads/writes of a batch into one backend I/O.
     pub merge: bool,
-    /// Write-back cache on: writes may complete before they are durable and FLUSH
-    /// makes them durable. Off: every write is durable when it completes.
+    /// Write-back cache in effect: writes may complete before they are durable and FLUSH
+    /// makes them durable. Off: every write is durable when it completes. It is
+    /// `wce && flush`, kept in one flag for the hot path.
     writeback: AtomicBool,
+    /// The cache mode the driver chose (the `writeback` config byte it last wrote; write-back
+    /// until it writes one). Kept across frontend disconnects: QEMU does not replay
+    /// `SET_CONFIG` when it reconnects, so a guest that chose write-through must not find
+    /// itself on write-back afterwards (it would send no FLUSH).
+    wce: AtomicBool,
+    /// The driver negotiated `VIRTIO_BLK_F_FLUSH` (the latest `SET_FEATURES`).
+    flush: AtomicBool,
 }
 
 impl DeviceParams {
@@ -57,6 +65,8 @@ impl DeviceParams {
             queue_size,
             merge: true,
             writeback: AtomicBool::new(true),
+            wce: AtomicBool::new(true),
+            flush: AtomicBool::new(true),
         }
     }
 
@@ -83,9 +93,8 @@ impl DeviceParams {
     /// Apply the features the driver accepted: without FLUSH there is no way to make a
     /// cached write durable, so the cache must be write-through (§5.2.5.1).
     pub fn ack_features(&self, acked: u64) {
-        if acked & blkf::FLUSH == 0 {
-            self.writeback.store(false, Ordering::Release);
-        }
+        self.flush.store(acked & blkf::FLUSH != 0, Ordering::Release);
+        self.update_writeback();
     }
 
     pub fn writeback(&self) -> bool {
@@ -93,7 +102,14 @@ impl DeviceParams {
     }
 
     /// The driver wrote the `writeback` config byte (needs `VIRTIO_BLK_F_CONFIG_WCE`).
+    /// Write-back takes effect only while FLUSH is negotiated.
     pub fn set_writeback(&self, on: bool) {
+        self.wce.store(on, Ordering::Release);
+        self.update_writeback();
+    }
+
+    fn update_writeback(&self) {
+        let on = self.wce.load(Ordering::Acquire) && self.flush.load(Ordering::Acquire);
         self.writeback.store(on, Ordering::Release);
     }
 
@@ -162,5 +178,15 @@ mod tests {
         p.ack_features(p.offered_features() & !blkf::FLUSH);
         assert!(!p.writeback());
         assert_eq!(p.config().writeback, 0);
+        // A later driver that negotiates FLUSH gets the cache mode back (nobody chose
+        // write-through), and one that chose write-through keeps it.
+        p.ack_features(p.offered_features());
+        assert!(p.writeback());
+        p.set_writeback(false);
+        p.ack_features(p.offered_features());
+        assert!(!p.writeback());
+        p.set_writeback(true);
+        p.ack_features(p.offered_features() & !blkf::FLUSH);
+        assert!(!p.writeback(), "write-back needs FLUSH");
     }
 }

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use vblk_backend::{Completion, Engine, IoOp, OpKind};
-use vblk_queue::{Chain, Popped, QueueError, SplitQueue};
+use vblk_queue::{Chain, ChainError, Popped, QueueError, SplitQueue, StatusByte};
 use vblk_virtio::blk::Status;
 use vblk_virtio::Iov;
 
@@ -38,9 +38,20 @@ pub fn split_tag(tag: u64) -> (u64, u16) {
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     status: Iov,
-    used_len: u32,
+    /// Writable bytes before the status byte.
+    data_in: u64,
+    /// Bytes the device writes there when the request succeeds (read data, device ID).
+    data_out: u64,
     /// The next request merged into the same backend I/O.
     next: Option<u16>,
+}
+
+/// The used length of a chain (§2.7.8.2: the device has written at least `len` bytes
+/// from the start of the writable part): the data bytes written, plus the status byte
+/// when nothing is left unwritten before it.
+fn used_len(written: u64, data_in: u64) -> u32 {
+    let len = if written >= data_in { data_in + 1 } else { written };
+    len.min(u32::MAX as u64) as u32
 }
 
 #[derive(Debug, Default)]
@@ -117,63 +128,88 @@ impl BlkQueue {
                 Ok(p) => p,
                 Err(e) => break Err(e),
             };
-            match popped {
+            let started = match popped {
                 Popped::Empty => break Ok(()),
-                Popped::Refused { head, error } => {
-                    tracing::warn!(head, %error, "refusing descriptor chain");
-                    self.stats.refused_chains += 1;
-                    self.queue.add_used(head, 0);
-                }
+                Popped::Refused { head, error, status } => self.refuse(head, error, status),
                 Popped::Chain => {
                     let head = self.spare_chain.head();
                     std::mem::swap(&mut self.spare_chain, &mut self.slots[head as usize].chain);
-                    self.start(head, io);
+                    self.start(head, io)
                 }
-            }
+            };
             n += 1;
+            if let Err(e) = started {
+                break Err(e);
+            }
         };
         // Requests popped before the ring broke still run to completion: none may be left
         // staged (never submitted, never completed, its memory never released).
         self.submit_staged(io);
         if n > 0 {
             if let Err(e) = io.submit() {
-                tracing::error!(%e, "backend submit failed");
+                // The ops stay queued; the worker retries before it sleeps.
+                tracing::warn!(%e, "backend submit failed");
             }
         }
         ring.map(|()| n)
     }
 
-    /// Parse the chain in `head`'s slot and start it, or finish it at once.
-    fn start(&mut self, head: u16, io: &mut Engine) {
+    /// A chain the ring refused: IOERR in its status byte, or, with no status byte to
+    /// write, the queue breaks (never a silent completion).
+    fn refuse(&mut self, head: u16, error: ChainError, status: Option<StatusByte>) -> Result<(), QueueError> {
+        self.stats.refused_chains += 1;
+        let Some(s) = status else {
+            tracing::warn!(head, %error, "descriptor chain refused, and it has no status byte");
+            return Err(self.queue.break_ring(QueueError::NoStatus { head, reason: error.to_string() }));
+        };
+        tracing::warn!(head, %error, "refusing descriptor chain (IOERR)");
+        // The byte was validated against this queue's memory table.
+        let _ = self.queue.memory().write_iov(s.iov, 0, &[Status::IoErr as u8]);
+        self.queue.add_used(head, used_len(0, s.writable_before));
+        Ok(())
+    }
+
+    /// Parse the chain in `head`'s slot and start it, or finish it at once. An error:
+    /// the chain cannot be answered and the queue is now broken.
+    fn start(&mut self, head: u16, io: &mut Engine) -> Result<(), QueueError> {
         self.stats.requests += 1;
         let slot = &mut self.slots[head as usize];
-        let (status, request) = match parse(&slot.chain, &self.params) {
+        let (status, data_in, request) = match parse(&slot.chain, &self.params) {
             Parsed::Unanswerable(error) => {
-                tracing::debug!(head, %error, "request without a status byte");
+                tracing::warn!(head, %error, "request without a status byte");
                 self.stats.errors += 1;
                 slot.chain.release();
-                self.queue.add_used(head, 0);
-                return;
+                return Err(self.queue.break_ring(QueueError::NoStatus { head, reason: error.to_string() }));
             }
-            Parsed::Answerable { status, request, .. } => (status, request),
+            Parsed::Answerable { status, data_in_len, request } => (status, data_in_len, request),
         };
-        let used_len = slot.chain.writable_len().min(u32::MAX as u64) as u32;
-        slot.pending = Some(Pending { status, used_len, next: None });
+        let data_out = match request {
+            Ok(Request::Read { len, .. }) => len,
+            Ok(Request::GetId { len }) => len as u64,
+            _ => 0,
+        };
+        slot.pending = Some(Pending { status, data_in, data_out, next: None });
         let request = match request {
             Ok(r) => r,
-            Err(e) => return self.finish(head, Err(e)),
+            Err(e) => {
+                self.finish(head, Err(e), 0);
+                return Ok(());
+            }
         };
         let fua = !self.params.writeback();
         let tag = self.tag_base | head as u64;
         let op = match request {
-            Request::Read { len: 0, .. } | Request::Write { len: 0, .. } => return self.finish(head, Ok(())),
+            Request::Read { len: 0, .. } | Request::Write { len: 0, .. } => {
+                self.finish(head, Ok(()), 0);
+                return Ok(());
+            }
             Request::Read { offset, len } | Request::Write { offset, len } => {
                 // Submitted after the batch is popped, merged with its neighbours. The
-                // descriptor count bounds the data buffers (no need to compute them twice).
+                // iov count bounds the data buffers (no need to compute them twice).
                 let write = matches!(request, Request::Write { .. });
                 let segs = if write { slot.chain.readable().len() } else { slot.chain.writable().len() };
                 self.merge.push(Staged { head, write, offset, len, segs });
-                return;
+                return Ok(());
             }
             Request::Flush => IoOp::without_data(OpKind::Flush, 0, 0, false, tag),
             Request::Discard { offset, len } => IoOp::without_data(OpKind::Discard, offset, len, fua, tag),
@@ -183,10 +219,13 @@ impl BlkQueue {
             Request::GetId { len } => {
                 let serial = self.params.serial;
                 let r = slot.chain.writer().write_all(&serial[..len as usize]);
-                return self.finish(head, r.map_err(|e| RequestError::Memory(e.to_string())));
+                let written = if r.is_ok() { len as u64 } else { 0 };
+                self.finish(head, r.map_err(|e| RequestError::Memory(e.to_string())), written);
+                return Ok(());
             }
         };
         self.push(op, io);
+        Ok(())
     }
 
     /// Submit the batch's reads and writes, contiguous ones merged into one I/O.
@@ -233,7 +272,7 @@ impl BlkQueue {
         if let Err(op) = unsafe { io.push(op) } {
             tracing::error!(head, "backend queue full; failing request");
             self.recycle(op);
-            self.finish_all(head, Err(RequestError::BackendFull));
+            self.finish_all(head, Err(RequestError::BackendFull), 0);
         }
     }
 
@@ -244,21 +283,28 @@ impl BlkQueue {
     pub fn complete(&mut self, c: Completion) {
         let (_, head) = split_tag(c.op.tag);
         let data = matches!(c.op.kind, OpKind::Read | OpKind::Write);
-        let result = match c.result {
-            Ok(done) if data && done != c.op.len => Err(RequestError::ShortTransfer { done, len: c.op.len }),
-            Ok(_) => Ok(()),
-            Err(e) => Err(RequestError::Backend(e.to_string())),
+        let (result, done) = match c.result {
+            Ok(done) if data && done != c.op.len => (Err(RequestError::ShortTransfer { done, len: c.op.len }), done),
+            Ok(done) => (Ok(()), done),
+            Err(e) => (Err(RequestError::Backend(e.to_string())), 0),
         };
+        // Only a read puts data in the guest's writable buffers.
+        let read = if c.op.kind == OpKind::Read { done } else { 0 };
         self.recycle(c.op);
-        self.finish_all(head, result);
+        self.finish_all(head, result, read);
     }
 
-    /// Finish `head` and every request merged after it with the same result.
-    fn finish_all(&mut self, head: u16, result: Result<(), RequestError>) {
+    /// Finish `head` and every request merged after it with the same result. `read`:
+    /// bytes the backend read into the run's buffers, which are the requests' buffers in
+    /// order (a short read filled the first ones).
+    fn finish_all(&mut self, head: u16, result: Result<(), RequestError>, mut read: u64) {
         let mut next = Some(head);
         while let Some(h) = next {
-            next = self.slots.get(h as usize).and_then(|s| s.pending.as_ref()).and_then(|p| p.next);
-            self.finish(h, result.clone());
+            let p = self.slots.get(h as usize).and_then(|s| s.pending.as_ref());
+            next = p.and_then(|p| p.next);
+            let written = read.min(p.map_or(0, |p| p.data_out));
+            read -= written;
+            self.finish(h, result.clone(), written);
         }
     }
 
@@ -269,8 +315,9 @@ impl BlkQueue {
         }
     }
 
-    /// The one place a request ends: write its status byte and put it in the used ring.
-    fn finish(&mut self, head: u16, result: Result<(), RequestError>) {
+    /// The one place a request ends: write its status byte and put it in the used ring
+    /// with the bytes written (`written` data bytes, then the status).
+    fn finish(&mut self, head: u16, result: Result<(), RequestError>, written: u64) {
         let Some(slot) = self.slots.get_mut(head as usize) else { return };
         let Some(p) = slot.pending.take() else {
             tracing::error!(head, "completion for a request that is not pending");
@@ -290,7 +337,7 @@ impl BlkQueue {
             let _ = mem.write_iov(p.status, 0, &[status as u8]);
         }
         slot.chain.release();
-        self.queue.add_used(head, p.used_len);
+        self.queue.add_used(head, used_len(written, p.data_in));
     }
 
     /// Publish finished requests to the used ring. `true`: the driver wants a notification.

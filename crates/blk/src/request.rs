@@ -95,8 +95,8 @@ impl RequestError {
 /// The outcome of parsing one chain.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
-    /// There is nowhere to write a status (no writable byte, or no complete header):
-    /// the chain goes back with used length 0.
+    /// There is nowhere to write a status (no writable byte): the chain cannot be
+    /// answered, and the queue must stop rather than return it silently.
     Unanswerable(RequestError),
     /// The request has a status byte; `request` is what to do, or why not.
     Answerable {
@@ -119,14 +119,13 @@ pub fn parse(chain: &Chain, params: &DeviceParams) -> Parsed {
     let Some(status) = status_byte(chain) else {
         return Parsed::Unanswerable(RequestError::NoStatus);
     };
+    let data_in_len = chain.writable_len() - 1;
     let mut reader = chain.reader();
     let mut hdr = [0u8; OutHdr::SIZE];
-    if reader.read_exact(&mut hdr).is_err() {
-        return Parsed::Unanswerable(RequestError::ShortHeader(chain.readable_len()));
-    }
-    let hdr = OutHdr::from_bytes(&hdr);
-    let data_in_len = chain.writable_len() - 1;
-    let request = check(&hdr, &mut reader, data_in_len, chain, params);
+    let request = match reader.read_exact(&mut hdr) {
+        Ok(()) => check(&OutHdr::from_bytes(&hdr), &mut reader, data_in_len, chain, params),
+        Err(_) => Err(RequestError::ShortHeader(chain.readable_len())),
+    };
     Parsed::Answerable { status, data_in_len, request }
 }
 
@@ -140,14 +139,14 @@ fn check(
     match hdr.req_type {
         req_type::IN => {
             let offset = sector_range(hdr.sector, data_in_len, params)?;
-            segments(chain.writable().len())?;
+            segments(chain.writable_descs())?;
             Ok(Request::Read { offset, len: data_in_len })
         }
         req_type::OUT => {
             writable(params)?;
             let len = reader.remaining();
             let offset = sector_range(hdr.sector, len, params)?;
-            segments(chain.readable().len())?;
+            segments(chain.readable_descs())?;
             Ok(Request::Write { offset, len })
         }
         req_type::FLUSH => Ok(Request::Flush),
@@ -194,9 +193,10 @@ fn writable(params: &DeviceParams) -> Result<(), RequestError> {
     }
 }
 
-fn segments(n: usize) -> Result<(), RequestError> {
-    if n > MAX_DATA_SEGMENTS as usize + 1 {
-        Err(RequestError::TooManySegments(n))
+/// At most `MAX_DATA_SEGMENTS` data descriptors plus the header or status one.
+fn segments(descs: u16) -> Result<(), RequestError> {
+    if descs as u32 > MAX_DATA_SEGMENTS + 1 {
+        Err(RequestError::TooManySegments(descs as usize))
     } else {
         Ok(())
     }

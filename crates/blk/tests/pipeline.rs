@@ -47,8 +47,34 @@ fn rig_with(disk: Disk, file: Option<TempFile>, readonly: bool, engine: EngineKi
 }
 
 fn rig_full(disk: Disk, file: Option<TempFile>, readonly: bool, engine: EngineKind, merge: bool) -> Rig {
-    let spec = RegionSpec { guest_phys_addr: 0, size: MEM, user_addr: 0x7000_0000_0000, mmap_offset: 0 };
-    let mem = Arc::new(GuestMemory::from_files(&[(spec, memfd("guest", MEM).unwrap())]).unwrap());
+    rig_in(guest_memory(&[MEM]), disk, file, readonly, engine, merge)
+}
+
+/// Guest memory of regions of these sizes, each its own memfd, adjacent in guest-physical
+/// space (as boot RAM and hot-plugged DIMMs are) and far apart in the frontend's.
+fn guest_memory(sizes: &[u64]) -> Arc<GuestMemory> {
+    let mut gpa = 0;
+    let regions: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            let user_addr = 0x7000_0000_0000 + ((i as u64) << 36);
+            let spec = RegionSpec { guest_phys_addr: gpa, size, user_addr, mmap_offset: 0 };
+            gpa += size;
+            (spec, memfd("guest", size).unwrap())
+        })
+        .collect();
+    Arc::new(GuestMemory::from_files(&regions).unwrap())
+}
+
+fn rig_in(
+    mem: Arc<GuestMemory>,
+    disk: Disk,
+    file: Option<TempFile>,
+    readonly: bool,
+    engine: EngineKind,
+    merge: bool,
+) -> Rig {
     let addrs = RingAddrs { desc: RINGS, avail: RINGS + 16 * QSIZE as u64, used: RINGS + 0x2000 };
     let feats = RingFeatures { event_idx: true, indirect: true };
     let drv = DriverQueue::new(mem.clone(), QSIZE, addrs, feats).unwrap();
@@ -123,7 +149,7 @@ impl Rig {
         self.mem.write_at(DATA, &vec![0x5a; len as usize]).unwrap();
         let bufs = [self.header(0, req_type::IN, sector), Buffer { addr: DATA, len, write: true }, self.status(0)];
         let (used, st) = self.run(&bufs, 0);
-        assert_eq!(used, len + 1);
+        assert_eq!(used, if st == OK { len + 1 } else { 0 }, "used length: data + status, or nothing");
         let mut out = vec![0u8; len as usize];
         self.mem.read_at(DATA, &mut out).unwrap();
         (st, out)
@@ -259,21 +285,99 @@ fn read_only_exports_refuse_every_write() {
     assert_eq!(r.read(0, 512), (OK, vec![0u8; 512]));
 }
 
+/// A chain with a status byte is answered whatever else is wrong with it (a guest reads a
+/// stale status byte as success): IOERR, used length 1 when the status is all it can write.
 #[test]
-fn requests_without_a_status_byte_come_back_with_used_len_zero() {
+fn a_missing_header_or_a_refused_chain_gets_ioerr() {
     let mut r = file_rig(false, EngineKind::Uring);
-    // No writable buffer at all.
-    let bufs = [r.header(0, req_type::OUT, 0), Buffer { addr: DATA, len: 512, write: false }];
-    assert_eq!(r.run(&bufs, 0).0, 0);
-    // A header shorter than 16 bytes: status untouched.
+    // A header shorter than 16 bytes.
     let bufs = [Buffer { addr: HDR, len: 8, write: false }, r.status(1)];
-    assert_eq!(r.run(&bufs, 1), (0, 0xee));
+    assert_eq!(r.run(&bufs, 1), (1, IOERR));
     // Only a status byte: no header.
     let bufs = [r.status(2)];
-    assert_eq!(r.run(&bufs, 2), (0, 0xee));
-    // The queue still works.
+    assert_eq!(r.run(&bufs, 2), (1, IOERR));
+    // A data buffer outside guest memory: the chain is refused, its status still written.
+    let bufs = [r.header(3, req_type::IN, 0), Buffer { addr: MEM - 512, len: 1024, write: true }, r.status(3)];
+    assert_eq!(r.run(&bufs, 3), (0, IOERR));
+    let bufs = [r.header(4, req_type::OUT, 0), Buffer { addr: MEM, len: 512, write: false }, r.status(4)];
+    assert_eq!(r.run(&bufs, 4), (1, IOERR));
+    // The queue still works, and none of that reached the disk.
+    assert_eq!(r.read(0, 512).1, vec![0u8; 512]);
     assert_eq!(r.write(0, &[3u8; 512]), OK);
     assert_eq!(r.read(0, 512).1, vec![3u8; 512]);
+}
+
+/// A chain with nowhere to put a status cannot be completed without lying: the queue breaks.
+#[test]
+fn a_chain_without_a_status_byte_breaks_the_queue() {
+    for case in 0..3 {
+        let mut r = file_rig(false, EngineKind::Uring);
+        let bufs = match case {
+            // No writable buffer at all.
+            0 => vec![r.header(0, req_type::OUT, 0), Buffer { addr: DATA, len: 512, write: false }],
+            // The last descriptor is device-readable.
+            1 => vec![r.header(0, req_type::IN, 0), Buffer { addr: DATA, len: 512, write: true }, r.header(1, 0, 0)],
+            // The last descriptor (the status) lies outside guest memory.
+            _ => vec![r.header(0, req_type::IN, 0), Buffer { addr: MEM, len: 1, write: true }],
+        };
+        r.drv.add(&bufs).unwrap();
+        r.drv.publish();
+        let e = r.dev.process_available(&mut r.io).unwrap_err();
+        assert!(matches!(e, vblk_queue::QueueError::NoStatus { head: 0, .. }), "case {case}: {e}");
+        assert_eq!(r.dev.queue().broken(), Some(&e));
+        r.dev.publish();
+        assert_eq!(r.drv.pop_used().unwrap(), None, "case {case}: nothing completed silently");
+    }
+}
+
+/// §2.7.8.2: the used length is what the device wrote from the start of the writable part.
+#[test]
+fn the_used_length_counts_only_bytes_written() {
+    let mut r = file_rig(false, EngineKind::Uring);
+    let sectors = DISK / 512;
+    let read = |r: &mut Rig, sector: u64, len: u32| {
+        let bufs = [r.header(0, req_type::IN, sector), Buffer { addr: DATA, len, write: true }, r.status(0)];
+        r.run(&bufs, 0)
+    };
+    assert_eq!(read(&mut r, 0, 4096), (4097, OK), "data + status");
+    assert_eq!(read(&mut r, sectors - 1, 1024), (0, IOERR), "a failed read wrote no data");
+    let bufs = [r.header(0, req_type::FLUSH, 0), r.status(0)];
+    assert_eq!(r.run(&bufs, 0), (1, OK));
+    assert_eq!(r.write(0, &[1u8; 512]), OK);
+    for (room, want) in [(4, 5), (20, 21), (32, 20)] {
+        let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: room, write: true }, r.status(0)];
+        assert_eq!(r.run(&bufs, 0), (want, OK), "GET_ID into {room} bytes");
+    }
+    // A short read filled only the first half of its buffer.
+    let path = temp_path("short");
+    let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
+    let disk = Disk::open(&path, &opts).unwrap().with_faults("read:short".parse().unwrap());
+    let mut r = rig_with(disk, Some(TempFile(path)), false, EngineKind::Uring);
+    assert_eq!(read(&mut r, 0, 4096), (2048, IOERR));
+}
+
+/// Hot-plugged memory arrives as a region adjacent to the others; Linux merges physically
+/// contiguous pages into one descriptor, so a buffer may cross the boundary.
+#[test]
+fn buffers_crossing_adjacent_memory_regions_are_served() {
+    let half = MEM / 2;
+    for engine in [EngineKind::Uring, EngineKind::Sync] {
+        let path = temp_path("regions");
+        let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
+        let disk = Disk::open(&path, &opts).unwrap();
+        let mut r = rig_in(guest_memory(&[half, half]), disk, Some(TempFile(path)), false, engine, true);
+        let data = pattern(8192, 5);
+        let at = half - 4096 - 512;
+        r.mem.write_at(at, &data).unwrap();
+        let bufs = [r.header(0, req_type::OUT, 8), Buffer { addr: at, len: 8192, write: false }, r.status(0)];
+        assert_eq!(r.run(&bufs, 0), (1, OK));
+        r.mem.write_at(at, &[0u8; 8192]).unwrap();
+        let bufs = [r.header(0, req_type::IN, 8), Buffer { addr: at, len: 8192, write: true }, r.status(0)];
+        assert_eq!(r.run(&bufs, 0), (8193, OK));
+        let mut back = vec![0u8; 8192];
+        r.mem.read_at(at, &mut back).unwrap();
+        assert_eq!(back, data, "{engine:?}");
+    }
 }
 
 #[test]

@@ -78,4 +78,6 @@ pub enum DriverError {
     Timeout(Duration),
     #[error("the backend closed the connection")]
     BackendGone,
+    #[error("in-process device: {0}")]
+    Loopback(String),
 }

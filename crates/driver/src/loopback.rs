@@ -70,7 +70,8 @@ pub fn loopback(disk: Disk, cfg: &LoopbackConfig, opts: &Options) -> Result<(Dev
         params,
         disk,
         DataPlaneOptions { threads: cfg.threads, engine: cfg.engine, poll_us: cfg.poll_us },
-    );
+    )
+    .map_err(|e| DriverError::Loopback(e.to_string()))?;
     let dev = Arc::new(Mutex::new(dev));
     let (ours, theirs) = UnixStream::pair().map_err(DriverError::Socket)?;
     let (stop_rx, stop) = UnixStream::pair().map_err(DriverError::Socket)?;

@@ -23,6 +23,10 @@ pub struct Chain {
     writable: Vec<Iov>,
     readable_len: u64,
     writable_len: u64,
+    /// Descriptors behind `readable` / `writable` (a buffer crossing memory regions is
+    /// one descriptor but several iovs).
+    readable_descs: u16,
+    writable_descs: u16,
 }
 
 /// Why a byte-stream access to a chain failed.
@@ -49,6 +53,8 @@ impl Chain {
         self.writable.clear();
         self.readable_len = 0;
         self.writable_len = 0;
+        self.readable_descs = 0;
+        self.writable_descs = 0;
     }
 
     /// Drop the reference to guest memory (after completion).
@@ -56,6 +62,11 @@ impl Chain {
         self.mem = None;
         self.readable.clear();
         self.writable.clear();
+    }
+
+    pub(crate) fn count_descriptor(&mut self, writable: bool) {
+        let n = if writable { &mut self.writable_descs } else { &mut self.readable_descs };
+        *n = n.saturating_add(1);
     }
 
     pub(crate) fn push_readable(&mut self, iov: Iov) {
@@ -83,6 +94,16 @@ impl Chain {
 
     pub fn writable(&self) -> &[Iov] {
         &self.writable
+    }
+
+    /// Device-readable descriptors (what `seg_max` limits), not iovs.
+    pub fn readable_descs(&self) -> u16 {
+        self.readable_descs
+    }
+
+    /// Device-writable descriptors.
+    pub fn writable_descs(&self) -> u16 {
+        self.writable_descs
     }
 
     pub fn readable_len(&self) -> u64 {

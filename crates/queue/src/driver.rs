@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vblk_virtio::{GuestArea, GuestMemory};
 
-use crate::layout::{Descriptor, SplitLayout, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
+use crate::layout::{Descriptor, SplitLayout, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use crate::layout::{AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, USED_ALIGN, USED_F_NO_NOTIFY};
 use crate::split::{RingAddrs, RingFeatures};
 use crate::{need_event, QueueError};
@@ -55,6 +55,10 @@ pub struct DriverQueue {
     free_next: Vec<u16>,
     /// Descriptors used by each in-flight head (0 = not in flight).
     chain_len: Vec<u16>,
+    /// The next descriptor of each in-flight chain, as *we* linked it (Linux's
+    /// `desc_extra`): the descriptor table is shared memory the device can write, so its
+    /// `next` fields are never read back.
+    chain_next: Vec<u16>,
     /// Next avail index to write; `published` is what the device can see.
     avail_idx: u16,
     published: u16,
@@ -92,6 +96,7 @@ impl DriverQueue {
             num_free: n,
             free_next: (1..=n).collect(),
             chain_len: vec![0; n as usize],
+            chain_next: vec![0; n as usize],
             avail_idx: 0,
             published: 0,
             kicked: 0,
@@ -146,6 +151,7 @@ impl DriverQueue {
             if let Some((pi, mut pd)) = prev.take() {
                 pd.flags |= DESC_F_NEXT;
                 pd.next = i;
+                self.chain_next[pi as usize] = i;
                 self.write_desc(pi, pd);
             }
             prev = Some((
@@ -247,18 +253,13 @@ impl DriverQueue {
         Ok(Some((head, len)))
     }
 
-    /// Return a chain's descriptors to the free list, following our own record of it.
+    /// Return a chain's descriptors to the free list, following our own record of it
+    /// (never the descriptor table, which the device may have rewritten).
     fn free_chain(&mut self, head: u16, n: u16) {
         self.chain_len[head as usize] = 0;
         let mut i = head;
-        for k in 0..n {
-            let next = if k + 1 < n {
-                let mut b = [0u8; DESC_SIZE];
-                self.desc.read(self.layout.desc(i), &mut b);
-                Descriptor::from_bytes(&b).next
-            } else {
-                0
-            };
+        for _ in 0..n {
+            let next = self.chain_next[i as usize];
             self.free_next[i as usize] = self.free_head;
             self.free_head = i;
             self.num_free += 1;
@@ -293,5 +294,76 @@ impl DriverQueue {
         if !self.features.event_idx {
             self.avail.store_u16(SplitLayout::FLAGS, AVAIL_F_NO_INTERRUPT);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::DESC_SIZE;
+    use vblk_virtio::memory::memfd;
+    use vblk_virtio::RegionSpec;
+
+    const SIZE: u16 = 8;
+
+    fn ring() -> (Arc<GuestMemory>, RingAddrs, DriverQueue) {
+        let spec = RegionSpec { guest_phys_addr: 0, size: 1 << 20, user_addr: 0x7000_0000, mmap_offset: 0 };
+        let mem = Arc::new(GuestMemory::from_files(&[(spec, memfd("drv", 1 << 20).unwrap())]).unwrap());
+        let addrs = RingAddrs { desc: 0x1000, avail: 0x2000, used: 0x3000 };
+        let q = DriverQueue::new(Arc::clone(&mem), SIZE as u32, addrs, RingFeatures::default()).unwrap();
+        (mem, addrs, q)
+    }
+
+    fn desc_at(mem: &GuestMemory, addrs: RingAddrs, i: u16) -> Descriptor {
+        let mut b = [0u8; DESC_SIZE];
+        mem.read_at(addrs.desc + i as u64 * DESC_SIZE as u64, &mut b).unwrap();
+        Descriptor::from_bytes(&b)
+    }
+
+    /// The descriptors of the chain at `head`, following the table as we wrote it.
+    fn chain(mem: &GuestMemory, addrs: RingAddrs, head: u16) -> Vec<u16> {
+        let mut v = vec![head];
+        let mut d = desc_at(mem, addrs, head);
+        while d.has_next() {
+            v.push(d.next);
+            d = desc_at(mem, addrs, d.next);
+        }
+        v
+    }
+
+    /// A hostile device rewrites the `next` fields of a chain before returning it: the
+    /// driver's free list must not take descriptors of another chain still in flight.
+    #[test]
+    fn a_device_rewriting_next_links_cannot_corrupt_the_free_list() {
+        let (mem, addrs, mut q) = ring();
+        let bufs = [Buffer { addr: 0x10000, len: 16, write: false }; 3];
+        let a = q.add(&bufs).unwrap();
+        let b = q.add(&bufs).unwrap();
+        q.publish();
+        let a_descs = chain(&mem, addrs, a);
+        let b_descs = chain(&mem, addrs, b);
+        // The device points every descriptor of chain `a` at chain `b`'s head...
+        for &i in &a_descs {
+            let mut d = desc_at(&mem, addrs, i);
+            d.next = b;
+            mem.write_at(addrs.desc + i as u64 * DESC_SIZE as u64, &d.to_bytes()).unwrap();
+        }
+        // ... and completes `a`.
+        mem.write_at(addrs.used + 4, &(a as u32).to_le_bytes()).unwrap();
+        mem.write_at(addrs.used + 8, &0u32.to_le_bytes()).unwrap();
+        mem.write_at(addrs.used + 2, &1u16.to_le_bytes()).unwrap();
+        assert_eq!(q.pop_used().unwrap(), Some((a, 0)));
+        assert_eq!(q.num_free(), SIZE - 3);
+        // Everything free now goes into one chain: none of `b`'s descriptors among them.
+        let c = q.add(&vec![Buffer { addr: 0x10000, len: 16, write: false }; (SIZE - 3) as usize]).unwrap();
+        let c_descs = chain(&mem, addrs, c);
+        assert_eq!(c_descs.len(), (SIZE - 3) as usize);
+        for i in &c_descs {
+            assert!(!b_descs.contains(i), "descriptor {i} handed out while chain {b:?} still holds it");
+        }
+        let mut all: Vec<u16> = c_descs.iter().chain(&b_descs).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), SIZE as usize, "every descriptor in exactly one chain");
     }
 }

@@ -16,7 +16,7 @@ pub mod split;
 pub use chain::{Chain, Reader, StreamError, Writer};
 pub use driver::{Buffer, DriverError, DriverQueue};
 pub use layout::{need_event, Descriptor, SplitLayout, MAX_QUEUE_SIZE};
-pub use split::{AddrSpace, Popped, RingAddrs, RingFeatures, SplitQueue, MAX_INDIRECT_ENTRIES};
+pub use split::{AddrSpace, Popped, RingAddrs, RingFeatures, SplitQueue, StatusByte, MAX_INDIRECT_ENTRIES};
 
 use vblk_virtio::MemoryError;
 
@@ -33,10 +33,14 @@ pub enum QueueError {
     HeadOutOfRange { head: u16, size: u16 },
     #[error("head {head} made available again while still in flight")]
     HeadInFlight { head: u16 },
+    /// A chain with nowhere to write a status: completing it would look like success to
+    /// a driver that reads the stale byte, so the queue stops instead.
+    #[error("chain at head {head} has no status byte ({reason})")]
+    NoStatus { head: u16, reason: String },
 }
 
-/// One descriptor chain is invalid: that request is refused (used length 0), the queue
-/// goes on.
+/// One descriptor chain is invalid: that request is answered IOERR where its status byte
+/// can be located (the queue goes on), or the queue breaks ([`QueueError::NoStatus`]).
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
     #[error("descriptor next index {next} out of range ({limit} entries)")]

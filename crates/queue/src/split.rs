@@ -10,14 +10,16 @@
 //!   (EVENT_IDX `avail_event`) and reports work that raced with it.
 //!
 //! Two kinds of failure: a bad *chain* (a loop, a buffer outside memory, …) refuses that
-//! request only: it is returned with used length 0. A bad *ring* (avail index jumping past
-//! the queue size, a head out of range, a head made available twice while in flight)
-//! breaks the queue: nothing more is read from it until it is set up again.
+//! request only: [`Popped::Refused`] says where its status byte is, so the caller can
+//! answer IOERR; a refused chain whose status byte cannot be located must break the queue
+//! (a chain never ends without a status). A bad *ring* (avail index jumping past the queue
+//! size, a head out of range, a head made available twice while in flight) breaks the
+//! queue: nothing more is read from it until it is set up again.
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use vblk_virtio::{GuestArea, GuestMemory, MemoryError};
+use vblk_virtio::{GuestArea, GuestMemory, Iov, MemoryError};
 
 use crate::chain::Chain;
 use crate::layout::{Descriptor, SplitLayout, DESC_SIZE};
@@ -58,8 +60,18 @@ pub enum Popped {
     Empty,
     /// A valid chain was written into the caller's [`Chain`].
     Chain,
-    /// The chain with head `head` is invalid; it must be completed with used length 0.
-    Refused { head: u16, error: ChainError },
+    /// The chain with head `head` is invalid. If its status byte could be located, the
+    /// caller writes IOERR there and completes it; if not (`status: None`), the caller must
+    /// break the queue: a chain never ends without a status.
+    Refused { head: u16, error: ChainError, status: Option<StatusByte> },
+}
+
+/// The status byte of a refused chain, and how many writable bytes come before it (the
+/// used length is 1 only when it is the chain's only writable byte, §2.7.8.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusByte {
+    pub iov: Iov,
+    pub writable_before: u64,
 }
 
 /// Device side of a split virtqueue.
@@ -161,6 +173,12 @@ impl SplitQueue {
         self.broken.as_ref()
     }
 
+    /// Stop the queue for `e` (the layer above found a chain it cannot answer); returns
+    /// `e` for the caller to report.
+    pub fn break_ring(&mut self, e: QueueError) -> QueueError {
+        self.fail(e)
+    }
+
     fn fail(&mut self, e: QueueError) -> QueueError {
         self.broken = Some(e.clone());
         e
@@ -215,7 +233,7 @@ impl SplitQueue {
             Ok(()) => Ok(Popped::Chain),
             Err(error) => {
                 chain.release();
-                Ok(Popped::Refused { head, error })
+                Ok(Popped::Refused { head, error, status: self.locate_status(head) })
             }
         }
     }
@@ -226,8 +244,20 @@ impl SplitQueue {
         Descriptor::from_bytes(&b)
     }
 
-    /// Walk the chain at `head` (§2.7.5, §2.7.5.3) into `chain`.
+    /// Walk the chain at `head` into `chain`: its structure (§2.7.5, §2.7.5.3) and every
+    /// buffer in it.
     fn walk(&self, head: u16, chain: &mut Chain) -> Result<(), ChainError> {
+        self.for_each_desc(head, |d| self.push_buffer(d, chain))
+    }
+
+    /// Visit the descriptors of the chain at `head` in order, checking its structure:
+    /// links inside the ring (or table), no loop, the indirect rules (§2.7.5.3.1). `f`
+    /// sees each data descriptor (never an indirect one) and may refuse it.
+    fn for_each_desc(
+        &self,
+        head: u16,
+        mut f: impl FnMut(&Descriptor) -> Result<(), ChainError>,
+    ) -> Result<(), ChainError> {
         let size = self.layout.size;
         let first = self.read_desc(head);
         if first.is_indirect() {
@@ -237,7 +267,7 @@ impl SplitQueue {
             if first.has_next() {
                 return Err(ChainError::IndirectWithNext);
             }
-            return self.walk_indirect(first, chain);
+            return self.for_each_indirect(first, f);
         }
         let mut d = first;
         let mut count: u32 = 1;
@@ -245,7 +275,7 @@ impl SplitQueue {
             if d.is_indirect() {
                 return Err(ChainError::IndirectNotFirst);
             }
-            self.push_buffer(&d, chain)?;
+            f(&d)?;
             if !d.has_next() {
                 return Ok(());
             }
@@ -261,9 +291,14 @@ impl SplitQueue {
         }
     }
 
-    /// Walk an indirect table (§2.7.5.3.1): a length that is a non-zero multiple of 16, at
-    /// most `max(size, MAX_INDIRECT_ENTRIES)` entries, inside guest memory, no nested tables.
-    fn walk_indirect(&self, table: Descriptor, chain: &mut Chain) -> Result<(), ChainError> {
+    /// The entries of an indirect table (§2.7.5.3.1): a length that is a non-zero multiple
+    /// of 16, at most `max(size, MAX_INDIRECT_ENTRIES)` entries, inside guest memory, no
+    /// nested tables.
+    fn for_each_indirect(
+        &self,
+        table: Descriptor,
+        mut f: impl FnMut(&Descriptor) -> Result<(), ChainError>,
+    ) -> Result<(), ChainError> {
         if table.len == 0 || !(table.len as usize).is_multiple_of(DESC_SIZE) {
             return Err(ChainError::IndirectBadLength(table.len));
         }
@@ -274,10 +309,17 @@ impl SplitQueue {
         if entries > limit {
             return Err(ChainError::TooLong { limit });
         }
-        let iov = self.mem.iov(table.addr, table.len)?;
+        // Validated once; a table crossing into an adjacent region is read entry by entry.
+        let one_region = self.mem.iov(table.addr, table.len).ok();
+        if one_region.is_none() {
+            self.mem.for_each_iov(table.addr, table.len, |_| {})?;
+        }
         let read = |i: u32| -> Result<Descriptor, ChainError> {
             let mut b = [0u8; DESC_SIZE];
-            self.mem.read_iov(iov, i * DESC_SIZE as u32, &mut b)?;
+            match one_region {
+                Some(iov) => self.mem.read_iov(iov, i * DESC_SIZE as u32, &mut b)?,
+                None => self.mem.read_at(table.addr + (i * DESC_SIZE as u32) as u64, &mut b)?,
+            }
             Ok(Descriptor::from_bytes(&b))
         };
         let mut i = 0u32;
@@ -286,7 +328,7 @@ impl SplitQueue {
             if d.is_indirect() {
                 return Err(ChainError::NestedIndirect);
             }
-            self.push_buffer(&d, chain)?;
+            f(&d)?;
             if !d.has_next() {
                 return Ok(());
             }
@@ -298,20 +340,43 @@ impl SplitQueue {
         Err(ChainError::TooLong { limit: entries })
     }
 
+    /// One descriptor's buffer into `chain`: one [`Iov`] per memory region it touches.
     fn push_buffer(&self, d: &Descriptor, chain: &mut Chain) -> Result<(), ChainError> {
         if d.len == 0 {
             return Err(ChainError::ZeroLength);
         }
-        let iov = self.mem.iov(d.addr, d.len)?;
         if d.is_write_only() {
-            chain.push_writable(iov);
+            chain.count_descriptor(true);
+            self.mem.for_each_iov(d.addr, d.len, |iov| chain.push_writable(iov))?;
         } else if chain.has_writable_after_readable() {
             // §2.7.4.2: device-readable descriptors come before device-writable ones.
             return Err(ChainError::ReadableAfterWritable);
         } else {
-            chain.push_readable(iov);
+            chain.count_descriptor(false);
+            self.mem.for_each_iov(d.addr, d.len, |iov| chain.push_readable(iov))?;
         }
         Ok(())
+    }
+
+    /// Where the chain at `head`, refused by [`walk`](Self::walk), can still be answered:
+    /// its status byte, the last byte of its last descriptor (§5.2.6), if that descriptor
+    /// is device-writable and the byte lies in guest memory. Nothing else that failed is
+    /// trusted: the chain's structure (links, loops, indirect table) must be sound.
+    /// `None`: the chain has nowhere to put a status, and the caller must break the queue
+    /// rather than return it silently (a Linux guest takes a stale status byte for OK).
+    fn locate_status(&self, head: u16) -> Option<StatusByte> {
+        let (mut last, mut writable) = (None, 0u64);
+        self.for_each_desc(head, |d| {
+            if d.is_write_only() {
+                writable = writable.saturating_add(d.len as u64);
+            }
+            last = Some(*d);
+            Ok(())
+        })
+        .ok()?;
+        let last = last.filter(|d| d.is_write_only() && d.len > 0)?;
+        let iov = self.mem.iov(last.addr.checked_add(last.len as u64 - 1)?, 1).ok()?;
+        Some(StatusByte { iov, writable_before: writable - 1 })
     }
 
     /// Put `head` in the used ring with `len` bytes written. Not visible to the driver

@@ -144,7 +144,7 @@ impl Pair {
             match self.dev.pop(chain).unwrap() {
                 Popped::Empty => return heads,
                 Popped::Chain => heads.push(chain.head()),
-                Popped::Refused { head, error } => panic!("head {head} refused: {error}"),
+                Popped::Refused { head, error, .. } => panic!("head {head} refused: {error}"),
             }
         }
     }
@@ -485,7 +485,7 @@ proptest! {
                                 prop_assert!(!popped.contains(&h) && !completed.iter().any(|c| c.0 == h));
                                 popped.push(h);
                             }
-                            Popped::Refused { head, error } => prop_assert!(false, "head {} refused: {}", head, error),
+                            Popped::Refused { head, error, .. } => prop_assert!(false, "head {} refused: {}", head, error),
                         }
                     }
                     prop_assert_eq!(p.dev.num_in_flight() as usize, popped.len());
@@ -528,7 +528,7 @@ proptest! {
             match p.dev.pop(&mut chain).unwrap() {
                 Popped::Empty => break,
                 Popped::Chain => popped.push(chain.head()),
-                Popped::Refused { head, error } => prop_assert!(false, "head {} refused: {}", head, error),
+                Popped::Refused { head, error, .. } => prop_assert!(false, "head {} refused: {}", head, error),
             }
         }
         for h in popped.drain(..) {

@@ -192,7 +192,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Arc::clone(&params),
         Arc::clone(&disk),
         DataPlaneOptions { threads, engine, poll_us: args.poll_us },
-    );
+    )?;
     let mut server = Server::bind(&args.socket, args.socket_mode, device)?;
     server
         .set_message_timeout(Some(std::time::Duration::from_millis(args.message_timeout_ms)).filter(|t| !t.is_zero()));

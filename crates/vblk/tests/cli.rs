@@ -79,6 +79,15 @@ fn errors_are_one_line_and_a_nonzero_exit() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown size unit"));
     let out = vblk().args(["serve", "new.img", "--size", "1000"]).current_dir(&dir).output().unwrap();
     assert!(error_line(&out).contains("multiple of 512"));
+    // More ring entries on one worker than an io_uring can have in flight: refused at
+    // start, not with dead rings once a guest sets them up.
+    let out = vblk()
+        .args(["serve", "--backend", "null", "--num-queues", "2", "--threads", "1", "--queue-size", "32768"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(error_line(&out).contains("--threads"), "{}", error_line(&out));
     // A directory that does not exist.
     let out = vblk().args(["serve", "no/such/dir/x.img"]).current_dir(&dir).output().unwrap();
     assert!(error_line(&out).contains("x.img"));

@@ -252,3 +252,28 @@ fn enospc_on_a_full_filesystem_is_ioerr_until_space_is_freed() {
     drop(d);
     drop(mount);
 }
+
+/// io_uring may refuse a submission for now (EAGAIN, EBUSY, ENOMEM) or take fewer SQEs
+/// than queued; the ops left queued must be submitted again without waiting for another
+/// request to arrive (none will: the guest waits for these). Both worker paths: sleeping
+/// on eventfds and adaptive polling.
+#[test]
+fn a_refused_io_uring_submission_is_retried() {
+    for poll in ["0", "50"] {
+        let args: &'static [&'static str] = match poll {
+            "0" => &["--engine", "io-uring", "--poll-us", "0", "--inject", "submit:eagain@times=5"],
+            _ => &["--engine", "io-uring", "--poll-us", "50", "--inject", "submit:eagain@times=5"],
+        };
+        let mut d = Daemon::start("submit-eagain", 16 << 20, args, |_| {});
+        let mut c = d.connect();
+        let data = pattern(4, 8192);
+        let t = Instant::now();
+        c.write(64 * KIB, &data).expect("write");
+        assert_eq!(c.read(64 * KIB, 8192).as_deref(), Ok(&data[..]), "--poll-us {poll}");
+        c.flush().expect("flush");
+        assert!(t.elapsed() < Duration::from_secs(5), "--poll-us {poll}: took {:?}", t.elapsed());
+        assert!(d.backend.log_text().contains("I/O submission failed; retrying"), "the fault was injected");
+        drop(c);
+        d.still_serves();
+    }
+}

@@ -70,6 +70,11 @@ pub enum DeviceError {
     Backend(#[from] vblk_backend::BackendError),
     #[error("starting a worker thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "{rings} queues of up to {queue_size} entries on one worker thread need an I/O depth of {depth}, \
+         more than the {max} one io_uring allows: use more --threads or a smaller --queue-size"
+    )]
+    DepthTooLarge { rings: usize, queue_size: u16, depth: u64, max: u32 },
 }
 
 impl From<DeviceError> for vhost::vhost_user::Error {
@@ -120,10 +125,19 @@ pub struct VblkDevice {
 }
 
 impl VblkDevice {
-    pub fn new(params: Arc<DeviceParams>, disk: Arc<Disk>, opts: DataPlaneOptions) -> Self {
+    /// A device for `params` over `disk`. Refused when a worker could be handed more ring
+    /// entries than one engine can have I/O in flight ([`vblk_backend::MAX_DEPTH`]): every
+    /// popped request must find room in its worker's engine, or it would fail.
+    pub fn new(params: Arc<DeviceParams>, disk: Arc<Disk>, opts: DataPlaneOptions) -> Result<Self, DeviceError> {
         let n = params.num_queues as usize;
         let threads = opts.threads.clamp(1, n.max(1));
-        VblkDevice {
+        let rings = n.div_ceil(threads);
+        let depth = rings as u64 * params.queue_size as u64;
+        if depth > vblk_backend::MAX_DEPTH as u64 {
+            let max = vblk_backend::MAX_DEPTH;
+            return Err(DeviceError::DepthTooLarge { rings, queue_size: params.queue_size, depth, max });
+        }
+        Ok(VblkDevice {
             params,
             disk,
             opts: DataPlaneOptions { threads, ..opts },
@@ -133,7 +147,7 @@ impl VblkDevice {
             vrings: (0..n).map(|_| VringConfig::default()).collect(),
             workers: (0..threads).map(|_| None).collect(),
             fatal: false,
-        }
+        })
     }
 
     pub fn params(&self) -> &Arc<DeviceParams> {
@@ -157,8 +171,10 @@ impl VblkDevice {
         self.acked_features = 0;
         self.acked_protocol = 0;
         self.fatal = false;
-        // The next frontend starts from the default cache mode, whatever this one chose.
-        self.params.set_writeback(true);
+        // The write-cache mode the driver chose stays: QEMU does not replay SET_CONFIG
+        // when it reconnects, and vblk cannot yet tell a reconnecting guest from a new
+        // one, so it keeps the guest's choice (the safe side for write-through). A new
+        // guest reads the mode from the config space at probe and acts on it.
     }
 
     fn protocol_features_negotiated(&self) -> bool {
@@ -473,7 +489,15 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         self.with_ring(index as u32, |d, i| {
-            d.vrings[i].call = fd.map(Arc::new);
+            let call = fd.map(Arc::new);
+            // Completions published while no call fd was set (or before a reconnect)
+            // signalled nobody: signal the new fd once so the driver looks at the used
+            // ring (libvhost-user does the same, "in case of I/O hang after reconnecting").
+            // A spurious interrupt costs the driver one look at an unchanged ring.
+            if let Some(c) = &call {
+                crate::worker::signal(c);
+            }
+            d.vrings[i].call = call;
             Ok(())
         })?;
         Ok(())
@@ -532,7 +556,7 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         }
         let on = buf[0] != 0;
         tracing::info!(writeback = on, "driver set the write cache mode");
-        self.params.set_writeback(on && self.acked_features & blkf::FLUSH != 0);
+        self.params.set_writeback(on);
         Ok(())
     }
 

@@ -322,7 +322,7 @@ mod tests {
         let disk = Arc::new(Disk::null(1 << 20));
         let params = Arc::new(DeviceParams::new(disk.size(), false, 512, "t", 1, 64));
         let opts = DataPlaneOptions { threads: 1, engine: EngineKind::Sync, poll_us: 0 };
-        let dev = Arc::new(Mutex::new(VblkDevice::new(params, disk, opts)));
+        let dev = Arc::new(Mutex::new(VblkDevice::new(params, disk, opts).unwrap()));
         let (mut ours, theirs) = UnixStream::pair().unwrap();
         let (stop, _keep) = UnixStream::pair().unwrap();
         let t = Duration::from_millis(200);

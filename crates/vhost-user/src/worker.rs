@@ -32,6 +32,9 @@ use vblk_backend::{Completion, Engine};
 use vblk_blk::{split_tag, BlkQueue, DeviceParams};
 use vblk_queue::SplitQueue;
 
+/// How long a worker sleeps before retrying a submission the kernel refused.
+const SUBMIT_RETRY_MS: i32 = 1;
+
 /// One ring handed to a worker, fully validated by the control plane.
 pub(crate) struct RingSetup {
     pub index: usize,
@@ -215,8 +218,9 @@ impl WorkerLoop {
             if !self.poll_budget.is_zero() && self.busy_poll() {
                 break;
             }
+            let timeout = self.retry_submit();
             // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -278,6 +282,7 @@ impl WorkerLoop {
             for r in &mut self.rings {
                 work |= r.poll_once(&mut self.engine);
             }
+            self.retry_submit();
             work |= self.poll_completions();
             self.publish_all();
             if work {
@@ -299,6 +304,28 @@ impl WorkerLoop {
         self.reap();
         self.publish_all();
         false
+    }
+
+    /// Submit what a failed or partial submission left queued (the kernel refused it for
+    /// now: EAGAIN, EBUSY, ENOMEM). Nothing else would: no kick or completion is coming for
+    /// those ops. Returns the `poll` timeout to sleep with: forever when nothing is left,
+    /// a short retry delay otherwise.
+    fn retry_submit(&mut self) -> i32 {
+        if self.engine.unsubmitted() == 0 {
+            return -1;
+        }
+        match self.engine.submit() {
+            Ok(()) => {
+                // The sync engine completes during submit, without signalling.
+                self.poll_completions();
+                self.publish_all();
+                -1
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, left = self.engine.unsubmitted(), "I/O submission failed; retrying");
+                SUBMIT_RETRY_MS
+            }
+        }
     }
 
     fn dispatch(&mut self) {

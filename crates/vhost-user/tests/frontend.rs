@@ -48,7 +48,8 @@ impl Daemon {
             params,
             disk,
             DataPlaneOptions { threads: num_queues as usize, engine: EngineKind::Auto, poll_us },
-        );
+        )
+        .unwrap();
         let server = Server::bind(&path, 0o600, dev).unwrap();
         let (rx, stop) = UnixStream::pair().unwrap();
         let thread = std::thread::spawn(move || server.run(rx.as_raw_fd()).unwrap());
@@ -277,11 +278,44 @@ fn bad_ring_parameters_are_refused_and_the_connection_survives() {
     let mut b = vec![0u8; 512];
     assert_eq!(g.request(0, req_type::IN, 0, &mut b, true), OK);
     assert!(g.fe.get_features().is_ok());
-    // The next frontend gets the default (write-back) again.
+}
+
+/// QEMU does not replay SET_CONFIG after a reconnect: a guest that chose write-through must
+/// still be on write-through (it sends no FLUSH) when its frontend comes back.
+#[test]
+fn the_write_cache_mode_survives_a_reconnect() {
+    let d = Daemon::start(Disk::null(1 << 20), 1, false);
+    let mut g = Guest::connect(&d, 1);
+    let writeback = |g: &mut Guest| {
+        let (_, bytes) = g.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).unwrap();
+        BlkConfig::from_bytes(&bytes).writeback
+    };
+    assert_eq!(writeback(&mut g), 1, "write-back by default");
+    g.fe.set_config(BlkConfig::WRITEBACK_OFFSET as u32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
     drop(g);
     let mut g = Guest::connect(&d, 1);
-    let (_, bytes) = g.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).unwrap();
-    assert_eq!(BlkConfig::from_bytes(&bytes).writeback, 1, "cache mode reset on reconnect");
+    assert_eq!(writeback(&mut g), 0, "the guest's write-through choice survives the reconnect");
+    g.fe.set_config(BlkConfig::WRITEBACK_OFFSET as u32, VhostUserConfigFlags::WRITABLE, &[1]).unwrap();
+    drop(g);
+    let mut g = Guest::connect(&d, 1);
+    assert_eq!(writeback(&mut g), 1);
+}
+
+/// A completion published while the ring had no call fd reaches the driver as soon as it
+/// sets one: the daemon signals a new call fd once.
+#[test]
+fn a_new_call_fd_is_signalled_once() {
+    let d = Daemon::start(Disk::null(1 << 20), 1, false);
+    let mut g = Guest::connect(&d, 1);
+    let mut b = vec![0u8; 512];
+    assert_eq!(g.request(0, req_type::IN, 0, &mut b, true), OK);
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    g.fe.set_vring_call(0, &call).unwrap();
+    let mut pfd = libc::pollfd { fd: call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    assert_eq!(n, 1, "the new call fd was never signalled");
+    assert_eq!(call.read().unwrap(), 1);
 }
 
 #[test]

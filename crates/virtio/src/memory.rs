@@ -13,7 +13,8 @@
 //! `Arc<GuestMemory>`, so a mapping is unmapped only when nothing can touch it.
 //!
 //! The guest is hostile: an address range is accepted only when it lies wholly inside
-//! one region, and every arithmetic step is checked for overflow.
+//! guest memory (one region, or regions adjacent in guest-physical space, one [`Iov`]
+//! per region), and every arithmetic step is checked for overflow.
 //!
 //! This is the only module of the device side that dereferences guest memory.
 
@@ -294,12 +295,48 @@ impl GuestMemory {
         Err(err)
     }
 
-    /// Validate a guest buffer (a descriptor's `addr`/`len`). Zero-length buffers are
+    /// Validate a guest buffer that must lie inside one region. Zero-length buffers are
     /// valid here; the queue layer decides whether it accepts them.
     #[inline]
     pub fn iov(&self, gpa: u64, len: u32) -> Result<Iov, MemoryError> {
         let ptr = self.translate_gpa(gpa, len as u64)?;
         Ok(Iov { ptr, len })
+    }
+
+    /// Validate a guest buffer (a descriptor's `addr`/`len`) and hand it to `f` as one
+    /// [`Iov`] per region it touches. A buffer may cross from one region into the next
+    /// when the two are adjacent in guest-physical space (hot-plugged DIMMs arrive as
+    /// separate regions, and a guest merges physically contiguous pages into one
+    /// descriptor), as QEMU's `virtqueue_map_desc` allows; any gap fails the whole buffer.
+    /// Pieces already handed to `f` before a gap is found are to be discarded by the caller.
+    #[inline]
+    pub fn for_each_iov(&self, gpa: u64, len: u32, mut f: impl FnMut(Iov)) -> Result<(), MemoryError> {
+        let err = || MemoryError::OutOfRange { addr: gpa, len: len as u64 };
+        gpa.checked_add(len as u64).ok_or_else(err)?;
+        let mut i = self
+            .regions
+            .iter()
+            .position(|r| gpa >= r.spec.guest_phys_addr && gpa < r.spec.gpa_end())
+            .ok_or_else(err)?;
+        let (mut addr, mut left) = (gpa, len as u64);
+        loop {
+            let r = &self.regions[i];
+            let take = left.min(r.spec.gpa_end() - addr);
+            // `addr` lies in this region, so the offset is < size <= map_len.
+            let ptr = r.host.wrapping_add((addr - r.spec.guest_phys_addr) as usize);
+            f(Iov { ptr, len: take as u32 });
+            left -= take;
+            if left == 0 {
+                return Ok(());
+            }
+            addr += take;
+            // The table is sorted by guest address: the next region must start right here.
+            i += 1;
+            match self.regions.get(i) {
+                Some(next) if next.spec.guest_phys_addr == addr => {}
+                _ => return Err(err()),
+            }
+        }
     }
 
     /// Guest-physical address of a frontend-virtual address (ring addresses).
@@ -339,16 +376,39 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Copy guest bytes at `gpa` into `buf` (indirect descriptor tables, tests).
+    /// Copy guest bytes at `gpa` into `buf` (indirect descriptor tables, tests), across
+    /// adjacent regions like [`for_each_iov`](Self::for_each_iov).
     pub fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let iov = self.iov(gpa, buf.len() as u32)?;
-        self.read_iov(iov, 0, buf)
+        let len = Self::buf_len(gpa, buf.len())?;
+        let (mut done, mut copied) = (0usize, Ok(()));
+        self.for_each_iov(gpa, len, |iov| {
+            let l = iov.len as usize;
+            if copied.is_ok() {
+                copied = self.read_iov(iov, 0, &mut buf[done..done + l]);
+            }
+            done += l;
+        })?;
+        copied
     }
 
-    /// Copy `buf` into guest memory at `gpa`.
+    /// Copy `buf` into guest memory at `gpa`, across adjacent regions. Nothing is written
+    /// unless the whole range is valid.
     pub fn write_at(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
-        let iov = self.iov(gpa, buf.len() as u32)?;
-        self.write_iov(iov, 0, buf)
+        let len = Self::buf_len(gpa, buf.len())?;
+        self.for_each_iov(gpa, len, |_| {})?;
+        let (mut done, mut copied) = (0usize, Ok(()));
+        self.for_each_iov(gpa, len, |iov| {
+            let l = iov.len as usize;
+            if copied.is_ok() {
+                copied = self.write_iov(iov, 0, &buf[done..done + l]);
+            }
+            done += l;
+        })?;
+        copied
+    }
+
+    fn buf_len(gpa: u64, len: usize) -> Result<u32, MemoryError> {
+        u32::try_from(len).map_err(|_| MemoryError::OutOfRange { addr: gpa, len: len as u64 })
     }
 
     /// A ring area at a guest-physical address: validated once, then accessed by offset.
@@ -523,6 +583,34 @@ mod tests {
         assert!(MappedRegion::map(zero, &f).is_err());
         let too_big = RegionSpec { size: 0x40000, ..R1 };
         assert!(matches!(MappedRegion::map(too_big, &f), Err(MemoryError::FileTooSmall { .. })));
+    }
+
+    #[test]
+    fn a_buffer_may_cross_into_an_adjacent_region_but_not_a_gap() {
+        // R0 and R2 are adjacent in guest-physical space but separate mappings (separate
+        // files, unrelated frontend addresses): a hot-plugged DIMM next to boot RAM.
+        const R2: RegionSpec =
+            RegionSpec { guest_phys_addr: 0x10000, size: 0x10000, user_addr: 0x9000_0000, mmap_offset: 0 };
+        let m = table(&[R0, R2, R1]);
+        m.write_at(0xfff0, &[7u8; 32]).unwrap();
+        let mut pieces = Vec::new();
+        m.for_each_iov(0xfff8, 16, |iov| pieces.push(iov)).unwrap();
+        assert_eq!(pieces.iter().map(|i| i.len()).collect::<Vec<_>>(), [8, 8], "one iov per region");
+        let mut b = [0u8; 32];
+        m.read_at(0xfff0, &mut b).unwrap();
+        assert_eq!(b, [7u8; 32]);
+        // The same bytes through each region's own translation.
+        let mut tail = [0u8; 16];
+        m.read_at(0x10000, &mut tail).unwrap();
+        assert_eq!(tail, [7u8; 16]);
+        // A whole region and then some: R0 + R2 are one 128 KiB run; R2 -> R1 has a gap.
+        assert!(m.for_each_iov(0, 0x20000, |_| {}).is_ok());
+        assert!(m.for_each_iov(0x1fff0, 0x20, |_| {}).is_err(), "gap after R2");
+        assert!(m.write_at(0x1fff0, &[1u8; 32]).is_err());
+        let mut b = [0u8; 16];
+        m.read_at(0x1fff0, &mut b).unwrap();
+        assert_eq!(b, [0u8; 16], "a refused write changes nothing");
+        assert!(m.iov(0xfff8, 16).is_err(), "iov() still wants one region");
     }
 
     #[test]
