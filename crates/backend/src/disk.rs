@@ -8,6 +8,19 @@
 //! once one flush fails every later flush on this disk fails too, whichever
 //! engine runs it.
 //!
+//! ## Flushes: one open file description per engine
+//!
+//! Linux reports a write-back error once per *open file description* (`errseq`): the
+//! first `fdatasync` on a description that sees the error consumes it, and the next one
+//! on the same description succeeds. If every worker flushed through the main fd, a
+//! FLUSH on one worker could succeed because another worker's `fdatasync` just took the
+//! error and had not yet marked the disk (its completion not yet reaped). So each
+//! [`Engine`](crate::Engine) flushes through its own description, a [`Flusher`]: every
+//! description open when a write-back error happens sees that error. The descriptions
+//! are opened ahead of I/O ([`Disk::reserve_flushers`], once per worker thread at
+//! startup) and reused by the worker's next engine, so none misses an error that happened
+//! before it was opened.
+//!
 //! ## O_DIRECT
 //!
 //! With `direct` (the vblk default) the main fd is opened with `O_DIRECT`:
@@ -29,6 +42,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::inject::{FaultSpec, Faults};
 use crate::sys;
@@ -98,6 +112,31 @@ pub struct Disk {
     memory_backed: bool,
     /// Injected faults (testing aid), applied by every engine on this disk.
     faults: Option<Faults>,
+    /// Open file descriptions for flushing, not in use by an engine (see the module docs).
+    flushers: Mutex<Vec<File>>,
+}
+
+/// An engine's own open file description of the disk, for `fdatasync` (see the module
+/// docs). Goes back to its disk's pool when dropped.
+#[derive(Debug)]
+pub struct Flusher {
+    file: Option<File>,
+    disk: Arc<Disk>,
+}
+
+impl Flusher {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        // `file` is Some until drop.
+        self.file.as_ref().map(File::as_fd).unwrap_or_else(|| unreachable!("flusher used after drop"))
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        if let (Some(f), Ok(mut pool)) = (self.file.take(), self.disk.flushers.lock()) {
+            pool.push(f);
+        }
+    }
 }
 
 impl Disk {
@@ -184,6 +223,7 @@ impl Disk {
             flush_failed: AtomicBool::new(false),
             memory_backed,
             faults: None,
+            flushers: Mutex::new(Vec::new()),
         })
     }
 
@@ -203,6 +243,7 @@ impl Disk {
             flush_failed: AtomicBool::new(false),
             memory_backed: false,
             faults: None,
+            flushers: Mutex::new(Vec::new()),
         }
     }
 
@@ -340,6 +381,52 @@ impl Disk {
             (Backing::File { file, .. }, FdChoice::Main) => Ok(file.as_fd()),
             (Backing::File { file, buffered }, FdChoice::Buffered) => Ok(buffered.as_ref().unwrap_or(file).as_fd()),
         }
+    }
+
+    /// Open `n` flush descriptions ahead of I/O (one per worker thread), so that every
+    /// engine's flushes see every write-back error (module docs). A no-op on the null
+    /// backend and for descriptions already open.
+    pub fn reserve_flushers(&self, n: usize) -> Result<(), BackendError> {
+        let mut pool = self.flushers.lock().map_err(|_| BackendError::InvalidRequest("flusher pool poisoned"))?;
+        while pool.len() < n {
+            match self.open_flusher()? {
+                Some(f) => pool.push(f),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// An open file description for an engine's flushes: a reserved one, or (with a debug
+    /// note) a new one. `None` on the null backend.
+    pub(crate) fn flusher(self: &Arc<Self>) -> Result<Option<Flusher>, BackendError> {
+        let reserved = self.flushers.lock().ok().and_then(|mut p| p.pop());
+        let file = match reserved {
+            Some(f) => f,
+            None => match self.open_flusher()? {
+                Some(f) => {
+                    tracing::debug!(disk = %self.describe(), "flush description opened on demand");
+                    f
+                }
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Flusher { file: Some(file), disk: Arc::clone(self) }))
+    }
+
+    /// A new open file description of the same file (through `/proc/self/fd`, so a
+    /// renamed or replaced path does not matter).
+    fn open_flusher(&self) -> Result<Option<File>, BackendError> {
+        let Backing::File { file, .. } = &self.backing else { return Ok(None) };
+        use std::os::fd::AsRawFd;
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let f = OpenOptions::new()
+            .read(true)
+            .write(!self.readonly)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&link)
+            .map_err(|source| BackendError::Io { op: "open a flush descriptor", source })?;
+        Ok(Some(f))
     }
 
     /// O_DIRECT buffer address alignment (1 when not direct).

@@ -82,16 +82,17 @@ impl Engine {
         }
         let depth = depth as usize;
         let eventfd = sys::eventfd().map_err(|source| BackendError::Io { op: "eventfd", source })?;
+        // Each engine flushes through its own open file description (see `disk.rs`).
         let flavour = match kind {
             _ if disk.is_null() => Flavour::Null,
-            EngineKind::Sync => Flavour::Sync(SyncEngine::with_capacity(depth)),
-            EngineKind::Uring => Flavour::Uring(Box::new(UringEngine::new(depth, eventfd.as_fd())?)),
-            EngineKind::Auto if disk.is_memory_backed() => Flavour::Sync(SyncEngine::with_capacity(depth)),
-            EngineKind::Auto => match UringEngine::new(depth, eventfd.as_fd()) {
+            EngineKind::Sync => Flavour::Sync(SyncEngine::new(depth, disk.flusher()?)),
+            EngineKind::Uring => Flavour::Uring(Box::new(UringEngine::new(depth, eventfd.as_fd(), disk.flusher()?)?)),
+            EngineKind::Auto if disk.is_memory_backed() => Flavour::Sync(SyncEngine::new(depth, disk.flusher()?)),
+            EngineKind::Auto => match UringEngine::new(depth, eventfd.as_fd(), disk.flusher()?) {
                 Ok(u) => Flavour::Uring(Box::new(u)),
                 Err(e) => {
                     tracing::warn!(error = %e, "io_uring unavailable, using the synchronous engine");
-                    Flavour::Sync(SyncEngine::with_capacity(depth))
+                    Flavour::Sync(SyncEngine::new(depth, disk.flusher()?))
                 }
             },
         };

@@ -437,5 +437,5 @@ pub(crate) unsafe fn short_transfer(disk: &Disk, op: &IoOp) -> Result<u64, Backe
     truncate_iovecs(&mut iovs, n as usize);
     let part = IoOp { kind: op.kind, offset: op.offset, len: n, iovs, fua: op.fua, tag: op.tag };
     // SAFETY: `part.iovs` is a prefix of `op.iovs`, covered by the caller's contract.
-    unsafe { sync::execute(disk, &part, &mut Vec::new()) }.map(|_| n)
+    unsafe { sync::read_write(disk, &part, &mut Vec::new()) }.map(|_| n)
 }

@@ -57,7 +57,7 @@ mod tests;
 use std::io;
 use std::path::PathBuf;
 
-pub use disk::{Disk, DiskOptions};
+pub use disk::{Disk, DiskOptions, Flusher};
 pub use engine::{Engine, EngineKind, MAX_DEPTH};
 pub use inject::{FaultSpec, FaultSpecError, Faults};
 

@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 
 use crate::bounce::{self, advance_iovecs, BounceBuf};
-use crate::disk::{Disk, FdChoice};
+use crate::disk::{Disk, FdChoice, Flusher};
 use crate::{sys, BackendError, Completion, IoOp, OpKind};
 
 /// The synchronous engine: see the module docs.
@@ -28,6 +28,8 @@ pub(crate) struct SyncEngine {
     /// Scratch iovec list for continuing short transfers (kept to reuse its
     /// allocation).
     work: Vec<libc::iovec>,
+    /// This engine's description for `fdatasync` (see `disk.rs`); the main fd if none.
+    flusher: Option<Flusher>,
 }
 
 // SAFETY: `SyncEngine` is `!Send` only through the raw pointers in the
@@ -36,8 +38,8 @@ pub(crate) struct SyncEngine {
 unsafe impl Send for SyncEngine {}
 
 impl SyncEngine {
-    pub(crate) fn with_capacity(depth: usize) -> SyncEngine {
-        SyncEngine { pending: VecDeque::with_capacity(depth), work: Vec::new() }
+    pub(crate) fn new(depth: usize, flusher: Option<Flusher>) -> SyncEngine {
+        SyncEngine { pending: VecDeque::with_capacity(depth), work: Vec::new(), flusher }
     }
 
     /// Queue `op` for the next [`SyncEngine::submit`].
@@ -60,7 +62,7 @@ impl SyncEngine {
             // SAFETY: every op entered through the unsafe `push`, whose caller
             // guaranteed the iovecs stay valid until the completion is reaped,
             // which happens only after this call.
-            let result = unsafe { execute(disk, &op, &mut self.work) };
+            let result = unsafe { execute(disk, &op, &mut self.work, self.flusher.as_ref()) };
             ready.push(Completion { op, result });
         }
     }
@@ -70,12 +72,25 @@ impl SyncEngine {
 ///
 /// # Safety
 /// `op.iovs` must be valid for writes (`Read`) or reads (`Write`).
-pub(crate) unsafe fn execute(disk: &Disk, op: &IoOp, work: &mut Vec<libc::iovec>) -> Result<u64, BackendError> {
+pub(crate) unsafe fn execute(
+    disk: &Disk,
+    op: &IoOp,
+    work: &mut Vec<libc::iovec>,
+    flusher: Option<&Flusher>,
+) -> Result<u64, BackendError> {
     match op.kind {
         // SAFETY: forwarded caller contract.
         OpKind::Read | OpKind::Write => unsafe { read_write(disk, op, work) },
-        OpKind::Flush => flush(disk, disk.fd(FdChoice::Main)?),
-        OpKind::Discard | OpKind::WriteZeroes { .. } => discard_or_zero(disk, op),
+        OpKind::Flush => flush(disk, flush_fd(disk, flusher)?),
+        OpKind::Discard | OpKind::WriteZeroes { .. } => discard_or_zero(disk, op, flusher),
+    }
+}
+
+/// The descriptor an engine flushes through: its own, or the main fd without one.
+pub(crate) fn flush_fd<'a>(disk: &'a Disk, flusher: Option<&'a Flusher>) -> Result<BorrowedFd<'a>, BackendError> {
+    match flusher {
+        Some(f) => Ok(f.fd()),
+        None => disk.fd(FdChoice::Main),
     }
 }
 
@@ -83,7 +98,7 @@ pub(crate) unsafe fn execute(disk: &Disk, op: &IoOp, work: &mut Vec<libc::iovec>
 ///
 /// # Safety
 /// As for [`execute`].
-unsafe fn read_write(disk: &Disk, op: &IoOp, work: &mut Vec<libc::iovec>) -> Result<u64, BackendError> {
+pub(crate) unsafe fn read_write(disk: &Disk, op: &IoOp, work: &mut Vec<libc::iovec>) -> Result<u64, BackendError> {
     let route = bounce::route(disk, op);
     let write = op.kind == OpKind::Write;
     let flags = if write && op.fua { libc::RWF_DSYNC } else { 0 };
@@ -216,7 +231,7 @@ pub(crate) fn is_unsupported(errno: Option<i32>) -> bool {
 /// A discard or write-zeroes, synchronously: `BLKDISCARD`/`BLKZEROOUT` on
 /// block devices, `fallocate` on files (with the zero-writing fallback), then
 /// `fdatasync` if `fua`.
-pub(crate) fn discard_or_zero(disk: &Disk, op: &IoOp) -> Result<u64, BackendError> {
+pub(crate) fn discard_or_zero(disk: &Disk, op: &IoOp, flusher: Option<&Flusher>) -> Result<u64, BackendError> {
     let fd = disk.fd(FdChoice::Main)?;
     let r = if disk.is_block_device() {
         let req = match op.kind {
@@ -233,7 +248,7 @@ pub(crate) fn discard_or_zero(disk: &Disk, op: &IoOp) -> Result<u64, BackendErro
         Err(source) => return Err(BackendError::Io { op: op.kind.name(), source }),
     }
     if op.fua {
-        flush(disk, fd)?;
+        flush(disk, flush_fd(disk, flusher)?)?;
     }
     Ok(0)
 }

@@ -30,7 +30,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring, Probe};
 
 use crate::bounce::{self, advance_iovecs, BounceBuf};
-use crate::disk::{Disk, FdChoice};
+use crate::disk::{Disk, FdChoice, Flusher};
 use crate::{sync, BackendError, Completion, IoOp, OpKind};
 
 /// How often an op is resubmitted after `EAGAIN`/`EINTR` before giving up.
@@ -94,6 +94,9 @@ enum Next {
 /// The io_uring engine. See the module docs.
 pub(crate) struct UringEngine {
     ring: IoUring,
+    /// This engine's description for `fdatasync` (see `disk.rs`); the main fd if none.
+    /// Dropped after the ring has drained (field order).
+    flusher: Option<Flusher>,
     slots: Vec<Slot>,
     free: Vec<usize>,
     /// Scratch for draining the CQ (`user_data`, `result`).
@@ -102,7 +105,11 @@ pub(crate) struct UringEngine {
 
 impl UringEngine {
     /// Set up a ring for `depth` in-flight ops signalling `eventfd`.
-    pub(crate) fn new(depth: usize, eventfd: BorrowedFd<'_>) -> Result<UringEngine, BackendError> {
+    pub(crate) fn new(
+        depth: usize,
+        eventfd: BorrowedFd<'_>,
+        flusher: Option<Flusher>,
+    ) -> Result<UringEngine, BackendError> {
         let entries = depth
             .checked_next_power_of_two()
             .and_then(|d| u32::try_from(d).ok())
@@ -136,6 +143,7 @@ impl UringEngine {
         let cq_cap = ring.params().cq_entries() as usize;
         Ok(UringEngine {
             ring,
+            flusher,
             slots: (0..depth).map(|_| Slot::empty()).collect(),
             free: (0..depth).rev().collect(),
             cqes: Vec::with_capacity(cq_cap),
@@ -158,7 +166,7 @@ impl UringEngine {
         let data_less = matches!(op.kind, OpKind::Discard | OpKind::WriteZeroes { .. });
         if data_less && disk.is_block_device() {
             // No io_uring opcode for BLKDISCARD/BLKZEROOUT: do it now.
-            let result = sync::discard_or_zero(disk, &op);
+            let result = sync::discard_or_zero(disk, &op, self.flusher.as_ref());
             ready.push(Completion { op, result });
             return Ok(());
         }
@@ -213,7 +221,11 @@ impl UringEngine {
         let Some(op) = slot.op.as_ref() else {
             return Err(BackendError::InvalidRequest("empty slot"));
         };
-        let fd = types::Fd(disk.fd(slot.fd)?.as_raw_fd());
+        let fd = match slot.stage {
+            Stage::FuaSync | Stage::Flush => sync::flush_fd(disk, self.flusher.as_ref())?,
+            Stage::Rw | Stage::Fallocate => disk.fd(slot.fd)?,
+        };
+        let fd = types::Fd(fd.as_raw_fd());
         let entry = match slot.stage {
             Stage::Rw => {
                 let iovs = if slot.use_work { &slot.work } else { &op.iovs };
@@ -331,7 +343,7 @@ impl UringEngine {
                     // ZERO_RANGE).
                     sync::unsupported_fallback(disk, op).and_then(|()| {
                         if op.fua {
-                            sync::flush(disk, disk.fd(FdChoice::Main)?)
+                            sync::flush(disk, sync::flush_fd(disk, self.flusher.as_ref())?)
                         } else {
                             Ok(0)
                         }
@@ -428,7 +440,7 @@ mod restriction_tests {
     #[test]
     fn the_ring_refuses_opcodes_vblk_does_not_use() {
         let efd = crate::sys::eventfd().expect("eventfd");
-        let mut u = UringEngine::new(4, efd.as_fd()).expect("io_uring");
+        let mut u = UringEngine::new(4, efd.as_fd(), None).expect("io_uring");
         // A NOP is harmless, but not on the allow list: the kernel must refuse it.
         let nop = opcode::Nop::new().build().user_data(77);
         // SAFETY: a NOP references no memory.

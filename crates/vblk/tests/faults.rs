@@ -277,3 +277,100 @@ fn a_refused_io_uring_submission_is_retried() {
         d.still_serves();
     }
 }
+
+/// A block device whose write-back really fails: a loop device over a sparse file on a
+/// small, full tmpfs. Buffered writes land in the page cache and succeed; `fdatasync` then
+/// reports EIO, once per open file description (Linux's errseq).
+struct FailingLoop {
+    dev: PathBuf,
+    _mount: Mount,
+}
+
+impl FailingLoop {
+    fn new(base: &TempDir) -> Result<FailingLoop, String> {
+        let mount = Mount::tmpfs(&base.join("fs"), "2M")?;
+        let backing = mount.0.join("backing.img");
+        create_image(&backing, 16 << 20);
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&backing)
+            .output()
+            .map_err(|e| format!("cannot run losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Ok(FailingLoop { dev, _mount: mount })
+    }
+}
+
+impl Drop for FailingLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Two workers flush one disk with a write-back error pending. The first `fdatasync`
+/// consumes the error on its open file description; the second must still fail, even
+/// though the first worker has not reaped its failed flush yet (with one shared description
+/// it succeeded: a FLUSH acknowledged data the disk had lost).
+#[test]
+fn a_write_back_error_fails_the_next_flush_of_every_worker() {
+    use std::os::fd::AsRawFd;
+    use vblk_backend::{Completion, Disk, DiskOptions, Engine, EngineKind, IoOp, OpKind};
+
+    let base = TempDir::new("wb-error");
+    let lo = match FailingLoop::new(&base) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("SKIPPED a_write_back_error_fails_the_next_flush_of_every_worker: no loop device on tmpfs: {e}");
+            return;
+        }
+    };
+    let opts = DiskOptions { readonly: false, direct: false, create_size: None };
+    let disk = std::sync::Arc::new(Disk::open(&lo.dev, &opts).expect("open the loop device"));
+    // As `vblk serve` does: one flush description per worker thread, before any I/O.
+    disk.reserve_flushers(2).expect("flush descriptions");
+    let mut a = Engine::new(disk.clone(), EngineKind::Uring, 8).expect("engine a");
+    let mut b = Engine::new(disk.clone(), EngineKind::Uring, 8).expect("engine b");
+    let wait_one = |e: &mut Engine| -> Completion {
+        let mut out = Vec::new();
+        while out.is_empty() {
+            e.wait(&mut out).expect("wait");
+        }
+        out.pop().unwrap()
+    };
+
+    // 6 MiB of buffered writes through worker a: into the page cache, all successful.
+    let data = vec![0x5au8; 1 << 20];
+    for i in 0..6u64 {
+        let iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+        let op = IoOp { kind: OpKind::Write, offset: i << 20, len: 1 << 20, iovs: vec![iov], fua: false, tag: i };
+        // SAFETY: `data` outlives the op: we wait for its completion right here.
+        unsafe { a.push(op) }.expect("room");
+        a.submit().expect("submit");
+        assert_eq!(wait_one(&mut a).result.expect("buffered write"), 1 << 20);
+    }
+
+    // Worker a flushes: the kernel reports the write-back error to its description...
+    // SAFETY: a flush carries no buffers.
+    unsafe { a.push(IoOp::without_data(OpKind::Flush, 0, 0, false, 100)) }.expect("room");
+    a.submit().expect("submit");
+    let mut pfd = libc::pollfd { fd: a.completion_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 20_000) }, 1, "worker a's flush never completed");
+    // ... and before worker a reaps that, worker b flushes.
+    // SAFETY: as above.
+    unsafe { b.push(IoOp::without_data(OpKind::Flush, 0, 0, false, 200)) }.expect("room");
+    b.submit().expect("submit");
+    let rb = wait_one(&mut b).result;
+    let ra = wait_one(&mut a).result;
+    assert!(ra.is_err(), "worker a's flush must fail: {ra:?}");
+    assert!(rb.is_err(), "worker b's flush succeeded although the data it vouches for was lost");
+    // And every flush after that fails, on any worker.
+    // SAFETY: as above.
+    unsafe { b.push(IoOp::without_data(OpKind::Flush, 0, 0, false, 201)) }.expect("room");
+    b.submit().expect("submit");
+    assert!(wait_one(&mut b).result.is_err());
+    drop((a, b, disk));
+}

@@ -137,6 +137,9 @@ impl VblkDevice {
             let max = vblk_backend::MAX_DEPTH;
             return Err(DeviceError::DepthTooLarge { rings, queue_size: params.queue_size, depth, max });
         }
+        // One flush description per worker, open before any guest I/O (see vblk-backend's
+        // `disk.rs`: a write-back error must reach every worker's next FLUSH).
+        disk.reserve_flushers(threads)?;
         Ok(VblkDevice {
             params,
             disk,

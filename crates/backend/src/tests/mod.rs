@@ -144,7 +144,7 @@ pub(crate) fn read_back(engine: &mut Engine, offset: u64, len: usize, misalign: 
 /// (set `VBLK_REQUIRE_URING=1` to make its absence a failure).
 pub(crate) fn kinds() -> Vec<EngineKind> {
     let efd = crate::sys::eventfd().expect("eventfd");
-    match crate::uring::UringEngine::new(4, efd.as_fd()) {
+    match crate::uring::UringEngine::new(4, efd.as_fd(), None) {
         Ok(_) => vec![EngineKind::Sync, EngineKind::Uring],
         Err(e) => {
             assert!(std::env::var_os("VBLK_REQUIRE_URING").is_none(), "io_uring required but unavailable: {e}");
