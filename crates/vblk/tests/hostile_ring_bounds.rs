@@ -112,7 +112,8 @@ fn in_flight_requests_never_exceed_the_queue_size(t: Target) {
 
 /// Malformed requests, 256 per kick, each head one indirect descriptor written once:
 /// heads `3k` carry an unknown type (UNSUPP), `3k + 1` a read at sector 2^64 - 1 (IOERR),
-/// `3k + 2` a zero-length status buffer (the chain is refused: used length 0).
+/// `3k + 2` a data buffer outside guest memory (the chain is refused and answered IOERR,
+/// used length 0: nothing written before the status).
 struct Flood {
     size: u16,
 }
@@ -122,9 +123,13 @@ impl Flood {
         let size = q.size();
         for h in 0..size {
             let (t, sector) = if h % 3 == 0 { (0x7777, 0) } else { (req_type::IN, u64::MAX) };
-            let mut st = status(q, h);
-            st.len = if h % 3 == 2 { 0 } else { 1 };
-            indirect_request(q, h, &[hdr(q, h, t, sector), st]);
+            let st = status(q, h);
+            if h % 3 == 2 {
+                let outside = Buffer { addr: q.memory_size(), len: 512, write: true };
+                indirect_request(q, h, &[hdr(q, h, req_type::IN, 0), outside, st]);
+            } else {
+                indirect_request(q, h, &[hdr(q, h, t, sector), st]);
+            }
         }
         Flood { size }
     }
@@ -141,7 +146,7 @@ impl Flood {
             let used = q.wait_used(self.size as usize, WAIT).expect("the flood stalled");
             for e in used {
                 let h = e.id as u16;
-                let (len, want) = [(1, UNSUPP), (1, IOERR), (0, UNTOUCHED)][h as usize % 3];
+                let (len, want) = [(1, UNSUPP), (1, IOERR), (0, IOERR)][h as usize % 3];
                 assert_eq!(e.len, len, "{e:?}");
                 assert_eq!(status_of(q, &[status_buf(q, h)]), want, "head {h}");
             }

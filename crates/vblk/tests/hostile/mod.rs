@@ -4,10 +4,12 @@
 //! data that no case may change.
 //!
 //! Each case builds a [`Rig`], does its worst on queue 0, asserts the exact outcome with
-//! [`Rig::expect_status`], [`Rig::expect_no_status`] or [`Rig::expect_broken`], then calls
-//! [`Rig::finish`]: a valid request on the same queue (or, for a broken queue, on queue 1
-//! and on a new connection) still works, the canaries are unchanged, and `vblk serve` is
-//! alive and idle (no spinning on a broken ring).
+//! [`Rig::expect_status`] (a status byte and the used length of what was written) or
+//! [`Rig::expect_broken`] (a chain with nowhere to put a status, or a bad ring, stops the
+//! queue: a request never ends silently), then calls [`Rig::finish`]: a valid request on
+//! the same queue (or, for a broken queue, on queue 1 and on a new connection) still works,
+//! the canaries are unchanged, and `vblk serve` is alive and idle (no spinning on a broken
+//! ring). A case that breaks the queue more than once calls [`Rig::recover`] in between.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -148,30 +150,41 @@ impl Rig {
     }
 
     /// Run `bufs` as one chain at head 0 of queue 0 and assert the device answered it with
-    /// status `want`, used length = all writable bytes (as QEMU), and the right head.
+    /// status `want` and the right head, with the used length of what it wrote (§2.7.8.2):
+    /// every writable byte for OK, only the status byte when that is the chain's sole
+    /// writable byte for an error, else nothing.
     pub fn expect_status(&mut self, bufs: &[Buffer], want: u8) {
-        let used = run(&mut self.q, 0, bufs);
         let writable: u32 = bufs.iter().filter(|b| b.write).map(|b| b.len).sum();
-        assert_eq!(used, UsedElem { id: 0, len: writable }, "used entry");
+        let len = match want {
+            OK => writable,
+            _ if writable == 1 => 1,
+            _ => 0,
+        };
+        self.expect_answer(bufs, want, len);
+    }
+
+    /// Like [`expect_status`](Self::expect_status) with an explicit used length.
+    pub fn expect_answer(&mut self, bufs: &[Buffer], want: u8, len: u32) {
+        let used = run(&mut self.q, 0, bufs);
+        assert_eq!(used, UsedElem { id: 0, len }, "used entry");
         let got = status_of(&self.q, bufs);
         assert_eq!(got, want, "status byte: want {want}, got {got}");
         assert!(!self.q.err_fired(), "a refused request must not break the queue");
     }
 
-    /// Run `bufs` at head 0 and assert the chain came back with used length 0: the
-    /// device found nowhere to put a status (or refused the chain). The queue goes on.
-    pub fn expect_no_status(&mut self, bufs: &[Buffer]) {
-        let used = run(&mut self.q, 0, bufs);
-        assert_eq!(used, UsedElem { id: 0, len: 0 }, "a request that cannot be answered comes back with len 0");
-        assert!(!self.q.err_fired(), "a refused chain must not break the queue");
+    /// Run `bufs` as one chain at head 0 and assert it broke the queue: it has nowhere to
+    /// put a status, and completing it would read as success to a driver.
+    pub fn expect_chain_breaks(&mut self, bufs: &[Buffer]) {
+        self.q.write_chain(0, bufs).expect("write chain");
+        self.expect_head_breaks();
     }
 
-    /// Make head 0 (its descriptors written by the caller) available and assert it comes
-    /// back with used length 0 (a refused chain).
-    pub fn expect_refused_head(&mut self) {
-        let used = submit(&mut self.q, 0);
-        assert_eq!(used, UsedElem { id: 0, len: 0 }, "a refused chain comes back with len 0");
-        assert!(!self.q.err_fired(), "a refused chain must not break the queue");
+    /// Make head 0 (its descriptors written by the caller) available and assert it broke
+    /// the queue.
+    pub fn expect_head_breaks(&mut self) {
+        self.q.add_avail(0);
+        self.q.publish();
+        self.expect_broken(0);
     }
 
     /// Kick queue 0 and assert it broke: the err eventfd fires and no further entry is
@@ -190,15 +203,23 @@ impl Rig {
         done
     }
 
+    /// After a break: the broken queue stays stopped while the other queue keeps working
+    /// and the disk is intact; then a new connection, with working queues.
+    pub fn recover(mut self) -> Rig {
+        assert!(self.broken, "recover() after expect_broken()");
+        self.assert_alive_and_idle();
+        let used = self.q.used_idx();
+        check_canaries(&mut self.q1, &self.model);
+        assert_eq!(self.q.used_idx(), used);
+        self.reconnect()
+    }
+
     /// The common ending of every case. See the module docs.
     pub fn finish(mut self) {
-        self.assert_alive_and_idle();
         if self.broken {
-            // The broken queue stays stopped; the other queue keeps working.
-            let used = self.q.used_idx();
-            check_canaries(&mut self.q1, &self.model);
-            assert_eq!(self.q.used_idx(), used);
-            self = self.reconnect();
+            self = self.recover();
+        } else {
+            self.assert_alive_and_idle();
         }
         let q = &mut self.q;
         if !self.setup.readonly {
