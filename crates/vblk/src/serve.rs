@@ -91,7 +91,8 @@ const INJECT_HELP: &str = "Testing aid: make chosen I/O fail, short or late, e.g
 const INJECT_LONG_HELP: &str = "\
 TESTING AID, never for data you care about: make the backend fail, shorten or delay chosen
 I/O, to see what a guest does with a failing disk. SPEC is a list of rules separated by ';'
-or ',', each OPS:FAULT[@COND]... (or seed=N, the seed of rate=, default 0):
+or ',', each OPS:FAULT[@COND]... (or seed=N, the seed of rate=, default 0; or
+submit:eagain[@times=N]: the next N io_uring submissions fail with EAGAIN):
   OPS    read, write, flush, discard, write-zeroes or any, joined with '+'
   FAULT  eio | enospc | short (half the data moves, reported short) | delay=DUR (250us, 5ms, 2s)
   COND   offset=START-END (bytes, K/M/G) | rate=P | after=N (matching ops pass first) | times=N
