@@ -159,14 +159,20 @@ impl BlkQueue {
     fn refuse(&mut self, head: u16, error: ChainError, status: Option<StatusByte>) -> Result<(), QueueError> {
         self.stats.refused_chains += 1;
         let Some(s) = status else {
-            tracing::warn!(head, %error, "descriptor chain refused, and it has no status byte");
-            return Err(self.queue.break_ring(QueueError::NoStatus { head, reason: error.to_string() }));
+            return Err(self.no_status(head, &error));
         };
         tracing::warn!(head, %error, "refusing descriptor chain (IOERR)");
         // The byte was validated against this queue's memory table.
         let _ = self.queue.memory().write_iov(s.iov, 0, &[Status::IoErr as u8]);
         self.queue.add_used(head, used_len(0, s.writable_before));
         Ok(())
+    }
+
+    /// A chain with nowhere to write its status: completing it would read as success to a
+    /// driver that looks at the stale byte, so the queue breaks instead.
+    fn no_status(&mut self, head: u16, why: &dyn std::fmt::Display) -> QueueError {
+        tracing::warn!(head, reason = %why, "chain without a status byte; stopping the queue");
+        self.queue.break_ring(QueueError::NoStatus { head, reason: why.to_string() })
     }
 
     /// Parse the chain in `head`'s slot and start it, or finish it at once. An error:
@@ -176,10 +182,9 @@ impl BlkQueue {
         let slot = &mut self.slots[head as usize];
         let (status, data_in, request) = match parse(&slot.chain, &self.params) {
             Parsed::Unanswerable(error) => {
-                tracing::warn!(head, %error, "request without a status byte");
                 self.stats.errors += 1;
                 slot.chain.release();
-                return Err(self.queue.break_ring(QueueError::NoStatus { head, reason: error.to_string() }));
+                return Err(self.no_status(head, &error));
             }
             Parsed::Answerable { status, data_in_len, request } => (status, data_in_len, request),
         };

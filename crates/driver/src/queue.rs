@@ -14,6 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::memory::{IoBuf, SharedMemory, SLOT_HDR, SLOT_SEGMENT, SLOT_STATUS, SLOT_TABLE};
 use crate::DriverError;
 
+/// What a request's status byte holds until the device writes it (no virtio status is 0xff).
+const STATUS_UNWRITTEN: u8 = 0xff;
+
 /// How long [`QueueHandle::wait`] sleeps on the call eventfd before it checks whether the
 /// backend hung up or the timeout passed.
 pub const HANGUP_CHECK: Duration = Duration::from_millis(20);
@@ -190,7 +193,7 @@ impl QueueHandle {
         let head_guess = self.peek_head();
         let slot = self.shared.layout.slot(self.index, head_guess);
         self.shared.write(slot + SLOT_HDR, &OutHdr { req_type: t, ioprio: 0, sector }.to_bytes())?;
-        self.shared.write(slot + SLOT_STATUS, &[0xff])?;
+        self.shared.write(slot + SLOT_STATUS, &[STATUS_UNWRITTEN])?;
         push(Buffer { addr: slot + SLOT_HDR, len: 16, write: false }, &mut bufs, &mut n);
         if let Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } = op {
             let flags = match op {
@@ -244,22 +247,22 @@ impl QueueHandle {
     /// Reap completions without blocking. Returns how many were added to `out`.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize, DriverError> {
         let mut n = 0;
-        while let Some((head, len)) = self.ring.pop_used()? {
+        while let Some((head, _len)) = self.ring.pop_used()? {
             let p = self.pending[head as usize]
                 .take()
                 .ok_or(DriverError::Device(vblk_queue::DriverError::BogusUsed(head as u32)))?;
             self.in_flight -= 1;
-            let result = if len == 0 {
-                Err(RequestFailure::NoStatus)
-            } else {
-                let mut s = [0u8];
-                self.shared.read(self.shared.layout.slot(self.index, head) + SLOT_STATUS, &mut s)?;
-                match s[0] {
-                    x if x == Status::Ok as u8 => Ok(()),
-                    x if x == Status::IoErr as u8 => Err(RequestFailure::IoErr),
-                    x if x == Status::Unsupp as u8 => Err(RequestFailure::Unsupported),
-                    x => Err(RequestFailure::BadStatus(x)),
-                }
+            // The status byte decides, not the used length: that counts the bytes written
+            // from the start of the writable part (§2.7.8.2), 0 for a failed read. The byte
+            // was preset to STATUS_UNWRITTEN, which no device writes.
+            let mut s = [0u8];
+            self.shared.read(self.shared.layout.slot(self.index, head) + SLOT_STATUS, &mut s)?;
+            let result = match s[0] {
+                x if x == Status::Ok as u8 => Ok(()),
+                x if x == Status::IoErr as u8 => Err(RequestFailure::IoErr),
+                x if x == Status::Unsupp as u8 => Err(RequestFailure::Unsupported),
+                STATUS_UNWRITTEN => Err(RequestFailure::NoStatus),
+                x => Err(RequestFailure::BadStatus(x)),
             };
             out.push(Completion { user: p.user, buf: p.buf, result });
             n += 1;
