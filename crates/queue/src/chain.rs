@@ -64,9 +64,15 @@ impl Chain {
         self.writable.clear();
     }
 
+    /// One more descriptor behind the iovs (a chain has at most 32768 descriptors: the
+    /// largest ring, or indirect table, allowed).
+    #[inline]
     pub(crate) fn count_descriptor(&mut self, writable: bool) {
-        let n = if writable { &mut self.writable_descs } else { &mut self.readable_descs };
-        *n = n.saturating_add(1);
+        if writable {
+            self.writable_descs += 1;
+        } else {
+            self.readable_descs += 1;
+        }
     }
 
     pub(crate) fn push_readable(&mut self, iov: Iov) {

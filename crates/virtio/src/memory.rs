@@ -311,13 +311,26 @@ impl GuestMemory {
     /// Pieces already handed to `f` before a gap is found are to be discarded by the caller.
     #[inline]
     pub fn for_each_iov(&self, gpa: u64, len: u32, mut f: impl FnMut(Iov)) -> Result<(), MemoryError> {
-        let err = || MemoryError::OutOfRange { addr: gpa, len: len as u64 };
-        gpa.checked_add(len as u64).ok_or_else(err)?;
-        let mut i = self
-            .regions
-            .iter()
-            .position(|r| gpa >= r.spec.guest_phys_addr && gpa < r.spec.gpa_end())
-            .ok_or_else(err)?;
+        let end = gpa.checked_add(len as u64).ok_or(MemoryError::OutOfRange { addr: gpa, len: len as u64 })?;
+        for (i, r) in self.regions.iter().enumerate() {
+            let s = &r.spec;
+            if gpa >= s.guest_phys_addr && gpa < s.gpa_end() {
+                if end <= s.gpa_end() {
+                    // The common case: one region. The offset is < size <= map_len.
+                    f(Iov { ptr: r.host.wrapping_add((gpa - s.guest_phys_addr) as usize), len });
+                    return Ok(());
+                }
+                return self.for_each_iov_across(i, gpa, len, f);
+            }
+        }
+        Err(MemoryError::OutOfRange { addr: gpa, len: len as u64 })
+    }
+
+    /// [`for_each_iov`](Self::for_each_iov) for a buffer starting in region `i` and
+    /// running past its end.
+    #[cold]
+    #[inline(never)]
+    fn for_each_iov_across(&self, mut i: usize, gpa: u64, len: u32, mut f: impl FnMut(Iov)) -> Result<(), MemoryError> {
         let (mut addr, mut left) = (gpa, len as u64);
         loop {
             let r = &self.regions[i];
@@ -334,7 +347,7 @@ impl GuestMemory {
             i += 1;
             match self.regions.get(i) {
                 Some(next) if next.spec.guest_phys_addr == addr => {}
-                _ => return Err(err()),
+                _ => return Err(MemoryError::OutOfRange { addr: gpa, len: len as u64 }),
             }
         }
     }
@@ -380,6 +393,9 @@ impl GuestMemory {
     /// adjacent regions like [`for_each_iov`](Self::for_each_iov).
     pub fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let len = Self::buf_len(gpa, buf.len())?;
+        if let Ok(iov) = self.iov(gpa, len) {
+            return self.read_iov(iov, 0, buf);
+        }
         let (mut done, mut copied) = (0usize, Ok(()));
         self.for_each_iov(gpa, len, |iov| {
             let l = iov.len as usize;
@@ -395,6 +411,9 @@ impl GuestMemory {
     /// unless the whole range is valid.
     pub fn write_at(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
         let len = Self::buf_len(gpa, buf.len())?;
+        if let Ok(iov) = self.iov(gpa, len) {
+            return self.write_iov(iov, 0, buf);
+        }
         self.for_each_iov(gpa, len, |_| {})?;
         let (mut done, mut copied) = (0usize, Ok(()));
         self.for_each_iov(gpa, len, |iov| {
