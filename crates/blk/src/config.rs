@@ -108,6 +108,11 @@ impl DeviceParams {
         self.update_writeback();
     }
 
+    /// The cache mode the driver chose (whether or not FLUSH makes it effective).
+    pub fn wce(&self) -> bool {
+        self.wce.load(Ordering::Acquire)
+    }
+
     fn update_writeback(&self) {
         let on = self.wce.load(Ordering::Acquire) && self.flush.load(Ordering::Acquire);
         self.writeback.store(on, Ordering::Release);

@@ -5,11 +5,14 @@
 //!   notification suppression.
 //! - [`chain`]: a validated chain and byte-stream access to its buffers.
 //! - [`driver`]: the driver side of a split ring (vblk's userspace driver, tests).
+//! - [`inflight`]: inflight I/O tracking in a region shared with the frontend, so that a
+//!   restarted backend finishes what its predecessor popped.
 //!
 //! Spec references are to Virtual I/O Device (VIRTIO) Version 1.2.
 
 pub mod chain;
 pub mod driver;
+pub mod inflight;
 pub mod layout;
 pub mod split;
 
@@ -37,6 +40,8 @@ pub enum QueueError {
     /// a driver that reads the stale byte, so the queue stops instead.
     #[error("chain at head {head} has no status byte ({reason})")]
     NoStatus { head: u16, reason: String },
+    #[error("inflight region: {0}")]
+    Inflight(#[from] inflight::InflightError),
 }
 
 /// One descriptor chain is invalid: that request is answered IOERR where its status byte

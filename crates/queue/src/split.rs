@@ -16,12 +16,14 @@
 //! size, a head out of range, a head made available twice while in flight) breaks the
 //! queue: nothing more is read from it until it is set up again.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use vblk_virtio::{GuestArea, GuestMemory, Iov, MemoryError};
 
 use crate::chain::Chain;
+use crate::inflight::{Attached, InflightSplit};
 use crate::layout::{Descriptor, SplitLayout, DESC_SIZE};
 use crate::layout::{AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, USED_ALIGN};
 use crate::{need_event, ChainError, QueueError};
@@ -96,6 +98,10 @@ pub struct SplitQueue {
     in_flight: Vec<bool>,
     num_in_flight: u16,
     broken: Option<QueueError>,
+    /// Inflight tracking shared with the frontend (`crate::inflight`), when negotiated.
+    inflight: Option<InflightSplit>,
+    /// Heads a previous backend process left in flight, popped before the avail ring.
+    resubmit: VecDeque<u16>,
 }
 
 impl SplitQueue {
@@ -133,6 +139,8 @@ impl SplitQueue {
             in_flight: vec![false; size as usize],
             num_in_flight: 0,
             broken: None,
+            inflight: None,
+            resubmit: VecDeque::new(),
         })
     }
 
@@ -207,16 +215,35 @@ impl SplitQueue {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        Ok(self.refresh_avail()? != self.next_avail)
+        Ok(!self.resubmit.is_empty() || self.refresh_avail()? != self.next_avail)
     }
 
-    /// Pop the next available chain into `chain`.
-    pub fn pop(&mut self, chain: &mut Chain) -> Result<Popped, QueueError> {
-        if let Some(e) = &self.broken {
-            return Err(e.clone());
+    /// Track this queue's requests in the frontend's inflight region `area` (see
+    /// [`crate::inflight`]). With `recover`, a region left by a previous process is
+    /// recovered: its unfinished heads are popped again first, and the avail ring resumes
+    /// after the entries that were popped (`used->idx` + the unfinished count), whatever
+    /// vring base was set. Returns how many heads will be resubmitted.
+    pub fn attach_inflight(&mut self, area: GuestArea, recover: bool) -> Result<usize, QueueError> {
+        let used_idx = self.used.load_u16(SplitLayout::IDX);
+        let used = &self.used;
+        let layout = self.layout;
+        let head_of = |i: u16| used.load_u32(layout.used_entry(i));
+        let (tracker, attached) = InflightSplit::attach(area, layout.size, used_idx, head_of, recover)?;
+        self.inflight = Some(tracker);
+        let Attached::Recovered { resubmit } = attached else { return Ok(0) };
+        let n = resubmit.len();
+        self.set_next_avail(used_idx.wrapping_add(n as u16));
+        self.resubmit = resubmit.into();
+        Ok(n)
+    }
+
+    /// The next head to pop: a resubmitted one, or the next avail entry.
+    fn next_head(&mut self) -> Result<Option<u16>, QueueError> {
+        if let Some(head) = self.resubmit.pop_front() {
+            return Ok(Some(head));
         }
         if self.shadow_avail == self.next_avail && self.refresh_avail()? == self.next_avail {
-            return Ok(Popped::Empty);
+            return Ok(None);
         }
         let head = self.avail.load_u16(self.layout.avail_entry(self.next_avail));
         if head >= self.layout.size {
@@ -226,6 +253,18 @@ impl SplitQueue {
             return Err(self.fail(QueueError::HeadInFlight { head }));
         }
         self.next_avail = self.next_avail.wrapping_add(1);
+        if let Some(t) = &mut self.inflight {
+            t.mark(head);
+        }
+        Ok(Some(head))
+    }
+
+    /// Pop the next available chain into `chain`.
+    pub fn pop(&mut self, chain: &mut Chain) -> Result<Popped, QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let Some(head) = self.next_head()? else { return Ok(Popped::Empty) };
         self.in_flight[head as usize] = true;
         self.num_in_flight += 1;
         chain.reset(head, &self.mem);
@@ -394,6 +433,9 @@ impl SplitQueue {
         self.used.store_u32(off, head as u32);
         self.used.store_u32(off + 4, len);
         self.next_used = self.next_used.wrapping_add(1);
+        if let Some(t) = &mut self.inflight {
+            t.completed(head);
+        }
         true
     }
 
@@ -407,6 +449,9 @@ impl SplitQueue {
         fence(Ordering::Release);
         self.used.store_u16(SplitLayout::IDX, self.next_used);
         self.published_used = self.next_used;
+        if let Some(t) = &mut self.inflight {
+            t.published(self.next_used);
+        }
         // The index store must be visible before we read the driver's suppression state,
         // or we could miss a notification the driver now waits for.
         fence(Ordering::SeqCst);

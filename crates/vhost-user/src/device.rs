@@ -18,10 +18,11 @@ use std::sync::Arc;
 
 use vblk_backend::{Disk, Engine, EngineKind};
 use vblk_blk::DeviceParams;
+use vblk_queue::inflight::split_region_size;
 use vblk_queue::{AddrSpace, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
 use vblk_virtio::blk::{features as blkf, BlkConfig};
 use vblk_virtio::features as vf;
-use vblk_virtio::{GuestMemory, RegionSpec};
+use vblk_virtio::{GuestArea, GuestMemory, RegionSpec};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
@@ -70,6 +71,8 @@ pub enum DeviceError {
     Backend(#[from] vblk_backend::BackendError),
     #[error("starting a worker thread: {0}")]
     Thread(std::io::Error),
+    #[error("inflight area: {0}")]
+    Inflight(String),
     #[error(
         "{rings} queues of up to {queue_size} entries on one worker thread need an I/O depth of {depth}, \
          more than the {max} one io_uring allows: use more --threads or a smaller --queue-size"
@@ -96,6 +99,80 @@ pub struct DataPlaneOptions {
     pub poll_us: u32,
 }
 
+/// The inflight area of this connection (`GET_INFLIGHT_FD` / `SET_INFLIGHT_FD`): one
+/// [`vblk_queue::inflight`] region per queue, then vblk's own state block (the guest's
+/// write-cache choice), so that both survive this process. QEMU keeps the fd and hands it
+/// to the next backend process; it does not read the contents.
+struct InflightArea {
+    mem: Arc<GuestMemory>,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+/// vblk's state block after the queue regions: magic, then the guest's cache mode.
+const STATE_MAGIC: u32 = u32::from_le_bytes(*b"VBLK");
+const STATE_LEN: u64 = 64;
+/// Largest inflight area accepted from a frontend.
+const MAX_INFLIGHT_AREA: u64 = 64 << 20;
+
+impl InflightArea {
+    fn regions_len(num_queues: u16, queue_size: u16) -> u64 {
+        num_queues as u64 * split_region_size(queue_size)
+    }
+
+    /// Check the frontend's description and map `file`.
+    fn map(msg: &VhostUserInflight, file: &File, max_queues: usize) -> Result<InflightArea, DeviceError> {
+        let (nq, qs) = (msg.num_queues, msg.queue_size);
+        if nq == 0 || nq as usize > max_queues || SplitLayout::new(qs as u32).is_none() {
+            return Err(DeviceError::Inflight(format!("{nq} queues of {qs} entries")));
+        }
+        let needed = Self::regions_len(nq, qs);
+        if msg.mmap_size < needed || msg.mmap_size > MAX_INFLIGHT_AREA {
+            return Err(DeviceError::Inflight(format!("{} bytes for {nq} queues of {qs}", msg.mmap_size)));
+        }
+        let spec = RegionSpec { guest_phys_addr: 0, size: msg.mmap_size, user_addr: 0, mmap_offset: msg.mmap_offset };
+        let file = file.try_clone().map_err(|e| DeviceError::Inflight(e.to_string()))?;
+        let mem = GuestMemory::from_files(&[(spec, file)])?;
+        Ok(InflightArea { mem: Arc::new(mem), num_queues: nq, queue_size: qs })
+    }
+
+    fn state_at(&self) -> u64 {
+        Self::regions_len(self.num_queues, self.queue_size)
+    }
+
+    /// Whether a previous backend (or this one) already used the area: the same guest.
+    fn used(&self) -> bool {
+        let region = split_region_size(self.queue_size);
+        (0..self.num_queues as u64).any(|q| {
+            let mut v = [0u8; 2];
+            self.mem.read_at(q * region + 8, &mut v).is_ok() && u16::from_le_bytes(v) != 0
+        })
+    }
+
+    /// The guest's write-cache choice recorded in the state block, if there is one.
+    fn saved_wce(&self) -> Option<bool> {
+        let mut b = [0u8; 5];
+        self.mem.read_at(self.state_at(), &mut b).ok()?;
+        (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == STATE_MAGIC).then_some(b[4] != 0)
+    }
+
+    fn save_wce(&self, on: bool) {
+        let mut b = [0u8; 5];
+        b[..4].copy_from_slice(&STATE_MAGIC.to_le_bytes());
+        b[4] = on as u8;
+        // Absent when the frontend's area has no room for the state block: nothing saved.
+        let _ = self.mem.write_at(self.state_at(), &b);
+    }
+
+    fn region(&self, ring: usize) -> Result<Option<GuestArea>, DeviceError> {
+        if ring >= self.num_queues as usize {
+            return Ok(None);
+        }
+        let len = split_region_size(self.queue_size);
+        Ok(Some(self.mem.area_at_gpa(ring as u64 * len, len, 8)?))
+    }
+}
+
 #[derive(Default)]
 struct VringConfig {
     size: Option<u16>,
@@ -107,6 +184,9 @@ struct VringConfig {
     enabled: bool,
     started: bool,
     broken: bool,
+    /// The inflight region of this ring was recovered in this connection (done once, at
+    /// its first start after `SET_INFLIGHT_FD`).
+    recovered: bool,
 }
 
 /// The vhost-user-blk device: everything one frontend connection set up.
@@ -119,6 +199,7 @@ pub struct VblkDevice {
     mem: Arc<GuestMemory>,
     vrings: Vec<VringConfig>,
     workers: Vec<Option<Worker>>,
+    inflight: Option<InflightArea>,
     /// A request whose reply the vhost crate does not send on error failed: the
     /// connection must be dropped, as the frontend would wait for an answer forever.
     fatal: bool,
@@ -149,6 +230,7 @@ impl VblkDevice {
             mem: Arc::new(GuestMemory::empty()),
             vrings: (0..n).map(|_| VringConfig::default()).collect(),
             workers: (0..threads).map(|_| None).collect(),
+            inflight: None,
             fatal: false,
         })
     }
@@ -171,13 +253,16 @@ impl VblkDevice {
         let n = self.vrings.len();
         self.vrings = (0..n).map(|_| VringConfig::default()).collect();
         self.mem = Arc::new(GuestMemory::empty());
+        self.inflight = None;
         self.acked_features = 0;
         self.acked_protocol = 0;
         self.fatal = false;
         // The write-cache mode the driver chose stays: QEMU does not replay SET_CONFIG
-        // when it reconnects, and vblk cannot yet tell a reconnecting guest from a new
-        // one, so it keeps the guest's choice (the safe side for write-through). A new
-        // guest reads the mode from the config space at probe and acts on it.
+        // when it reconnects. A frontend with inflight tracking tells a new guest
+        // (GET_INFLIGHT_FD: back to the default) from the same one (SET_INFLIGHT_FD of a
+        // used area: its choice, saved there, survives even this process); without it
+        // vblk keeps the last choice (the safe side for write-through). A new guest reads
+        // the mode from the config space at probe and acts on it.
     }
 
     fn protocol_features_negotiated(&self) -> bool {
@@ -219,7 +304,22 @@ impl VblkDevice {
         v.started && v.enabled && !v.broken && v.size.is_some() && v.addrs.is_some() && v.kick.is_some()
     }
 
-    fn build_queue(&self, i: usize) -> Result<SplitQueue, DeviceError> {
+    /// Ring `i`'s queue, with its inflight region attached (and recovered at the first
+    /// start of this connection).
+    fn build_queue(&mut self, i: usize) -> Result<SplitQueue, DeviceError> {
+        let mut q = self.new_queue(i)?;
+        if let Some(area) = self.inflight.as_ref().map(|a| a.region(i)).transpose()?.flatten() {
+            let recover = !self.vrings[i].recovered;
+            let n = q.attach_inflight(area, recover).map_err(|e| DeviceError::Ring(i, e))?;
+            self.vrings[i].recovered = true;
+            if n > 0 {
+                tracing::info!(ring = i, requests = n, "resubmitting requests the previous backend left in flight");
+            }
+        }
+        Ok(q)
+    }
+
+    fn new_queue(&self, i: usize) -> Result<SplitQueue, DeviceError> {
         let v = &self.vrings[i];
         let (Some(size), Some(addrs)) = (v.size, v.addrs) else {
             return Err(DeviceError::Unsupported("a ring without size or addresses"));
@@ -519,7 +619,8 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         // message loop does not dispatch SET_STATUS/GET_STATUS.
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -560,6 +661,9 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         let on = buf[0] != 0;
         tracing::info!(writeback = on, "driver set the write cache mode");
         self.params.set_writeback(on);
+        if let Some(a) = &self.inflight {
+            a.save_wce(on);
+        }
         Ok(())
     }
 
@@ -574,12 +678,43 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         Err(DeviceError::Unsupported("GET_SHARED_OBJECT").into())
     }
 
-    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        self.fail(DeviceError::Unsupported("GET_INFLIGHT_FD"))
+    /// A new guest (the frontend has no area yet): a fresh, zeroed, sealed area, and the
+    /// default write-cache mode.
+    fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let (nq, qs) = (msg.num_queues, msg.queue_size);
+        let size = InflightArea::regions_len(nq, qs) + STATE_LEN;
+        let want = VhostUserInflight::new(size, 0, nq, qs);
+        let made = vblk_virtio::memory::sealed_memfd("vblk-inflight", size)
+            .map_err(|e| DeviceError::Inflight(e.to_string()))
+            .and_then(|file| InflightArea::map(&want, &file, self.vrings.len()).map(|a| (a, file)));
+        let (area, file) = match made {
+            Ok(m) => m,
+            Err(e) => return self.fail(e),
+        };
+        self.params.set_writeback(true);
+        area.save_wce(true);
+        tracing::info!(queues = nq, queue_size = qs, bytes = size, "new inflight area (a new guest)");
+        Ok((want, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(DeviceError::Unsupported("SET_INFLIGHT_FD").into())
+    /// The frontend's area (ours from GET_INFLIGHT_FD, or a previous process's): attached
+    /// to every ring at its next start; a used one is recovered then.
+    fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> VuResult<()> {
+        let area = InflightArea::map(msg, &file, self.vrings.len())?;
+        if area.used() {
+            if let Some(wce) = area.saved_wce() {
+                self.params.set_writeback(wce);
+            }
+            tracing::info!(writeback = self.params.wce(), "inflight area in use: the same guest reconnected");
+        }
+        self.with_all_stopped(|d| {
+            d.inflight = Some(area);
+            for v in &mut d.vrings {
+                v.recovered = false;
+            }
+            Ok(())
+        })?;
+        Ok(())
     }
 
     fn set_device_state_fd(

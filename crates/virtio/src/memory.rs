@@ -537,16 +537,35 @@ impl GuestArea {
 /// Anonymous shared memory to stand in for a frontend's memfd (tests, the in-process
 /// driver): a memfd of `size` bytes.
 pub fn memfd(name: &str, size: u64) -> std::io::Result<File> {
+    memfd_create(name, size, false)
+}
+
+/// A memfd of `size` zero bytes whose size can never change (sealed against growing,
+/// shrinking and further seals): safe to map for whoever receives it, as the inflight area
+/// the backend hands to the frontend.
+pub fn sealed_memfd(name: &str, size: u64) -> std::io::Result<File> {
+    memfd_create(name, size, true)
+}
+
+fn memfd_create(name: &str, size: u64, seal: bool) -> std::io::Result<File> {
     use std::os::fd::FromRawFd;
     let cname = std::ffi::CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = libc::MFD_CLOEXEC | if seal { libc::MFD_ALLOW_SEALING } else { 0 };
     // SAFETY: memfd_create takes a valid C string and flags; the fd is checked below.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh, owned descriptor.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)?;
+    if seal {
+        let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own; the result is checked.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     Ok(file)
 }
 

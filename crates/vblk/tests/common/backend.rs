@@ -173,6 +173,17 @@ impl BackendProcess {
         read_lossy(&self.log)
     }
 
+    /// Starts the same kind of backend again on the same socket (after [`stop`](Self::stop)
+    /// or [`terminate`](Self::terminate)), logging to `log`.
+    pub fn restart(&mut self, image: &Path, cfg: BackendConfig, log: &Path) -> Result<(), String> {
+        let new = Self::start(self.kind, image, &self.socket, cfg, log)?;
+        let mut old = std::mem::replace(self, new);
+        old.proc.kill();
+        // The socket is the new process's now: the old one's drop must not remove it.
+        old.socket = PathBuf::new();
+        Ok(())
+    }
+
     /// Kills the backend (SIGKILL) and reaps it.
     pub fn stop(&mut self) {
         self.proc.kill();
@@ -200,6 +211,8 @@ impl BackendProcess {
 impl Drop for BackendProcess {
     fn drop(&mut self) {
         self.proc.kill();
-        let _ = fs::remove_file(&self.socket);
+        if !self.socket.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.socket);
+        }
     }
 }

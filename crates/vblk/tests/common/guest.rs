@@ -88,6 +88,20 @@ pub struct RunningGuest {
 
 /// Starts QEMU booting the guest that runs `/tests/<test>.sh`; does not wait.
 pub fn spawn_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_queues: u16) -> RunningGuest {
+    spawn_guest_with(dir, socket, test, args, num_queues, None)
+}
+
+/// Like [`spawn_guest`], with QEMU reconnecting to the backend's socket every
+/// `reconnect_ms` after losing it (`-chardev socket,...,reconnect-ms=N`), as a platform
+/// runs a VM whose storage daemon may restart.
+pub fn spawn_guest_with(
+    dir: &TempDir,
+    socket: &Path,
+    test: &str,
+    args: &str,
+    num_queues: u16,
+    reconnect_ms: Option<u32>,
+) -> RunningGuest {
     let g = guest_image();
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
@@ -116,7 +130,13 @@ pub fn spawn_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_que
         .args(["-append", &append])
         .args(["-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot"])
         .args(["-serial", &format!("file:{}", serial_path.display())])
-        .args(["-chardev", &format!("socket,id=vb0,path={}", socket.display())])
+        .args(["-chardev", &{
+            let mut c = format!("socket,id=vb0,path={}", socket.display());
+            if let Some(ms) = reconnect_ms {
+                c.push_str(&format!(",reconnect-ms={ms}"));
+            }
+            c
+        }])
         .args(["-device", &format!("vhost-user-blk-pci,chardev=vb0,num-queues={num_queues}")]);
     let command = describe(&cmd);
     let errf = File::create(&stderr_path).expect("create qemu log");
@@ -136,6 +156,11 @@ impl RunningGuest {
     /// The serial console so far.
     pub fn serial(&self) -> String {
         read_lossy(&self.serial_path)
+    }
+
+    /// QEMU's stdout and stderr so far.
+    pub fn qemu_log(&self) -> String {
+        read_lossy(&self.stderr_path)
     }
 
     /// Waits (up to `timeout`) until the serial console contains `marker`; false if QEMU
