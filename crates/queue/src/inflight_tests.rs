@@ -142,7 +142,7 @@ fn run(seed: u64) -> usize {
                     checks += 1;
                 }
                 q.published(next_used);
-                free.extend(completed.drain(..));
+                free.append(&mut completed);
                 check(&mem, &order, &visible, popped);
             }
             _ => {}

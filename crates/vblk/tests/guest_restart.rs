@@ -26,11 +26,12 @@ enum Stop {
 
 fn restart_during_fio(name: &str, queues: u16, how: Stop) {
     let cfg = BackendConfig { readonly: false, num_queues: queues, vblk_args: &[] };
-    let Some(mut fx) = Fixture::new(name, Backend::Vblk, 256 * MIB, cfg, |_| {}) else {
+    let Some(mut fx) = Fixture::new(name, Backend::Vblk, 640 * MIB, cfg, |_| {}) else {
         return;
     };
     let socket = fx.backend.socket.clone();
-    let args = format!("queues={queues},jobs={},size=96", queues.max(2));
+    // Two regions of 256 MiB: a write pass long enough for every restart under TCG.
+    let args = format!("queues={queues},jobs=2,size=256");
     let mut guest = spawn_guest_with(&fx.dir, &socket, "fio-verify", &args, queues, Some(RECONNECT_MS));
     assert!(
         guest.wait_for_serial("fio write+verify pass", guest_timeout()),
@@ -39,7 +40,7 @@ fn restart_during_fio(name: &str, queues: u16, how: Stop) {
     );
     let mut stalls = Vec::new();
     for k in 0..RESTARTS {
-        std::thread::sleep(Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(1000));
         assert!(
             !guest.serial().contains("drop caches"),
             "[{name}] fio finished its write pass before restart {k}: make the regions larger\n{}",
@@ -55,7 +56,9 @@ fn restart_during_fio(name: &str, queues: u16, how: Stop) {
             }
         }
         let log = fx.dir.join(format!("backend-{}.log", k + 1));
-        fx.backend.restart(&fx.image, cfg, &log).unwrap_or_else(|e| panic!("[{name}] restarting vblk serve failed: {e}"));
+        fx.backend
+            .restart(&fx.image, cfg, &log)
+            .unwrap_or_else(|e| panic!("[{name}] restarting vblk serve failed: {e}"));
         let pid = fx.backend.pid();
         let attached = settle(true, Duration::from_secs(30), || memfd_mappings(pid) > 0);
         let stall = t.elapsed();
@@ -81,7 +84,12 @@ fn restart_during_fio(name: &str, queues: u16, how: Stop) {
     // What the new processes found in flight: a crash leaves popped requests to resubmit
     // (fio keeps 16 in flight per job); a SIGTERM drains them first.
     let resubmitted: usize = (1..=RESTARTS)
-        .map(|k| read_lossy(&fx.dir.join(format!("backend-{k}.log"))).matches("resubmitting requests").count())
+        .map(|k| {
+            std::fs::read_to_string(fx.dir.join(format!("backend-{k}.log")))
+                .unwrap_or_default()
+                .matches("resubmitting requests")
+                .count()
+        })
         .sum();
     eprintln!("[{name}] restarts that found requests in flight: {resubmitted} of {RESTARTS}");
     match how {
