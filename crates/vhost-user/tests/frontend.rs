@@ -18,7 +18,9 @@ use vblk_virtio::blk::{features as blkf, req_type, BlkConfig, OutHdr, Status};
 use vblk_virtio::features as vf;
 use vblk_virtio::memory::memfd;
 use vblk_virtio::{GuestMemory, RegionSpec};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -79,6 +81,7 @@ struct Guest {
     mem: Arc<GuestMemory>,
     _file: File,
     queues: Vec<Queue>,
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 fn ring_addrs(q: usize) -> RingAddrs {
@@ -86,56 +89,59 @@ fn ring_addrs(q: usize) -> RingAddrs {
     RingAddrs { desc: base, avail: base + 0x1000, used: base + 0x2000 }
 }
 
+/// How a frontend treats inflight tracking.
+enum Inflight {
+    /// Not negotiated.
+    Off,
+    /// A new guest: asks the daemon for a fresh area (GET_INFLIGHT_FD), then hands it back.
+    New,
+    /// The same guest as before: hands the daemon its area (SET_INFLIGHT_FD).
+    Use(VhostUserInflight, File),
+}
+
 impl Guest {
     fn connect(d: &Daemon, num_queues: usize) -> Guest {
-        let mut fe = Frontend::connect(&d.path, num_queues as u64).unwrap();
-        fe.set_owner().unwrap();
-        let offered = fe.get_features().unwrap();
-        assert_ne!(offered & vf::VHOST_USER_PROTOCOL_FEATURES, 0);
-        assert_eq!(offered & blkf::SCSI, 0, "never offer SCSI");
-        fe.set_features(offered).unwrap();
-        let pf = fe.get_protocol_features().unwrap();
-        let want = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        assert!(pf.contains(want), "{pf:?}");
-        fe.set_protocol_features(want).unwrap();
-        // Ask for an ack on every message, as QEMU does once REPLY_ACK is negotiated.
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        assert_eq!(fe.get_queue_num().unwrap(), num_queues as u64);
+        Self::connect_with(d, num_queues, Inflight::Off)
+    }
 
+    fn connect_with(d: &Daemon, num_queues: usize, inflight: Inflight) -> Guest {
         let file = memfd("guest", MEM).unwrap();
         let spec = RegionSpec { guest_phys_addr: 0, size: MEM, user_addr: UVA, mmap_offset: 0 };
         let mem = Arc::new(GuestMemory::from_files(&[(spec, file.try_clone().unwrap())]).unwrap());
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM,
-            userspace_addr: UVA,
-            mmap_offset: 0,
-            mmap_handle: file.as_raw_fd(),
-        };
-        fe.set_mem_table(&[region]).unwrap();
-        let mut g = Guest { fe, mem, _file: file, queues: Vec::new() };
+        let (fe, area) = negotiate(d, num_queues, &file, inflight);
+        let mut g = Guest { fe, mem, _file: file, queues: Vec::new(), inflight: area };
         for q in 0..num_queues {
-            g.setup_queue(q);
+            let a = ring_addrs(q);
+            let drv =
+                DriverQueue::new(g.mem.clone(), QSIZE as u32, a, RingFeatures { event_idx: true, indirect: true })
+                    .unwrap();
+            let (kick, call) = start_ring(&mut g.fe, q, 0);
+            g.queues.push(Queue { drv, kick, call });
         }
         g
     }
 
-    fn setup_queue(&mut self, q: usize) {
-        let a = ring_addrs(q);
-        let drv = DriverQueue::new(self.mem.clone(), QSIZE as u32, a, RingFeatures { event_idx: true, indirect: true })
-            .unwrap();
-        let kick = EventFd::new(0).unwrap();
-        let call = EventFd::new(0).unwrap();
-        self.fe.set_vring_num(q, QSIZE).unwrap();
-        self.fe.set_vring_addr(q, &vring_config(a)).unwrap();
-        self.fe.set_vring_base(q, 0).unwrap();
-        self.fe.set_vring_call(q, &call).unwrap();
-        self.fe.set_vring_kick(q, &kick).unwrap();
-        self.fe.set_vring_enable(q, true).unwrap();
-        self.queues.push(Queue { drv, kick, call });
+    /// A new connection of this guest (same memory and rings), as QEMU after losing the
+    /// backend: its inflight area, and each ring restarted at its used index.
+    fn reconnect(&mut self, d: &Daemon) {
+        // Hang up first: a daemon serves one frontend at a time.
+        let (placeholder, _) = UnixStream::pair().unwrap();
+        drop(std::mem::replace(&mut self.fe, Frontend::from_stream(placeholder, 1)));
+        let area = self.inflight.take().map(|(m, f)| Inflight::Use(m, f)).unwrap_or(Inflight::Off);
+        let (fe, area) = negotiate(d, self.queues.len(), &self._file, area);
+        self.fe = fe;
+        self.inflight = area;
+        for q in 0..self.queues.len() {
+            let mut b = [0u8; 2];
+            self.mem.read_at(ring_addrs(q).used + 2, &mut b).unwrap();
+            let (kick, call) = start_ring(&mut self.fe, q, u16::from_le_bytes(b));
+            (self.queues[q].kick, self.queues[q].call) = (kick, call);
+        }
+    }
+
+    fn writeback(&mut self) -> u8 {
+        let (_, bytes) = self.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).unwrap();
+        BlkConfig::from_bytes(&bytes).writeback
     }
 
     /// One request on queue `q`: returns the status byte.
@@ -167,6 +173,63 @@ impl Guest {
         self.mem.read_at(status, &mut s).unwrap();
         s[0]
     }
+}
+
+/// Connect, negotiate everything (inflight tracking as asked) and share `file` as guest
+/// memory. Returns the frontend and the inflight area it holds.
+fn negotiate(d: &Daemon, num_queues: usize, file: &File, inflight: Inflight) -> (Frontend, Option<(VhostUserInflight, File)>) {
+    let mut fe = Frontend::connect(&d.path, num_queues as u64).unwrap();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    assert_ne!(offered & vf::VHOST_USER_PROTOCOL_FEATURES, 0);
+    assert_eq!(offered & blkf::SCSI, 0, "never offer SCSI");
+    fe.set_features(offered).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    let mut want = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    if !matches!(inflight, Inflight::Off) {
+        want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    assert!(pf.contains(want), "{pf:?}");
+    fe.set_protocol_features(want).unwrap();
+    // Ask for an ack on every message, as QEMU does once REPLY_ACK is negotiated.
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert_eq!(fe.get_queue_num().unwrap(), num_queues as u64);
+    let area = match inflight {
+        Inflight::Off => None,
+        Inflight::New => {
+            let ask = VhostUserInflight::new(0, 0, num_queues as u16, QSIZE);
+            Some(fe.get_inflight_fd(&ask).unwrap())
+        }
+        Inflight::Use(m, f) => Some((m, f)),
+    };
+    if let Some((m, f)) = &area {
+        fe.set_inflight_fd(m, f.as_raw_fd()).unwrap();
+    }
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM,
+        userspace_addr: UVA,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    fe.set_mem_table(&[region]).unwrap();
+    (fe, area)
+}
+
+/// Set ring `q` up and start it at avail index `base`; returns its kick and call eventfds.
+fn start_ring(fe: &mut Frontend, q: usize, base: u16) -> (EventFd, EventFd) {
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(0).unwrap();
+    fe.set_vring_num(q, QSIZE).unwrap();
+    fe.set_vring_addr(q, &vring_config(ring_addrs(q))).unwrap();
+    fe.set_vring_base(q, base).unwrap();
+    fe.set_vring_call(q, &call).unwrap();
+    fe.set_vring_kick(q, &kick).unwrap();
+    fe.set_vring_enable(q, true).unwrap();
+    (kick, call)
 }
 
 fn vring_config(a: RingAddrs) -> VringConfigData {
@@ -348,6 +411,81 @@ fn a_read_only_export_refuses_writes() {
     assert_eq!(g.request(0, req_type::OUT, 0, &mut b, false), Status::IoErr as u8);
     assert_eq!(g.request(0, req_type::IN, 0, &mut b, true), OK);
     assert_eq!(b, vec![0u8; 512]);
+    drop(g);
+    drop(d);
+    let _ = std::fs::remove_file(path);
+}
+
+/// With inflight tracking a frontend tells a new guest (GET_INFLIGHT_FD) from the same guest
+/// coming back (SET_INFLIGHT_FD of its area): the same guest keeps its write-cache choice,
+/// even across a restart of the daemon (the choice is saved in the area); a new guest
+/// starts from the default.
+#[test]
+fn the_write_cache_choice_follows_the_guest_through_its_inflight_area() {
+    let d = Daemon::start(Disk::null(1 << 20), 1, false);
+    let mut g = Guest::connect_with(&d, 1, Inflight::New);
+    assert_eq!(g.writeback(), 1, "write-back by default");
+    g.fe.set_config(BlkConfig::WRITEBACK_OFFSET as u32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
+    let mut b = vec![0u8; 512];
+    assert_eq!(g.request(0, req_type::IN, 0, &mut b, true), OK);
+    g.reconnect(&d);
+    assert_eq!(g.writeback(), 0, "the same guest, the same daemon");
+    // A new daemon process knows nothing but what the guest's area holds.
+    let d2 = Daemon::start(Disk::null(1 << 20), 1, false);
+    g.reconnect(&d2);
+    drop(d);
+    assert_eq!(g.writeback(), 0, "the same guest, a new daemon");
+    assert_eq!(g.request(0, req_type::IN, 0, &mut b, true), OK);
+    drop(g);
+    let mut other = Guest::connect_with(&d2, 1, Inflight::New);
+    assert_eq!(other.writeback(), 1, "a new guest starts from write-back");
+}
+
+/// A request the previous backend popped and never completed is flagged in the guest's
+/// inflight area; the next connection resubmits it before anything else, and the avail
+/// ring goes on after the entry it came from (QEMU rewinds the vring base to the used index).
+#[test]
+fn a_request_left_in_flight_is_resubmitted_on_reconnect() {
+    let (disk, path) = temp_disk(4 << 20);
+    let d = Daemon::start(disk, 1, false);
+    let mut g = Guest::connect_with(&d, 1, Inflight::New);
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    assert_eq!(g.request(0, req_type::OUT, 8, &mut data.clone(), false), OK);
+
+    // A read made available but never kicked (the daemon does not see it), flagged in flight
+    // as the previous backend would have after popping it.
+    let (hdr, buf, status) = (0x90_0000u64, 0x91_0000u64, 0x92_0000u64);
+    g.mem.write_at(hdr, &OutHdr { req_type: req_type::IN, ioprio: 0, sector: 8 }.to_bytes()).unwrap();
+    g.mem.write_at(status, &[0xff]).unwrap();
+    let bufs = [
+        Buffer { addr: hdr, len: 16, write: false },
+        Buffer { addr: buf, len: 4096, write: true },
+        Buffer { addr: status, len: 1, write: true },
+    ];
+    let head = g.queues[0].drv.add(&bufs).unwrap();
+    g.queues[0].drv.publish();
+    {
+        let (m, f) = g.inflight.as_ref().expect("inflight area");
+        let spec = RegionSpec { guest_phys_addr: 0, size: m.mmap_size, user_addr: 0, mmap_offset: m.mmap_offset };
+        let area = GuestMemory::from_files(&[(spec, f.try_clone().unwrap())]).unwrap();
+        let desc = 16 + 16 * head as u64;
+        area.write_at(desc + 8, &1000u64.to_le_bytes()).unwrap();
+        area.write_at(desc, &[1]).unwrap();
+    }
+
+    g.reconnect(&d);
+    let got = wait_used(&mut g.queues[0]).expect("the flagged request was never resubmitted");
+    assert_eq!(got, (head, 4097));
+    let mut s = [0u8];
+    g.mem.read_at(status, &mut s).unwrap();
+    assert_eq!(s[0], OK);
+    let mut back = vec![0u8; 4096];
+    g.mem.read_at(buf, &mut back).unwrap();
+    assert_eq!(back, data);
+    // The ring goes on after that entry (popping it again would complete the head twice).
+    let mut b = vec![0u8; 4096];
+    assert_eq!(g.request(0, req_type::IN, 8, &mut b, true), OK);
+    assert_eq!(b, data);
     drop(g);
     drop(d);
     let _ = std::fs::remove_file(path);
