@@ -6,11 +6,13 @@
 //!   memory, and the whole per-queue pipeline against a null disk.
 //! - [`vhost`]: the vhost-user message handler, over a socketpair, with fds attached.
 //! - [`merge`]: request merging.
+//! - [`inflight`]: inflight regions written by a hostile frontend, attached and recovered.
 //! - [`seeds`]: hand-made valid inputs for the seed corpus (`fuzz/corpus/<target>/`).
 
 pub mod encode;
 
 pub mod chain;
+pub mod inflight;
 pub mod merge;
 pub mod seeds;
 pub mod vhost;
