@@ -293,8 +293,12 @@ impl BlkQueue {
             Ok(done) => (Ok(()), done),
             Err(e) => (Err(RequestError::Backend(e.to_string())), 0),
         };
-        // Only a read puts data in the guest's writable buffers.
+        // Only a read puts data in the guest's writable buffers: the kernel wrote them, so
+        // a live migration's dirty log is told here (a no-op when not migrating).
         let read = if c.op.kind == OpKind::Read { done } else { 0 };
+        if read > 0 {
+            self.queue.memory().log_iovecs(&c.op.iovs);
+        }
         self.recycle(c.op);
         self.finish_all(head, result, read);
     }

@@ -32,7 +32,7 @@ fn restart_during_fio(name: &str, queues: u16, how: Stop) {
     let socket = fx.backend.socket.clone();
     // Two regions of 256 MiB: a write pass long enough for every restart under TCG.
     let args = format!("queues={queues},jobs=2,size=256");
-    let mut guest = spawn_guest_with(&fx.dir, &socket, "fio-verify", &args, queues, Some(RECONNECT_MS));
+    let mut guest = spawn_guest_with(&fx.dir, &socket, "fio-verify", &args, queues, Some(RECONNECT_MS), &[]);
     assert!(
         guest.wait_for_serial("fio write+verify pass", guest_timeout()),
         "[{name}] the guest never started fio:\n{}",

@@ -22,7 +22,7 @@ use vblk_queue::inflight::split_region_size;
 use vblk_queue::{AddrSpace, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
 use vblk_virtio::blk::{features as blkf, BlkConfig};
 use vblk_virtio::features as vf;
-use vblk_virtio::{GuestArea, GuestMemory, RegionSpec};
+use vblk_virtio::{DirtyLog, GuestArea, GuestMemory, RegionSpec};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
@@ -200,6 +200,9 @@ pub struct VblkDevice {
     vrings: Vec<VringConfig>,
     workers: Vec<Option<Worker>>,
     inflight: Option<InflightArea>,
+    /// The migration's dirty-page log (`SET_LOG_BASE`); in force while `VHOST_F_LOG_ALL`
+    /// is negotiated.
+    log: Option<Arc<DirtyLog>>,
     /// A request whose reply the vhost crate does not send on error failed: the
     /// connection must be dropped, as the frontend would wait for an answer forever.
     fatal: bool,
@@ -231,6 +234,7 @@ impl VblkDevice {
             vrings: (0..n).map(|_| VringConfig::default()).collect(),
             workers: (0..threads).map(|_| None).collect(),
             inflight: None,
+            log: None,
             fatal: false,
         })
     }
@@ -254,6 +258,7 @@ impl VblkDevice {
         self.vrings = (0..n).map(|_| VringConfig::default()).collect();
         self.mem = Arc::new(GuestMemory::empty());
         self.inflight = None;
+        self.log = None;
         self.acked_features = 0;
         self.acked_protocol = 0;
         self.fatal = false;
@@ -427,9 +432,23 @@ impl VblkDevice {
             return Err(DeviceError::TooManyRegions);
         }
         self.with_all_stopped(|d| {
-            d.mem = Arc::new(mem);
+            d.mem = Arc::new(mem.with_log(d.active_log()));
             Ok(())
         })
+    }
+
+    /// The dirty log every write must go to: set, and logging negotiated (a migration).
+    fn active_log(&self) -> Option<Arc<DirtyLog>> {
+        self.log.clone().filter(|_| self.acked_features & vf::VHOST_F_LOG_ALL != 0)
+    }
+
+    /// Rebuild the memory table with the log now in force (workers stopped by the caller).
+    fn apply_log(&mut self) {
+        let want = self.active_log();
+        if want.as_ref().map(Arc::as_ptr) != self.mem.log().map(Arc::as_ptr) {
+            tracing::info!(logging = want.is_some(), "dirty-page logging for live migration");
+            self.mem = Arc::new(self.mem.with_log(want));
+        }
     }
 
     fn fail<T>(&mut self, e: DeviceError) -> VuResult<T> {
@@ -463,11 +482,11 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(self.params.offered_features() | vf::VHOST_USER_PROTOCOL_FEATURES)
+        Ok(self.params.offered_features() | vf::VHOST_USER_PROTOCOL_FEATURES | vf::VHOST_F_LOG_ALL)
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = self.params.offered_features() | vf::VHOST_USER_PROTOCOL_FEATURES;
+        let offered = self.params.offered_features() | vf::VHOST_USER_PROTOCOL_FEATURES | vf::VHOST_F_LOG_ALL;
         if features & !offered != 0 {
             return Err(DeviceError::BadFeatures(features & !offered).into());
         }
@@ -480,6 +499,7 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
                     v.enabled = true;
                 }
             }
+            d.apply_log();
             Ok(())
         })?;
         Ok(())
@@ -620,7 +640,8 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -735,8 +756,23 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         self.fail(DeviceError::Unsupported("GET_SHMEM_CONFIG"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        self.fail(DeviceError::Unsupported("SET_LOG_BASE"))
+    /// The migration's dirty-page bitmap. Every write into guest memory marks it while
+    /// `VHOST_F_LOG_ALL` is negotiated; `GET_VRING_BASE` drains before the last round.
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        let mapped = match DirtyLog::map(&file, log.mmap_size, log.mmap_offset) {
+            Ok(m) => Arc::new(m),
+            Err(e) => return self.fail(e.into()),
+        };
+        tracing::info!(bytes = log.mmap_size, "dirty log set");
+        let r = self.with_all_stopped(|d| {
+            d.log = Some(mapped);
+            d.apply_log();
+            Ok(())
+        });
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => self.fail(e),
+        }
     }
 }
 

@@ -177,7 +177,12 @@ impl Guest {
 
 /// Connect, negotiate everything (inflight tracking as asked) and share `file` as guest
 /// memory. Returns the frontend and the inflight area it holds.
-fn negotiate(d: &Daemon, num_queues: usize, file: &File, inflight: Inflight) -> (Frontend, Option<(VhostUserInflight, File)>) {
+fn negotiate(
+    d: &Daemon,
+    num_queues: usize,
+    file: &File,
+    inflight: Inflight,
+) -> (Frontend, Option<(VhostUserInflight, File)>) {
     let mut fe = Frontend::connect(&d.path, num_queues as u64).unwrap();
     fe.set_owner().unwrap();
     let offered = fe.get_features().unwrap();

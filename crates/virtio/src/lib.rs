@@ -9,8 +9,10 @@
 //!   memory access lives in that module.
 
 pub mod blk;
+pub mod dirty_log;
 pub mod memory;
 
+pub use dirty_log::DirtyLog;
 pub use memory::{GuestArea, GuestMemory, Iov, MemoryError, RegionSpec};
 
 /// Feature bits common to all virtio devices (virtio 1.2 §6).
@@ -26,4 +28,7 @@ pub mod features {
     pub const RING_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
     /// `VHOST_USER_F_PROTOCOL_FEATURES` (vhost-user: bit 30 of the virtio feature word).
     pub const VHOST_USER_PROTOCOL_FEATURES: u64 = 1 << 30;
+    /// `VHOST_F_LOG_ALL`: the frontend may ask the backend to log every write into guest
+    /// memory (live migration).
+    pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 }

@@ -23,6 +23,8 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use crate::dirty_log::DirtyLog;
+
 /// Errors of the guest-memory layer.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MemoryError {
@@ -134,6 +136,11 @@ impl MappedRegion {
         &self.spec
     }
 
+    /// The byte at `guest_phys_addr` in this process.
+    pub(crate) fn host(&self) -> *mut u8 {
+        self.host
+    }
+
     #[inline]
     fn host_contains(&self, ptr: *const u8, len: usize) -> bool {
         let start = self.host as usize;
@@ -206,6 +213,8 @@ impl Iov {
 #[derive(Debug, Default)]
 pub struct GuestMemory {
     regions: Vec<Arc<MappedRegion>>,
+    /// The dirty-page log while a migration runs ([`crate::dirty_log`]).
+    log: Option<Arc<DirtyLog>>,
 }
 
 impl GuestMemory {
@@ -238,7 +247,7 @@ impl GuestMemory {
         let mut regions = self.regions.clone();
         regions.push(region);
         regions.sort_by_key(|r| r.spec.guest_phys_addr);
-        Ok(GuestMemory { regions })
+        Ok(GuestMemory { regions, log: self.log.clone() })
     }
 
     /// A new table without the region `spec` names (`REM_MEM_REG`: matched by guest
@@ -255,7 +264,37 @@ impl GuestMemory {
             .ok_or(MemoryError::NoSuchRegion { gpa: spec.guest_phys_addr, size: spec.size })?;
         let mut regions = self.regions.clone();
         regions.remove(pos);
-        Ok(GuestMemory { regions })
+        Ok(GuestMemory { regions, log: self.log.clone() })
+    }
+
+    /// The same table, logging every write into `log` (or no longer logging).
+    pub fn with_log(&self, log: Option<Arc<DirtyLog>>) -> GuestMemory {
+        GuestMemory { regions: self.regions.clone(), log }
+    }
+
+    pub fn log(&self) -> Option<&Arc<DirtyLog>> {
+        self.log.as_ref()
+    }
+
+    /// Mark the pages of host bytes `[ptr, ptr + len)` of this table dirty (no-op without
+    /// a log).
+    #[inline]
+    fn log_host(&self, ptr: *const u8, len: usize) {
+        if let Some(log) = &self.log {
+            if let Some(r) = self.regions.iter().find(|r| r.host_contains(ptr, len)) {
+                log.mark(r.spec.guest_phys_addr + (ptr as usize - r.host as usize) as u64, len as u64);
+            }
+        }
+    }
+
+    /// Mark buffers the kernel wrote (an io_uring read's iovecs) dirty. No-op without a log.
+    #[inline]
+    pub fn log_iovecs(&self, iovs: &[libc::iovec]) {
+        if self.log.is_some() {
+            for v in iovs {
+                self.log_host(v.iov_base as *const u8, v.iov_len);
+            }
+        }
     }
 
     pub fn num_regions(&self) -> usize {
@@ -386,6 +425,7 @@ impl GuestMemory {
         }
         // SAFETY: as in `read_iov`; the mapping is writable (PROT_WRITE).
         unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), tail.ptr, buf.len()) };
+        self.log_host(tail.ptr, buf.len());
         Ok(())
     }
 
@@ -436,7 +476,7 @@ impl GuestMemory {
             return Err(MemoryError::Misaligned { addr: gpa, align });
         }
         let ptr = self.translate_gpa(gpa, len)?;
-        Ok(GuestArea { _mem: Arc::clone(self), ptr, len: len as usize, gpa })
+        Ok(GuestArea { _mem: Arc::clone(self), log: self.log.clone(), ptr, len: len as usize, gpa })
     }
 
     /// A ring area at a frontend-virtual address (`SET_VRING_ADDR` gives those).
@@ -445,7 +485,7 @@ impl GuestMemory {
             return Err(MemoryError::Misaligned { addr: uva, align });
         }
         let (ptr, gpa) = self.translate_uva(uva, len)?;
-        Ok(GuestArea { _mem: Arc::clone(self), ptr, len: len as usize, gpa })
+        Ok(GuestArea { _mem: Arc::clone(self), log: self.log.clone(), ptr, len: len as usize, gpa })
     }
 }
 
@@ -457,6 +497,8 @@ impl GuestMemory {
 #[derive(Debug)]
 pub struct GuestArea {
     _mem: Arc<GuestMemory>,
+    /// The table's dirty log, if it has one: every store marks its page.
+    log: Option<Arc<DirtyLog>>,
     ptr: *mut u8,
     len: usize,
     gpa: u64,
@@ -501,6 +543,15 @@ impl GuestArea {
         let p = self.at(offset, 2) as *mut u16;
         // SAFETY: as in `load_u16`; the mapping is writable.
         unsafe { p.write_volatile(v.to_le()) }
+        self.logged(offset, 2);
+    }
+
+    /// Mark `[offset, offset + len)` dirty when logging.
+    #[inline]
+    fn logged(&self, offset: usize, len: usize) {
+        if let Some(log) = &self.log {
+            log.mark(self.gpa + offset as u64, len as u64);
+        }
     }
 
     #[inline]
@@ -515,6 +566,7 @@ impl GuestArea {
         let p = self.at(offset, 4) as *mut u32;
         // SAFETY: as in `load_u32`; the mapping is writable.
         unsafe { p.write_volatile(v.to_le()) }
+        self.logged(offset, 4);
     }
 
     /// Copy bytes out (descriptors: 16 bytes at a 16-aligned offset).
@@ -531,6 +583,7 @@ impl GuestArea {
         let p = self.at(offset, buf.len());
         // SAFETY: in bounds, mapping alive and writable.
         unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) }
+        self.logged(offset, buf.len());
     }
 }
 
@@ -649,6 +702,35 @@ mod tests {
         m.read_at(0x1fff0, &mut b).unwrap();
         assert_eq!(b, [0u8; 16], "a refused write changes nothing");
         assert!(m.iov(0xfff8, 16).is_err(), "iov() still wants one region");
+    }
+
+    #[test]
+    fn every_write_through_a_logging_table_marks_its_pages() {
+        let m = table(&[R0, R1]);
+        let f = memfd("log", 64).unwrap();
+        let log = Arc::new(crate::DirtyLog::map(&f, 64, 0).unwrap());
+        let bits = || {
+            let mut b = [0u8; 64];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).unwrap();
+            b
+        };
+        // Without a log nothing is marked.
+        m.write_at(0x3000, &[1]).unwrap();
+        assert_eq!(bits(), [0u8; 64]);
+        let m = Arc::new(m.with_log(Some(log)));
+        m.write_at(0x3000, &[1]).unwrap(); // page 3
+        let area = m.area_at_uva(0x8000_0000 + 0x2000, 8, 4).unwrap(); // gpa 0x102000: page 258
+        area.store_u32(4, 7);
+        let iov = m.iov(0x5ffe, 4).unwrap(); // pages 5 and 6, written by "the kernel"
+        m.log_iovecs(&[iov.as_iovec()]);
+        let b = bits();
+        assert_eq!(b[0], 0b0110_1000);
+        assert_eq!(b[258 / 8], 1 << (258 % 8));
+        assert_eq!(b.iter().map(|x| x.count_ones()).sum::<u32>(), 4);
+        // Tables derived from a logging one keep logging; with_log(None) stops.
+        let m2 = m.without_region(&R1).unwrap();
+        assert!(m2.log().is_some());
+        assert!(m2.with_log(None).log().is_none());
     }
 
     #[test]

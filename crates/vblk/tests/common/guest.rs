@@ -88,12 +88,13 @@ pub struct RunningGuest {
 
 /// Starts QEMU booting the guest that runs `/tests/<test>.sh`; does not wait.
 pub fn spawn_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_queues: u16) -> RunningGuest {
-    spawn_guest_with(dir, socket, test, args, num_queues, None)
+    spawn_guest_with(dir, socket, test, args, num_queues, None, &[])
 }
 
 /// Like [`spawn_guest`], with QEMU reconnecting to the backend's socket every
 /// `reconnect_ms` after losing it (`-chardev socket,...,reconnect-ms=N`), as a platform
-/// runs a VM whose storage daemon may restart.
+/// runs a VM whose storage daemon may restart, and `extra` QEMU arguments (a QMP socket,
+/// `-incoming` for a migration's destination).
 pub fn spawn_guest_with(
     dir: &TempDir,
     socket: &Path,
@@ -101,6 +102,7 @@ pub fn spawn_guest_with(
     args: &str,
     num_queues: u16,
     reconnect_ms: Option<u32>,
+    extra: &[String],
 ) -> RunningGuest {
     let g = guest_image();
     static N: AtomicU32 = AtomicU32::new(0);
@@ -137,7 +139,8 @@ pub fn spawn_guest_with(
             }
             c
         }])
-        .args(["-device", &format!("vhost-user-blk-pci,chardev=vb0,num-queues={num_queues}")]);
+        .args(["-device", &format!("vhost-user-blk-pci,chardev=vb0,num-queues={num_queues}")])
+        .args(extra);
     let command = describe(&cmd);
     let errf = File::create(&stderr_path).expect("create qemu log");
     cmd.stdin(Stdio::null()).stdout(errf.try_clone().unwrap()).stderr(errf);

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod client;
 pub mod guest;
+pub mod qmp;
 
 #[allow(unused_imports)] // not every test binary uses both
 pub use backend::*;
