@@ -258,7 +258,9 @@ impl VblkDevice {
         self.vrings = (0..n).map(|_| VringConfig::default()).collect();
         self.mem = Arc::new(GuestMemory::empty());
         self.inflight = None;
-        self.log = None;
+        if let Some(log) = self.log.take() {
+            tracing::info!(marked = log.marked(), "dirty log released");
+        }
         self.acked_features = 0;
         self.acked_protocol = 0;
         self.fatal = false;

@@ -11,7 +11,7 @@
 //! path costs one predictable branch.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use crate::memory::{MappedRegion, RegionSpec};
 use crate::MemoryError;
@@ -26,6 +26,8 @@ pub const MAX_LOG_BYTES: u64 = 1 << 30;
 #[derive(Debug)]
 pub struct DirtyLog {
     map: MappedRegion,
+    /// Writes marked so far (diagnostics: proves logging happened).
+    marked: AtomicU64,
 }
 
 impl DirtyLog {
@@ -35,7 +37,7 @@ impl DirtyLog {
             return Err(MemoryError::InvalidRegion { gpa: 0, size, offset });
         }
         let spec = RegionSpec { guest_phys_addr: 0, size, user_addr: 0, mmap_offset: offset };
-        Ok(DirtyLog { map: MappedRegion::map(spec, file)? })
+        Ok(DirtyLog { map: MappedRegion::map(spec, file)?, marked: AtomicU64::new(0) })
     }
 
     /// Bytes of bitmap.
@@ -47,12 +49,18 @@ impl DirtyLog {
         self.len() == 0
     }
 
+    /// How many writes were marked.
+    pub fn marked(&self) -> u64 {
+        self.marked.load(Ordering::Relaxed)
+    }
+
     /// Set the bits of every page of `[gpa, gpa + len)`. Pages beyond the bitmap (memory the
     /// frontend does not migrate) are skipped.
     pub fn mark(&self, gpa: u64, len: u64) {
         if len == 0 {
             return;
         }
+        self.marked.fetch_add(1, Ordering::Relaxed);
         let first = gpa / LOG_PAGE;
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
         for page in first..=last {
