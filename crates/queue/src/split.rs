@@ -423,6 +423,7 @@ impl SplitQueue {
     ///
     /// `head` must come from [`pop`](Self::pop) and not have been completed yet; anything
     /// else is ignored (and reported), so a vblk bug cannot corrupt the ring.
+    #[inline(always)]
     pub fn add_used(&mut self, head: u16, len: u32) -> bool {
         match self.in_flight.get_mut(head as usize) {
             Some(f) if *f => *f = false,

@@ -281,9 +281,15 @@ impl GuestMemory {
     #[inline]
     fn log_host(&self, ptr: *const u8, len: usize) {
         if let Some(log) = &self.log {
-            if let Some(r) = self.regions.iter().find(|r| r.host_contains(ptr, len)) {
-                log.mark(r.spec.guest_phys_addr + (ptr as usize - r.host as usize) as u64, len as u64);
-            }
+            self.log_host_slow(log, ptr, len);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn log_host_slow(&self, log: &DirtyLog, ptr: *const u8, len: usize) {
+        if let Some(r) = self.regions.iter().find(|r| r.host_contains(ptr, len)) {
+            log.mark(r.spec.guest_phys_addr + (ptr as usize - r.host as usize) as u64, len as u64);
         }
     }
 
@@ -547,7 +553,7 @@ impl GuestArea {
     }
 
     /// Mark `[offset, offset + len)` dirty when logging.
-    #[inline]
+    #[inline(always)]
     fn logged(&self, offset: usize, len: usize) {
         if let Some(log) = &self.log {
             log.mark(self.gpa + offset as u64, len as u64);
