@@ -32,6 +32,9 @@
 //! cargo bench -p vblk-blk --bench hot_path -- 'device/read4k/'  # a filter
 //! ```
 //!
+//! `VBLK_BENCH_DIRTY_LOG=1` attaches a dirty-page log to the device's memory table (a live
+//! migration in progress).
+//!
 //! Instruction counts: with `VBLK_CALLGRIND_REQS=N` in the environment the binary skips
 //! criterion and runs N requests of each workload once through the `roundtrip` rig (only
 //! `VBLK_CALLGRIND_WORKLOAD=<name>` if set; `VBLK_CALLGRIND_LIST=1` prints the names), the
@@ -311,7 +314,17 @@ fn device(w: Workload) -> (Arc<GuestMemory>, Device) {
         mem.write_at(HDR + i * 16, &h.to_bytes()).unwrap();
     }
     let feats = RingFeatures { event_idx: true, indirect: true };
-    let q = SplitQueue::new(mem.clone(), QSIZE, addrs(), AddrSpace::GuestPhysical, feats).unwrap();
+    // VBLK_BENCH_DIRTY_LOG=1: the device logs every write into guest memory, as during a
+    // live migration (the cost of logging, against the same binary without it).
+    let dev_mem = match std::env::var_os("VBLK_BENCH_DIRTY_LOG") {
+        Some(_) => {
+            let bytes = MEM / vblk_virtio::dirty_log::LOG_PAGE / 8;
+            let log = vblk_virtio::DirtyLog::map(&memfd("log", bytes).unwrap(), bytes, 0).unwrap();
+            Arc::new(mem.with_log(Some(Arc::new(log))))
+        }
+        None => mem.clone(),
+    };
+    let q = SplitQueue::new(dev_mem, QSIZE, addrs(), AddrSpace::GuestPhysical, feats).unwrap();
     let disk = Arc::new(Disk::null(DISK));
     let mut params = DeviceParams::new(disk.size(), false, 512, "vblk-bench", 1, QSIZE as u16);
     params.merge = w.merge;
