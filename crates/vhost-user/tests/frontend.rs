@@ -495,3 +495,29 @@ fn a_request_left_in_flight_is_resubmitted_on_reconnect() {
     drop(d);
     let _ = std::fs::remove_file(path);
 }
+
+/// An inflight area the frontend describes wrongly (too small, too many queues, a queue size
+/// that is not a power of two, larger than its file) is refused with an error reply; the
+/// connection goes on and a correct area is accepted.
+#[test]
+fn bad_inflight_areas_are_refused() {
+    let d = Daemon::start(Disk::null(1 << 20), 1, false);
+    let mut g = Guest::connect_with(&d, 1, Inflight::New);
+    let (m, f) = g.inflight.take().expect("area");
+    for bad in [
+        VhostUserInflight::new(16, 0, 1, QSIZE),
+        VhostUserInflight::new(m.mmap_size, 0, 2, QSIZE),
+        VhostUserInflight::new(m.mmap_size, 0, 1, 48),
+        VhostUserInflight::new(m.mmap_size * 4, 0, 1, QSIZE),
+        VhostUserInflight::new(m.mmap_size, m.mmap_size, 1, QSIZE),
+    ] {
+        assert!(
+            g.fe.set_inflight_fd(&bad, f.as_raw_fd()).is_err(),
+            "accepted {:?}",
+            (bad.mmap_size, bad.mmap_offset, bad.num_queues, bad.queue_size)
+        );
+    }
+    g.fe.set_inflight_fd(&m, f.as_raw_fd()).unwrap();
+    let mut b = vec![0u8; 512];
+    assert_eq!(g.request(0, req_type::IN, 0, &mut b, true), OK);
+}
