@@ -11,13 +11,16 @@ use std::time::Duration;
 use vblk_queue::{DriverQueue, RingFeatures};
 use vblk_virtio::blk::{features as blkf, BlkConfig};
 use vblk_virtio::features as vf;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::VhostBackend;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::{Layout, SharedMemory, USER_ADDR_BASE};
+use crate::memory::{Layout, SharedMemory};
 use crate::queue::{Op, QueueHandle};
+use crate::session::{share_memory, start_ring, vu, Conn, Plan, Session};
 use crate::DriverError;
 
 /// Features the driver can use (and acks when offered).
@@ -51,6 +54,10 @@ pub struct Options {
     pub event_idx: bool,
     /// How long to wait for the backend (messages and completions).
     pub timeout: Duration,
+    /// Survive the backend's restart ([`Device::connect`] only): when its socket hangs up,
+    /// keep trying to connect again for this long, hand the new process the inflight area
+    /// (negotiated when offered) and go on; `None`: a hang-up is an error.
+    pub reconnect: Option<Duration>,
 }
 
 impl Default for Options {
@@ -62,6 +69,7 @@ impl Default for Options {
             indirect: true,
             event_idx: true,
             timeout: Duration::from_secs(10),
+            reconnect: None,
         }
     }
 }
@@ -102,26 +110,27 @@ impl DeviceInfo {
 
 /// A connected virtio-blk device.
 pub struct Device {
-    frontend: Frontend,
+    session: Arc<Session>,
     shared: Arc<SharedMemory>,
     info: DeviceInfo,
     queues: Vec<QueueHandle>,
-    _socket: Arc<OwnedFd>,
-}
-
-fn vu(what: &'static str) -> impl Fn(vhost::Error) -> DriverError {
-    move |e| DriverError::Protocol(what, e.to_string())
 }
 
 impl Device {
     /// Connect to the backend listening on `path`.
     pub fn connect(path: &Path, opts: &Options) -> Result<Device, DriverError> {
         let stream = UnixStream::connect(path).map_err(|e| DriverError::Connect(path.to_owned(), e))?;
-        Self::from_stream(stream, opts)
+        Self::setup(stream, opts, Some(path))
     }
 
-    /// Set up the device over an already connected socket.
+    /// Set up the device over an already connected socket (no reconnecting: there is no
+    /// path to connect to again).
     pub fn from_stream(stream: UnixStream, opts: &Options) -> Result<Device, DriverError> {
+        Self::setup(stream, opts, None)
+    }
+
+    fn setup(stream: UnixStream, opts: &Options, path: Option<&Path>) -> Result<Device, DriverError> {
+        let reconnect = path.zip(opts.reconnect);
         if !opts.queue_size.is_power_of_two() || opts.num_queues == 0 {
             return Err(DriverError::BadOptions("queue size must be a power of two and num_queues >= 1"));
         }
@@ -146,11 +155,14 @@ impl Device {
         let mut protocol = VhostUserProtocolFeatures::empty();
         if want & vf::VHOST_USER_PROTOCOL_FEATURES != 0 {
             let pf = fe.get_protocol_features().map_err(vu("GET_PROTOCOL_FEATURES"))?;
-            protocol = pf
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK
-                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+            let mut usable = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            if reconnect.is_some() {
+                usable |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            protocol = pf & usable;
             fe.set_protocol_features(protocol).map_err(vu("SET_PROTOCOL_FEATURES"))?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -175,60 +187,66 @@ impl Device {
             None
         };
         fe.set_features(want).map_err(vu("SET_FEATURES"))?;
+        // A frontend that may reconnect keeps an inflight area the backend fills, and
+        // hands it to the backend's next process.
+        let inflight = if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            let ask = VhostUserInflight::new(0, 0, num_queues, opts.queue_size);
+            let (area, file) = fe.get_inflight_fd(&ask).map_err(vu("GET_INFLIGHT_FD"))?;
+            fe.set_inflight_fd(&area, file.as_raw_fd()).map_err(vu("SET_INFLIGHT_FD"))?;
+            Some((area, file))
+        } else {
+            None
+        };
 
         let layout = Layout::new(num_queues, opts.queue_size, opts.buffer_memory);
         let shared = SharedMemory::new(layout)?;
-        let spec = shared.spec();
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: spec.guest_phys_addr,
-            memory_size: spec.size,
-            userspace_addr: spec.user_addr,
-            mmap_offset: spec.mmap_offset,
-            mmap_handle: shared.file.as_raw_fd(),
-        };
-        if protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-            fe.add_mem_region(&region).map_err(vu("ADD_MEM_REG"))?;
-        } else {
-            fe.set_mem_table(&[region]).map_err(vu("SET_MEM_TABLE"))?;
-        }
+        share_memory(&mut fe, &shared, protocol)?;
 
         let ring_features =
             RingFeatures { event_idx: want & vf::RING_EVENT_IDX != 0, indirect: want & vf::RING_INDIRECT_DESC != 0 };
-        let mut queues = Vec::with_capacity(num_queues as usize);
+        let enable = want & vf::VHOST_USER_PROTOCOL_FEATURES != 0;
+        let mut rings = Vec::new();
+        let mut setups = Vec::with_capacity(num_queues as usize);
         for q in 0..num_queues {
-            let a = layout.rings(q);
-            let ring = DriverQueue::new(Arc::clone(&shared.mem), opts.queue_size as u32, a, ring_features)?;
+            let ring =
+                DriverQueue::new(Arc::clone(&shared.mem), opts.queue_size as u32, layout.rings(q), ring_features)?;
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::Eventfd)?;
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::Eventfd)?;
-            let qi = q as usize;
-            fe.set_vring_num(qi, opts.queue_size).map_err(vu("SET_VRING_NUM"))?;
-            let cfg = VringConfigData {
-                queue_max_size: opts.queue_size,
-                queue_size: opts.queue_size,
-                flags: 0,
-                desc_table_addr: USER_ADDR_BASE + a.desc,
-                used_ring_addr: USER_ADDR_BASE + a.used,
-                avail_ring_addr: USER_ADDR_BASE + a.avail,
-                log_addr: None,
-            };
-            fe.set_vring_addr(qi, &cfg).map_err(vu("SET_VRING_ADDR"))?;
-            fe.set_vring_base(qi, 0).map_err(vu("SET_VRING_BASE"))?;
-            fe.set_vring_call(qi, &call).map_err(vu("SET_VRING_CALL"))?;
-            fe.set_vring_kick(qi, &kick).map_err(vu("SET_VRING_KICK"))?;
-            if want & vf::VHOST_USER_PROTOCOL_FEATURES != 0 {
-                fe.set_vring_enable(qi, true).map_err(vu("SET_VRING_ENABLE"))?;
+            start_ring(&mut fe, &shared, q, opts.queue_size, 0, (&kick, &call), enable)?;
+            if reconnect.is_some() {
+                let dup = |e: &EventFd| e.try_clone().map_err(DriverError::Eventfd);
+                rings.push((dup(&kick)?, dup(&call)?));
             }
-            queues.push(QueueHandle::new(
-                q,
-                Arc::clone(&shared),
-                ring,
-                kick,
-                call,
-                Arc::clone(&socket),
-                ring_features.indirect,
-                opts.timeout,
-            ));
+            setups.push((ring, kick, call));
         }
+        let plan = reconnect.map(|(path, patience)| Plan {
+            path: path.to_path_buf(),
+            patience,
+            timeout: opts.timeout,
+            features: want,
+            protocol,
+            inflight,
+            shared: Arc::clone(&shared),
+            queue_size: opts.queue_size,
+            rings,
+        });
+        let session = Arc::new(Session::new(Conn { frontend: fe, socket: Arc::clone(&socket) }, plan));
+        let queues = setups
+            .into_iter()
+            .enumerate()
+            .map(|(q, (ring, kick, call))| {
+                QueueHandle::new(
+                    q as u16,
+                    Arc::clone(&shared),
+                    ring,
+                    kick,
+                    call,
+                    Arc::clone(&session),
+                    ring_features.indirect,
+                    opts.timeout,
+                )
+            })
+            .collect();
 
         let c = config.unwrap_or_default();
         let mut info = DeviceInfo {
@@ -252,7 +270,7 @@ impl Device {
             serial: None,
             config,
         };
-        let mut dev = Device { frontend: fe, shared, info: info.clone(), queues, _socket: socket };
+        let mut dev = Device { session, shared, info: info.clone(), queues };
         info.serial = dev.read_serial()?;
         dev.info = info;
         if watchdog.fired() {
@@ -281,10 +299,10 @@ impl Device {
         }
     }
 
-    /// The vhost-user connection, for the raw API (e.g. `SET_VRING_ERR`).
+    /// Use the vhost-user connection, for the raw API (e.g. `SET_VRING_ERR`).
     #[cfg(feature = "raw")]
-    pub(crate) fn frontend(&self) -> &Frontend {
-        &self.frontend
+    pub(crate) fn with_frontend<T>(&self, f: impl FnOnce(&mut Frontend) -> T) -> T {
+        f(&mut self.session.conn().frontend)
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -303,9 +321,10 @@ impl Device {
 
     /// Stop the rings cleanly (GET_VRING_BASE each) before disconnecting.
     pub fn shutdown(self, timeout: Duration) -> Result<(), DriverError> {
-        let _watchdog = Watchdog::arm(&self._socket, timeout);
+        let conn = self.session.conn();
+        let _watchdog = Watchdog::arm(&conn.socket, timeout);
         for q in 0..self.info.num_queues as usize {
-            self.frontend.get_vring_base(q).map_err(vu("GET_VRING_BASE"))?;
+            conn.frontend.get_vring_base(q).map_err(vu("GET_VRING_BASE"))?;
         }
         Ok(())
     }
@@ -313,13 +332,13 @@ impl Device {
 
 /// Shuts a socket down if it is not disarmed (dropped) in time, so a blocking vhost-user
 /// exchange with a silent backend fails instead of hanging.
-struct Watchdog {
+pub(crate) struct Watchdog {
     cancel: Option<std::sync::mpsc::Sender<()>>,
     fired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Watchdog {
-    fn arm(socket: &Arc<OwnedFd>, timeout: Duration) -> Watchdog {
+    pub(crate) fn arm(socket: &Arc<OwnedFd>, timeout: Duration) -> Watchdog {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (sock, f) = (Arc::clone(socket), Arc::clone(&fired));
@@ -333,7 +352,7 @@ impl Watchdog {
         Watchdog { cancel: Some(tx), fired }
     }
 
-    fn fired(&self) -> bool {
+    pub(crate) fn fired(&self) -> bool {
         self.fired.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

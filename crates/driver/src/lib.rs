@@ -32,6 +32,7 @@ pub mod memory;
 pub mod queue;
 #[cfg(feature = "raw")]
 pub mod raw;
+mod session;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -12,6 +12,7 @@ use vblk_virtio::blk::{req_type, DiscardSegment, OutHdr, Status, ID_BYTES};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{IoBuf, SharedMemory, SLOT_HDR, SLOT_SEGMENT, SLOT_STATUS, SLOT_TABLE};
+use crate::session::Session;
 use crate::DriverError;
 
 /// What a request's status byte holds until the device writes it (no virtio status is 0xff).
@@ -93,6 +94,8 @@ pub struct QueueHandle {
     call: EventFd,
     /// A duplicate of the vhost-user socket: it hangs up when the backend dies.
     socket: Arc<OwnedFd>,
+    /// The connection, to reconnect through when the backend restarts.
+    session: Arc<Session>,
     indirect: bool,
     poll_mode: bool,
     pending: Vec<Option<Pending>>,
@@ -108,11 +111,12 @@ impl QueueHandle {
         ring: DriverQueue,
         kick: EventFd,
         call: EventFd,
-        socket: Arc<OwnedFd>,
+        session: Arc<Session>,
         indirect: bool,
         timeout: Duration,
     ) -> Self {
         let n = ring.size() as usize;
+        let socket = Arc::clone(&session.conn().socket);
         QueueHandle {
             index,
             shared,
@@ -120,6 +124,7 @@ impl QueueHandle {
             kick,
             call,
             socket,
+            session,
             indirect,
             poll_mode: false,
             pending: (0..n).map(|_| None).collect(),
@@ -290,8 +295,10 @@ impl QueueHandle {
             if self.poll_mode {
                 spins += 1;
                 if spins.is_multiple_of(4096) {
-                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
-                    self.sleep(deadline, Duration::ZERO)?;
+                    let at = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+                    if self.sleep(at, Duration::ZERO)? {
+                        deadline = None;
+                    }
                 }
                 std::hint::spin_loop();
                 continue;
@@ -302,14 +309,18 @@ impl QueueHandle {
             if self.ring.enable_interrupts_after(u16::try_from(rest).unwrap_or(u16::MAX)) {
                 continue;
             }
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
-            self.sleep(deadline, HANGUP_CHECK)?;
+            let at = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+            if self.sleep(at, HANGUP_CHECK)? {
+                deadline = None; // a new backend: a new timeout for what is in flight
+            }
         }
     }
 
     /// Sleep until the call eventfd fires (at most `slice`) and consume it. When the slice
-    /// passes without an interrupt, fail if the backend hung up or `deadline` passed.
-    fn sleep(&self, deadline: Instant, slice: Duration) -> Result<(), DriverError> {
+    /// passes without an interrupt, fail if `deadline` passed or the backend hung up, unless
+    /// the device reconnects (`Options::reconnect`): then `Ok(true)` once the backend's next
+    /// process has the rings (it resubmits what its predecessor had taken).
+    fn sleep(&mut self, deadline: Instant, slice: Duration) -> Result<bool, DriverError> {
         let mut fd = libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = slice.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd.
@@ -317,17 +328,21 @@ impl QueueHandle {
         if n > 0 {
             // Non-blocking eventfd: consume the notification.
             let _ = self.call.read();
-            return Ok(());
+            return Ok(false);
         }
         let mut hup = libc::pollfd { fd: self.socket.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
         // SAFETY: one valid pollfd; no waiting.
         let n = unsafe { libc::poll(&mut hup, 1, 0) };
         if n > 0 && hup.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-            return Err(DriverError::BackendGone);
+            if !self.session.can_reconnect() {
+                return Err(DriverError::BackendGone);
+            }
+            self.socket = self.session.recover(&self.socket)?;
+            return Ok(true);
         }
         if Instant::now() >= deadline {
             return Err(DriverError::Timeout(self.timeout));
         }
-        Ok(())
+        Ok(false)
     }
 }

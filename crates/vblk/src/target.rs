@@ -43,6 +43,11 @@ pub struct TargetArgs {
     /// Seconds to wait for the backend (connection and each completion).
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_secs)]
     pub timeout: f64,
+    /// Survive the backend's restart (--socket): when it goes away, keep connecting again
+    /// for up to SECS, hand the new process the inflight area and go on (requests the old
+    /// one had taken are resubmitted).
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "30", value_parser = parse_secs, requires = "socket")]
+    pub reconnect: Option<f64>,
 }
 
 pub fn parse_secs(s: &str) -> Result<f64, String> {
@@ -88,6 +93,7 @@ impl Target {
             queue_size,
             buffer_memory: want.buffer_memory.max(4 << 20),
             timeout,
+            reconnect: args.reconnect.map(Duration::from_secs_f64),
             ..Options::default()
         };
         let mut target = Target {

@@ -83,8 +83,7 @@ impl RawQueue {
         let avail = mem.area_at_gpa(addrs.avail, layout.avail_len(), AVAIL_ALIGN)?;
         let used = mem.area_at_gpa(addrs.used, layout.used_len(), USED_ALIGN)?;
         let err = EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::Eventfd)?;
-        dev.frontend()
-            .set_vring_err(parts.index as usize, &err)
+        dev.with_frontend(|fe| fe.set_vring_err(parts.index as usize, &err))
             .map_err(|e| DriverError::Protocol("SET_VRING_ERR", e.to_string()))?;
         let features =
             RingFeatures { event_idx: info.has(vf::RING_EVENT_IDX), indirect: info.has(vf::RING_INDIRECT_DESC) };

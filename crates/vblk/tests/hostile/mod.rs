@@ -84,7 +84,7 @@ pub struct Rig {
 }
 
 fn options(queue_size: u16) -> Options {
-    Options { num_queues: 2, queue_size, buffer_memory: 8 << 20, indirect: true, event_idx: true, timeout: WAIT }
+    Options { num_queues: 2, queue_size, buffer_memory: 8 << 20, timeout: WAIT, ..Options::default() }
 }
 
 impl Rig {
