@@ -123,3 +123,8 @@ fn vblk_serve_killed_during_fio_4_queues() {
 fn vblk_serve_upgraded_during_fio_4_queues() {
     restart_during_fio("restart_term_4q", 4, Stop::Term);
 }
+
+#[test]
+fn vblk_serve_upgraded_during_fio_1_queue() {
+    restart_during_fio("restart_term_1q", 1, Stop::Term);
+}
