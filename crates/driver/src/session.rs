@@ -160,13 +160,15 @@ impl Session {
         if offered & plan.features != plan.features {
             return Err(DriverError::Unsupported("the features of the first connection"));
         }
-        let pf = fe.get_protocol_features().map_err(vu("GET_PROTOCOL_FEATURES"))?;
-        if !pf.contains(plan.protocol) {
-            return Err(DriverError::Unsupported("the protocol features of the first connection"));
-        }
-        fe.set_protocol_features(plan.protocol).map_err(vu("SET_PROTOCOL_FEATURES"))?;
-        if plan.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        if plan.features & vf::VHOST_USER_PROTOCOL_FEATURES != 0 {
+            let pf = fe.get_protocol_features().map_err(vu("GET_PROTOCOL_FEATURES"))?;
+            if !pf.contains(plan.protocol) {
+                return Err(DriverError::Unsupported("the protocol features of the first connection"));
+            }
+            fe.set_protocol_features(plan.protocol).map_err(vu("SET_PROTOCOL_FEATURES"))?;
+            if plan.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
         }
         fe.set_features(plan.features).map_err(vu("SET_FEATURES"))?;
         if let Some((area, file)) = &plan.inflight {
