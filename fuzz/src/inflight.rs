@@ -86,7 +86,11 @@ pub fn run(input: &InflightInput) {
             assert!(h < size, "head {h} out of range");
             assert!(!std::mem::replace(&mut seen[h as usize], true), "head {h} resubmitted twice");
         }
-        assert_eq!(q.flagged(), { let mut v = resubmit.clone(); v.sort_unstable(); v });
+        assert_eq!(q.flagged(), {
+            let mut v = resubmit.clone();
+            v.sort_unstable();
+            v
+        });
         // Recovering the same memory again finds the same heads.
         let (_, again) = attach(true).expect("a recovered region stays valid");
         assert_eq!(again, got);

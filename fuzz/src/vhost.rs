@@ -534,7 +534,8 @@ fn reconnect_check(device: &Arc<Mutex<VblkDevice>>, shutdown: RawFd, readonly: b
     front.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     front.read_exact(&mut reply).expect("GET_FEATURES reply after a reconnect");
     let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
-    let want = device.lock().unwrap().params().offered_features() | vf::VHOST_USER_PROTOCOL_FEATURES;
+    let want =
+        device.lock().unwrap().params().offered_features() | vf::VHOST_USER_PROTOCOL_FEATURES | vf::VHOST_F_LOG_ALL;
     assert_eq!(features, want);
     assert_eq!(reply[..12], [1, 0, 0, 0, 5, 0, 0, 0, 8, 0, 0, 0]);
     let _ = readonly;
