@@ -86,6 +86,10 @@ fn restart_during_fio(name: &str, queues: u16, how: Stop) {
         );
     }
     fx.backend.check_alive().expect("the restarted vblk serve must still run");
+    // What the guest saw: fio's completion latencies (the max is the longest stall).
+    for l in out.serial.lines().filter(|l| l.contains("clat (") || l.contains(" lat (")) {
+        eprintln!("[{name}] guest fio: {}", l.trim());
+    }
     // What the new processes found in flight: a crash leaves popped requests to resubmit
     // (fio keeps 16 in flight per job); a SIGTERM drains them first.
     let resubmitted: usize = (1..=restarts)
