@@ -152,7 +152,7 @@ impl InflightSplit {
             return Err(InflightError::TooSmall { len: area.len(), size });
         }
         let mut q = InflightSplit { area, size, counter: 1, batch: Vec::with_capacity(size as usize) };
-        if q.area.load_u16(VERSION) == 0 {
+        if !Self::in_use(&q.area) {
             q.area.write(0, &vec![0u8; HEADER + DESC * size as usize]);
             q.area.store_u16(DESC_NUM, size);
             q.area.store_u16(USED_IDX, used_idx);
@@ -186,6 +186,12 @@ impl InflightSplit {
         let mut resubmit: Vec<u16> = (0..size).filter(|&h| q.flag(h)).collect();
         resubmit.sort_by_key(|&h| (q.counter_of(h), h));
         Ok((q, Attached::Recovered { resubmit }))
+    }
+
+    /// Whether a region was already used by a backend (its version is set): the same
+    /// guest as before, not a fresh area.
+    pub fn in_use(area: &GuestArea) -> bool {
+        area.len() >= HEADER && area.load_u16(VERSION) != 0
     }
 
     fn desc(head: u16) -> usize {

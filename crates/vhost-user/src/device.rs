@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use vblk_backend::{Disk, Engine, EngineKind};
 use vblk_blk::DeviceParams;
-use vblk_queue::inflight::split_region_size;
+use vblk_queue::inflight::{split_region_size, InflightSplit};
 use vblk_queue::{AddrSpace, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
 use vblk_virtio::blk::{features as blkf, BlkConfig};
 use vblk_virtio::features as vf;
@@ -142,11 +142,7 @@ impl InflightArea {
 
     /// Whether a previous backend (or this one) already used the area: the same guest.
     fn used(&self) -> bool {
-        let region = split_region_size(self.queue_size);
-        (0..self.num_queues as u64).any(|q| {
-            let mut v = [0u8; 2];
-            self.mem.read_at(q * region + 8, &mut v).is_ok() && u16::from_le_bytes(v) != 0
-        })
+        (0..self.num_queues as usize).any(|q| matches!(self.region(q), Ok(Some(a)) if InflightSplit::in_use(&a)))
     }
 
     /// The guest's write-cache choice recorded in the state block, if there is one.

@@ -354,19 +354,15 @@ fn bad_ring_parameters_are_refused_and_the_connection_survives() {
 fn the_write_cache_mode_survives_a_reconnect() {
     let d = Daemon::start(Disk::null(1 << 20), 1, false);
     let mut g = Guest::connect(&d, 1);
-    let writeback = |g: &mut Guest| {
-        let (_, bytes) = g.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).unwrap();
-        BlkConfig::from_bytes(&bytes).writeback
-    };
-    assert_eq!(writeback(&mut g), 1, "write-back by default");
+    assert_eq!(g.writeback(), 1, "write-back by default");
     g.fe.set_config(BlkConfig::WRITEBACK_OFFSET as u32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
     drop(g);
     let mut g = Guest::connect(&d, 1);
-    assert_eq!(writeback(&mut g), 0, "the guest's write-through choice survives the reconnect");
+    assert_eq!(g.writeback(), 0, "the guest's write-through choice survives the reconnect");
     g.fe.set_config(BlkConfig::WRITEBACK_OFFSET as u32, VhostUserConfigFlags::WRITABLE, &[1]).unwrap();
     drop(g);
     let mut g = Guest::connect(&d, 1);
-    assert_eq!(writeback(&mut g), 1);
+    assert_eq!(g.writeback(), 1);
 }
 
 /// A completion published while the ring had no call fd reaches the driver as soon as it
