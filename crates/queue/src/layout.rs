@@ -1,10 +1,19 @@
-//! Split virtqueue layout (virtio 1.2 §2.7), shared by the device side ([`crate::split`])
-//! and the driver side.
+//! Virtqueue layouts, shared by the device side ([`crate::split`], [`crate::packed`]) and
+//! the driver side: the split ring (virtio 1.2 §2.7) and the packed ring (§2.8).
 //!
 //! ```text
 //! descriptor table  16 * size bytes, 16-aligned   { le64 addr; le32 len; le16 flags; le16 next }
 //! available ring    6 + 2 * size,    2-aligned    { le16 flags; le16 idx; le16 ring[size]; le16 used_event }
 //! used ring         6 + 8 * size,    4-aligned    { le16 flags; le16 idx; {le32 id; le32 len} ring[size]; le16 avail_event }
+//! ```
+//!
+//! A packed ring is one descriptor ring both sides write, plus two event suppression
+//! structures:
+//!
+//! ```text
+//! descriptor ring   16 * size bytes, 16-aligned  { le64 addr; le32 len; le16 id; le16 flags }
+//! driver event      4 bytes, 4-aligned           { le16 off_wrap; le16 flags }  (driver writes)
+//! device event      4 bytes, 4-aligned           { le16 off_wrap; le16 flags }  (device writes)
 //! ```
 
 use virtio_bindings::virtio_ring as vr;
@@ -116,6 +125,185 @@ impl SplitLayout {
     pub fn desc(&self, i: u16) -> usize {
         DESC_SIZE * (i % self.size) as usize
     }
+}
+
+/// `VRING_PACKED_DESC_F_AVAIL` (§2.8.1): with `USED`, says who owns a packed ring slot.
+pub const PACKED_DESC_F_AVAIL: u16 = 1 << vr::VRING_PACKED_DESC_F_AVAIL;
+/// `VRING_PACKED_DESC_F_USED` (§2.8.1).
+pub const PACKED_DESC_F_USED: u16 = 1 << vr::VRING_PACKED_DESC_F_USED;
+/// Event suppression flags (§2.8.10): notify always, never, or at one descriptor
+/// (`DESC`, only with `VIRTIO_F_RING_EVENT_IDX`).
+pub const EVENT_FLAG_ENABLE: u16 = vr::VRING_PACKED_EVENT_FLAG_ENABLE as u16;
+pub const EVENT_FLAG_DISABLE: u16 = vr::VRING_PACKED_EVENT_FLAG_DISABLE as u16;
+pub const EVENT_FLAG_DESC: u16 = vr::VRING_PACKED_EVENT_FLAG_DESC as u16;
+/// Largest packed ring (§2.8: any size up to 2^15, not only powers of two).
+pub const MAX_PACKED_SIZE: u16 = 32768;
+/// Alignment of the packed descriptor ring and of the event suppression structures.
+pub const PACKED_DESC_ALIGN: u64 = 16;
+pub const PACKED_EVENT_ALIGN: u64 = 4;
+/// Bytes of one event suppression structure `{ le16 off_wrap; le16 flags }`.
+pub const PACKED_EVENT_LEN: u64 = 4;
+/// Offsets inside an event suppression structure.
+pub const EVENT_OFF_WRAP: usize = 0;
+pub const EVENT_FLAGS: usize = 2;
+
+/// `struct pvirtq_desc` (§2.8.13): one slot of a packed ring, or an entry of a packed
+/// indirect table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackedDescriptor {
+    pub addr: u64,
+    pub len: u32,
+    /// The buffer id: which request a used descriptor returns.
+    pub id: u16,
+    pub flags: u16,
+}
+
+impl PackedDescriptor {
+    /// Offset of `flags` in a slot: the field whose store makes a slot available or used.
+    pub const FLAGS: usize = 14;
+    /// Offset of `id`.
+    pub const ID: usize = 12;
+    /// Offset of `len`.
+    pub const LEN: usize = 8;
+
+    pub fn from_bytes(b: &[u8; DESC_SIZE]) -> Self {
+        let mut addr = [0u8; 8];
+        addr.copy_from_slice(&b[0..8]);
+        PackedDescriptor {
+            addr: u64::from_le_bytes(addr),
+            len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            id: u16::from_le_bytes([b[12], b[13]]),
+            flags: u16::from_le_bytes([b[14], b[15]]),
+        }
+    }
+
+    pub fn to_bytes(&self) -> [u8; DESC_SIZE] {
+        let mut b = [0u8; DESC_SIZE];
+        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..14].copy_from_slice(&self.id.to_le_bytes());
+        b[14..16].copy_from_slice(&self.flags.to_le_bytes());
+        b
+    }
+
+    pub fn has_next(&self) -> bool {
+        self.flags & DESC_F_NEXT != 0
+    }
+
+    pub fn is_write_only(&self) -> bool {
+        self.flags & DESC_F_WRITE != 0
+    }
+
+    pub fn is_indirect(&self) -> bool {
+        self.flags & DESC_F_INDIRECT != 0
+    }
+
+    /// The view of this slot as a split [`Descriptor`] (no link: packed chains are
+    /// consecutive slots), for code shared by both rings.
+    pub fn as_split(&self) -> Descriptor {
+        Descriptor { addr: self.addr, len: self.len, flags: self.flags & (DESC_F_WRITE | DESC_F_INDIRECT), next: 0 }
+    }
+}
+
+/// The flags of a slot written with wrap counter `wrap`: a driver makes a slot available
+/// with `AVAIL = wrap, USED = !wrap`; a device marks it used with `AVAIL = USED = wrap`
+/// (§2.8.1).
+pub fn packed_avail_flags(wrap: bool) -> u16 {
+    if wrap {
+        PACKED_DESC_F_AVAIL
+    } else {
+        PACKED_DESC_F_USED
+    }
+}
+
+/// See [`packed_avail_flags`].
+pub fn packed_used_flags(wrap: bool) -> u16 {
+    if wrap {
+        PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED
+    } else {
+        0
+    }
+}
+
+/// Is a slot with `flags` available to a device whose avail wrap counter is `wrap`?
+pub fn packed_is_avail(flags: u16, wrap: bool) -> bool {
+    let avail = flags & PACKED_DESC_F_AVAIL != 0;
+    let used = flags & PACKED_DESC_F_USED != 0;
+    avail == wrap && used != wrap
+}
+
+/// Is a slot with `flags` used, for a driver whose used wrap counter is `wrap`?
+pub fn packed_is_used(flags: u16, wrap: bool) -> bool {
+    let avail = flags & PACKED_DESC_F_AVAIL != 0;
+    let used = flags & PACKED_DESC_F_USED != 0;
+    avail == used && used == wrap
+}
+
+/// A position in a packed ring: a slot index and the wrap counter that goes with it
+/// (§2.8.1). Both sides start at slot 0 with wrap counter 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RingPos {
+    pub idx: u16,
+    pub wrap: bool,
+}
+
+impl RingPos {
+    pub const START: RingPos = RingPos { idx: 0, wrap: true };
+
+    /// `n` slots further in a ring of `size` (`n <= size`): the wrap counter flips each
+    /// time the index passes the end.
+    pub fn advance(self, n: u16, size: u16) -> RingPos {
+        debug_assert!(n <= size && self.idx < size);
+        let next = self.idx as u32 + n as u32;
+        if next >= size as u32 {
+            RingPos { idx: (next - size as u32) as u16, wrap: !self.wrap }
+        } else {
+            RingPos { idx: next as u16, wrap: self.wrap }
+        }
+    }
+
+    /// Slots from `earlier` to `self` (0..2*size), assuming `earlier` is at most one lap
+    /// behind.
+    pub fn distance_from(self, earlier: RingPos, size: u16) -> u32 {
+        let (a, b) = (earlier.idx as u32, self.idx as u32);
+        if self.wrap == earlier.wrap {
+            if b >= a {
+                b - a
+            } else {
+                b + 2 * size as u32 - a
+            }
+        } else {
+            b + size as u32 - a
+        }
+    }
+
+    /// The vhost-user / event-suppression encoding: index in bits 0-14, wrap in bit 15.
+    pub fn encode(self) -> u16 {
+        self.idx | (self.wrap as u16) << 15
+    }
+
+    /// Decode [`encode`](Self::encode)'s format; `None` if the index is not in the ring.
+    pub fn decode(v: u16, size: u16) -> Option<RingPos> {
+        let idx = v & 0x7fff;
+        (idx < size).then_some(RingPos { idx, wrap: v & 0x8000 != 0 })
+    }
+}
+
+/// Packed-ring `vring_need_event` (§2.8.10, Linux's `virtqueue_kick_prepare_packed`):
+/// the side that moved its position to `new` by `moved` slots since it last notified,
+/// should it notify a peer that asked for an event at `off_wrap`?
+pub fn packed_need_event(off_wrap: u16, new: RingPos, moved: u32, size: u16) -> bool {
+    if moved == 0 {
+        return false;
+    }
+    if moved >= size as u32 {
+        return true;
+    }
+    let mut event = off_wrap & 0x7fff;
+    if (off_wrap & 0x8000 != 0) != new.wrap {
+        event = event.wrapping_sub(size);
+    }
+    need_event(event, new.idx, new.idx.wrapping_sub(moved as u16))
 }
 
 /// `vring_need_event` (§2.7.10): should the side that moved its index from `old` to `new`

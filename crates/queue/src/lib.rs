@@ -3,6 +3,7 @@
 //! - [`layout`]: the split ring's byte layout, shared by the device and the driver side.
 //! - [`split`]: the device side of a split ring: pop + validate chains, used ring,
 //!   notification suppression.
+//! - [`packed`]: the device side of a packed ring, the same for virtio 1.1's one-ring layout.
 //! - [`chain`]: a validated chain and byte-stream access to its buffers.
 //! - [`driver`]: the driver side of a split ring (vblk's userspace driver, tests).
 //! - [`inflight`]: inflight I/O tracking in a region shared with the frontend, so that a
@@ -14,6 +15,7 @@ pub mod chain;
 pub mod driver;
 pub mod inflight;
 pub mod layout;
+pub mod packed;
 pub mod split;
 
 pub use chain::{Chain, Reader, StreamError, Writer};
