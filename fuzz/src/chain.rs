@@ -614,7 +614,7 @@ fn pass_pipeline(input: &ChainInput, s: &Setup) {
     let mut avail = AvailWriter { layout, idx: input.base };
     let mut done = Vec::new();
     let check_counts = |dev: &BlkQueue| {
-        let q = dev.queue();
+        let q = dev.queue().as_split().expect("a split ring");
         assert!(q.num_in_flight() <= s.size);
         let popped = q.next_avail().wrapping_sub(input.base);
         let used = q.next_used().wrapping_sub(input.used_start);

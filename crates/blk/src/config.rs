@@ -75,6 +75,7 @@ impl DeviceParams {
         let mut f = vf::VERSION_1
             | vf::RING_INDIRECT_DESC
             | vf::RING_EVENT_IDX
+            | vf::RING_PACKED
             | blkf::SIZE_MAX
             | blkf::SEG_MAX
             | blkf::BLK_SIZE

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use vblk_backend::{Completion, Engine, IoOp, OpKind};
-use vblk_queue::{Chain, ChainError, Popped, QueueError, SplitQueue, StatusByte};
+use vblk_queue::{Chain, ChainError, Popped, QueueError, Ring, StatusByte};
 use vblk_virtio::blk::Status;
 use vblk_virtio::Iov;
 
@@ -72,7 +72,7 @@ pub struct QueueStats {
 
 /// The device-side pipeline of one queue.
 pub struct BlkQueue {
-    queue: SplitQueue,
+    queue: Ring,
     params: Arc<DeviceParams>,
     /// Queue id in the high bits of every backend tag this queue issues.
     tag_base: u64,
@@ -87,7 +87,8 @@ pub struct BlkQueue {
 }
 
 impl BlkQueue {
-    pub fn new(queue: SplitQueue, params: Arc<DeviceParams>, queue_id: u16) -> Self {
+    pub fn new(queue: impl Into<Ring>, params: Arc<DeviceParams>, queue_id: u16) -> Self {
+        let queue = queue.into();
         let size = queue.size() as usize;
         BlkQueue {
             slots: (0..size).map(|_| Slot::default()).collect(),
@@ -102,11 +103,11 @@ impl BlkQueue {
         }
     }
 
-    pub fn queue(&self) -> &SplitQueue {
+    pub fn queue(&self) -> &Ring {
         &self.queue
     }
 
-    pub fn queue_mut(&mut self) -> &mut SplitQueue {
+    pub fn queue_mut(&mut self) -> &mut Ring {
         &mut self.queue
     }
 

@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use vblk_virtio::{GuestMemory, Iov, MemoryError};
 
+use crate::ChainError;
+
 /// A validated descriptor chain.
 #[derive(Debug, Default)]
 pub struct Chain {
@@ -55,6 +57,26 @@ impl Chain {
         self.writable_len = 0;
         self.readable_descs = 0;
         self.writable_descs = 0;
+    }
+
+    /// One descriptor's buffer (`addr`, `len`, device-writable or not) into the chain:
+    /// one [`Iov`] per memory region it touches. The checks every ring applies to every
+    /// data descriptor: not empty, inside guest memory, readable ones before writable ones
+    /// (§2.7.4.2, §2.8.4.1).
+    pub fn push_buffer(&mut self, mem: &GuestMemory, addr: u64, len: u32, writable: bool) -> Result<(), ChainError> {
+        if len == 0 {
+            return Err(ChainError::ZeroLength);
+        }
+        if writable {
+            self.count_descriptor(true);
+            mem.for_each_iov(addr, len, |iov| self.push_writable(iov))?;
+        } else if self.has_writable_after_readable() {
+            return Err(ChainError::ReadableAfterWritable);
+        } else {
+            self.count_descriptor(false);
+            mem.for_each_iov(addr, len, |iov| self.push_readable(iov))?;
+        }
+        Ok(())
     }
 
     /// Drop the reference to guest memory (after completion).

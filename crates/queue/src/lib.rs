@@ -4,6 +4,7 @@
 //! - [`split`]: the device side of a split ring: pop + validate chains, used ring,
 //!   notification suppression.
 //! - [`packed`]: the device side of a packed ring, the same for virtio 1.1's one-ring layout.
+//! - [`ring`]: [`Ring`], either of the two, which is what the request pipeline holds.
 //! - [`chain`]: a validated chain and byte-stream access to its buffers.
 //! - [`driver`]: the driver side of a split ring (vblk's userspace driver, tests).
 //! - [`inflight`]: inflight I/O tracking in a region shared with the frontend, so that a
@@ -16,11 +17,14 @@ pub mod driver;
 pub mod inflight;
 pub mod layout;
 pub mod packed;
+pub mod ring;
 pub mod split;
 
 pub use chain::{Chain, Reader, StreamError, Writer};
 pub use driver::{Buffer, DriverError, DriverQueue};
-pub use layout::{need_event, Descriptor, SplitLayout, MAX_QUEUE_SIZE};
+pub use layout::{need_event, Descriptor, PackedDescriptor, RingPos, SplitLayout, MAX_QUEUE_SIZE};
+pub use packed::{PackedBase, PackedQueue};
+pub use ring::Ring;
 pub use split::{AddrSpace, Popped, RingAddrs, RingFeatures, SplitQueue, StatusByte, MAX_INDIRECT_ENTRIES};
 
 use vblk_virtio::MemoryError;
@@ -42,6 +46,20 @@ pub enum QueueError {
     /// a driver that reads the stale byte, so the queue stops instead.
     #[error("chain at head {head} has no status byte ({reason})")]
     NoStatus { head: u16, reason: String },
+    #[error("packed queue size {0} is not in 1..=32768")]
+    InvalidPackedSize(u32),
+    #[error("packed vring base {0:#x} names a slot outside the ring")]
+    BadPackedBase(u32),
+    #[error("buffer id {id} out of range (queue size {size})")]
+    IdOutOfRange { id: u16, size: u16 },
+    #[error("buffer id {id} made available again while still in flight")]
+    IdInFlight { id: u16 },
+    #[error("packed chain continues into slot {slot}, which the driver did not make available")]
+    PackedChainNotAvailable { slot: u16 },
+    #[error("packed chain has no end within the ring of {size} slots")]
+    PackedChainTooLong { size: u16 },
+    #[error("driver made {slots} more slots available with {in_flight} in flight, more than the ring's {size}")]
+    PackedOverrun { in_flight: u32, slots: u32, size: u16 },
     #[error("inflight region: {0}")]
     Inflight(#[from] inflight::InflightError),
 }

@@ -286,7 +286,7 @@ impl SplitQueue {
     /// Walk the chain at `head` into `chain`: its structure (§2.7.5, §2.7.5.3) and every
     /// buffer in it.
     fn walk(&self, head: u16, chain: &mut Chain) -> Result<(), ChainError> {
-        self.for_each_desc(head, |d| self.push_buffer(d, chain))
+        self.for_each_desc(head, |d| chain.push_buffer(&self.mem, d.addr, d.len, d.is_write_only()))
     }
 
     /// Visit the descriptors of the chain at `head` in order, checking its structure:
@@ -377,24 +377,6 @@ impl SplitQueue {
             i = d.next as u32;
         }
         Err(ChainError::TooLong { limit: entries })
-    }
-
-    /// One descriptor's buffer into `chain`: one [`Iov`] per memory region it touches.
-    fn push_buffer(&self, d: &Descriptor, chain: &mut Chain) -> Result<(), ChainError> {
-        if d.len == 0 {
-            return Err(ChainError::ZeroLength);
-        }
-        if d.is_write_only() {
-            chain.count_descriptor(true);
-            self.mem.for_each_iov(d.addr, d.len, |iov| chain.push_writable(iov))?;
-        } else if chain.has_writable_after_readable() {
-            // §2.7.4.2: device-readable descriptors come before device-writable ones.
-            return Err(ChainError::ReadableAfterWritable);
-        } else {
-            chain.count_descriptor(false);
-            self.mem.for_each_iov(d.addr, d.len, |iov| chain.push_readable(iov))?;
-        }
-        Ok(())
     }
 
     /// Where the chain at `head`, refused by [`walk`](Self::walk), can still be answered:

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use vblk_backend::{Disk, Engine, EngineKind};
 use vblk_blk::DeviceParams;
 use vblk_queue::inflight::{split_region_size, InflightSplit};
-use vblk_queue::{AddrSpace, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
+use vblk_queue::layout::{MAX_PACKED_SIZE, PACKED_EVENT_LEN};
+use vblk_queue::{AddrSpace, PackedQueue, Ring, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
 use vblk_virtio::blk::{features as blkf, BlkConfig};
 use vblk_virtio::features as vf;
 use vblk_virtio::{DirtyLog, GuestArea, GuestMemory, RegionSpec};
@@ -173,7 +174,9 @@ impl InflightArea {
 struct VringConfig {
     size: Option<u16>,
     addrs: Option<RingAddrs>,
-    base: u16,
+    /// The vring base: a split ring's next avail index, or a packed ring's two positions
+    /// (`vblk_queue::PackedBase`).
+    base: u32,
     kick: Option<Arc<File>>,
     call: Option<Arc<File>>,
     err: Option<Arc<File>>,
@@ -295,9 +298,9 @@ impl VblkDevice {
     /// Stop worker `t` (draining its I/O) and record where its rings stopped.
     fn stop_worker(&mut self, t: usize) {
         if let Some(w) = self.workers[t].take() {
-            for RingStop { index, next_avail, broken } in w.stop() {
+            for RingStop { index, base, broken } in w.stop() {
                 let v = &mut self.vrings[index];
-                v.base = next_avail;
+                v.base = base;
                 v.broken |= broken;
             }
         }
@@ -309,7 +312,7 @@ impl VblkDevice {
 
     /// Ring `i`'s queue, with its inflight region attached (and recovered at the first
     /// start of this connection).
-    fn build_queue(&mut self, i: usize) -> Result<SplitQueue, DeviceError> {
+    fn build_queue(&mut self, i: usize) -> Result<Ring, DeviceError> {
         let mut q = self.new_queue(i)?;
         if let Some(area) = self.inflight.as_ref().map(|a| a.region(i)).transpose()?.flatten() {
             let recover = !self.vrings[i].recovered;
@@ -322,21 +325,26 @@ impl VblkDevice {
         Ok(q)
     }
 
-    fn new_queue(&self, i: usize) -> Result<SplitQueue, DeviceError> {
+    /// Ring `i` as negotiated: split, or packed with `VIRTIO_F_RING_PACKED`.
+    fn new_queue(&self, i: usize) -> Result<Ring, DeviceError> {
         let v = &self.vrings[i];
         let (Some(size), Some(addrs)) = (v.size, v.addrs) else {
             return Err(DeviceError::Unsupported("a ring without size or addresses"));
         };
-        let mut q = SplitQueue::new(
-            Arc::clone(&self.mem),
-            size as u32,
-            addrs,
-            AddrSpace::FrontendVirtual,
-            self.ring_features(),
-        )
+        let (mem, space, features) = (Arc::clone(&self.mem), AddrSpace::FrontendVirtual, self.ring_features());
+        let mut q: Ring = if self.packed() {
+            PackedQueue::new(mem, size as u32, addrs, space, features).map(Ring::from)
+        } else {
+            SplitQueue::new(mem, size as u32, addrs, space, features).map(Ring::from)
+        }
         .map_err(|e| DeviceError::Ring(i, e))?;
-        q.set_next_avail(v.base);
+        q.set_vring_base(v.base).map_err(|e| DeviceError::Ring(i, e))?;
         Ok(q)
+    }
+
+    /// Did the driver accept the packed ring layout?
+    fn packed(&self) -> bool {
+        self.acked_features & vf::RING_PACKED != 0
     }
 
     /// Start worker `t` for its ready rings (if any).
@@ -417,7 +425,15 @@ impl VblkDevice {
     }
 
     /// Ring addresses must lie in the current memory table (checked again at start).
+    /// For a packed ring, `avail` is the driver's event suppression structure and `used`
+    /// the device's (QEMU sends the driver and device areas there).
     fn check_addrs(&self, size: u16, a: &RingAddrs) -> Result<(), DeviceError> {
+        if self.packed() {
+            self.mem.uva_to_gpa(a.desc, 16 * size as u64)?;
+            self.mem.uva_to_gpa(a.avail, PACKED_EVENT_LEN)?;
+            self.mem.uva_to_gpa(a.used, PACKED_EVENT_LEN)?;
+            return Ok(());
+        }
         let l = SplitLayout { size };
         self.mem.uva_to_gpa(a.desc, l.desc_table_len())?;
         self.mem.uva_to_gpa(a.avail, l.avail_len())?;
@@ -546,8 +562,15 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         let max = self.params.queue_size;
         self.with_ring(index, |d, i| {
-            let layout = SplitLayout::new(num).filter(|l| l.size <= max).ok_or(DeviceError::BadRingSize(num, max))?;
-            d.vrings[i].size = Some(layout.size);
+            // A packed ring may have any size up to 32768 (§2.8), a split ring a power of
+            // two (§2.7); both at most what the device offers.
+            let size = if d.packed() {
+                Some(num).filter(|&n| n >= 1 && n <= MAX_PACKED_SIZE as u32).map(|n| n as u16)
+            } else {
+                SplitLayout::new(num).map(|l| l.size)
+            };
+            let size = size.filter(|&s| s <= max).ok_or(DeviceError::BadRingSize(num, max))?;
+            d.vrings[i].size = Some(size);
             Ok(())
         })?;
         Ok(())
@@ -575,7 +598,12 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
         self.with_ring(index, |d, i| {
-            d.vrings[i].base = u16::try_from(base).map_err(|_| DeviceError::BadRingBase(base))?;
+            // A split base is an avail index; a packed one two positions, checked against
+            // the ring size when the ring starts.
+            if !d.packed() && base > u16::MAX as u32 {
+                return Err(DeviceError::BadRingBase(base));
+            }
+            d.vrings[i].base = base;
             Ok(())
         })?;
         Ok(())
@@ -587,7 +615,7 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
             v.started = false;
             v.broken = false;
             v.kick = None;
-            Ok(VhostUserVringState::new(index, v.base as u32))
+            Ok(VhostUserVringState::new(index, v.base))
         });
         match r {
             Ok(s) => Ok(s),

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use vblk_backend::{Completion, Engine};
 use vblk_blk::{split_tag, BlkQueue, DeviceParams};
-use vblk_queue::SplitQueue;
+use vblk_queue::Ring;
 
 /// How long a worker sleeps before retrying a submission the kernel refused.
 const SUBMIT_RETRY_MS: i32 = 1;
@@ -38,7 +38,7 @@ const SUBMIT_RETRY_MS: i32 = 1;
 /// One ring handed to a worker, fully validated by the control plane.
 pub(crate) struct RingSetup {
     pub index: usize,
-    pub queue: SplitQueue,
+    pub queue: Ring,
     pub kick: Arc<File>,
     pub call: Option<Arc<File>>,
     pub err: Option<Arc<File>>,
@@ -48,7 +48,8 @@ pub(crate) struct RingSetup {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RingStop {
     pub index: usize,
-    pub next_avail: u16,
+    /// The vring base (`vblk_queue::Ring::vring_base`).
+    pub base: u32,
     pub broken: bool,
 }
 
@@ -259,7 +260,7 @@ impl WorkerLoop {
         self.drain_in_flight();
         self.rings
             .iter()
-            .map(|r| RingStop { index: r.index, next_avail: r.queue.queue().next_avail(), broken: r.broken })
+            .map(|r| RingStop { index: r.index, base: r.queue.queue().vring_base(), broken: r.broken })
             .collect()
     }
 

@@ -26,6 +26,8 @@ pub mod features {
     pub const RING_INDIRECT_DESC: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC;
     /// `VIRTIO_RING_F_EVENT_IDX` (§2.7.7, §2.7.10).
     pub const RING_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+    /// `VIRTIO_F_RING_PACKED` (§2.8): the packed virtqueue layout.
+    pub const RING_PACKED: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED;
     /// `VHOST_USER_F_PROTOCOL_FEATURES` (vhost-user: bit 30 of the virtio feature word).
     pub const VHOST_USER_PROTOCOL_FEATURES: u64 = 1 << 30;
     /// `VHOST_F_LOG_ALL`: the frontend may ask the backend to log every write into guest

@@ -77,6 +77,12 @@ pub fn run_guest(dir: &TempDir, socket: &Path, test: &str, args: &str, num_queue
     spawn_guest(dir, socket, test, args, num_queues).wait()
 }
 
+/// QEMU arguments that make the guest's virtio-blk device offer the packed virtqueue
+/// (`packed=on`; QEMU's default is the split ring).
+pub fn packed_ring() -> Vec<String> {
+    vec!["-global".into(), "vhost-user-blk-pci.packed=on".into()]
+}
+
 /// A booting or running guest (QEMU), killed on drop.
 pub struct RunningGuest {
     qemu: ProcGuard,
@@ -267,7 +273,12 @@ impl Fixture {
     /// Boots a guest running `/tests/<test>.sh`, panics (printing the serial
     /// log, QEMU's stderr and the backend log) unless it reports PASS.
     pub fn boot_expect_pass(&mut self, test: &str, args: &str, num_queues: u16) -> GuestOutcome {
-        let out = run_guest(&self.dir, &self.backend.socket, test, args, num_queues);
+        self.boot_expect_pass_with(test, args, num_queues, &[])
+    }
+
+    /// [`boot_expect_pass`](Self::boot_expect_pass) with `extra` QEMU arguments.
+    pub fn boot_expect_pass_with(&mut self, test: &str, args: &str, num_queues: u16, extra: &[String]) -> GuestOutcome {
+        let out = spawn_guest_with(&self.dir, &self.backend.socket, test, args, num_queues, None, extra).wait();
         self.boots.push((test.to_string(), out.elapsed));
         let alive = self.backend.check_alive();
         let summary = format!(
