@@ -110,6 +110,20 @@ pub enum InflightError {
     DescNum { found: u16, size: u16 },
     #[error("inflight region says {published} used entries were being published, more than the queue size {size}")]
     UsedIdx { published: u16, size: u16 },
+    #[error("queue size {0} cannot have an inflight region")]
+    QueueSize(u16),
+    #[error("inflight region version {0} is not {INFLIGHT_VERSION}")]
+    Version(u16),
+    #[error("inflight region's {what} is {value}, out of range for a queue of {size}")]
+    OutOfRange { what: &'static str, value: u16, size: u16 },
+    #[error("inflight region's free list links entry {at} to {next}, out of range for a queue of {size}")]
+    FreeListLink { at: u16, next: u16, size: u16 },
+    #[error("inflight region's free list loops at entry {at}")]
+    FreeListLoop { at: u16 },
+    #[error("inflight region's chain at entry {head}: {reason}")]
+    Chain { head: u16, reason: &'static str },
+    #[error("inflight region's free list ({free} entries) and chains in flight ({in_flight} entries) do not hold the {size} entries")]
+    Unaccounted { free: u16, in_flight: u16, size: u16 },
 }
 
 /// What attaching a region found.

@@ -8,13 +8,15 @@
 //! - [`chain`]: a validated chain and byte-stream access to its buffers.
 //! - [`driver`]: the driver side of a split ring (vblk's userspace driver, tests).
 //! - [`inflight`]: inflight I/O tracking in a region shared with the frontend, so that a
-//!   restarted backend finishes what its predecessor popped.
+//!   restarted backend finishes what its predecessor popped; [`inflight_packed`]: the same
+//!   for a packed ring.
 //!
 //! Spec references are to Virtual I/O Device (VIRTIO) Version 1.2.
 
 pub mod chain;
 pub mod driver;
 pub mod inflight;
+pub mod inflight_packed;
 pub mod layout;
 pub mod packed;
 pub mod ring;
