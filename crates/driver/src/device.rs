@@ -1,6 +1,12 @@
 //! Connecting to a vhost-user-blk backend: what QEMU's `vhost-user-blk` does before the
 //! guest's driver runs — negotiate features and protocol features, share memory, set up
 //! the rings — then one queue handle per virtqueue.
+//!
+//! The rings are split (virtio 1.2 §2.7) or packed (§2.8, `VIRTIO_F_RING_PACKED`), as
+//! [`Options::ring`] asks and the backend offers. For a packed ring, `SET_VRING_ADDR`
+//! carries the descriptor ring, the driver event area (in the avail field) and the device
+//! event area (in the used field), as QEMU sends them, and `SET_VRING_BASE` both positions
+//! (see `session.rs`).
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -8,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vblk_queue::{DriverQueue, RingFeatures};
+use vblk_queue::{DriverRing, PackedBase, RingFeatures, RingKind, MAX_QUEUE_SIZE};
 use vblk_virtio::blk::{features as blkf, BlkConfig};
 use vblk_virtio::features as vf;
 use vhost::vhost_user::message::{
@@ -20,13 +26,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{Layout, SharedMemory};
 use crate::queue::{Op, QueueHandle};
-use crate::session::{share_memory, start_ring, vu, Conn, Plan, Session};
+use crate::session::{share_memory, start_ring, vu, Conn, Plan, PlannedRing, RingBase, Session};
 use crate::DriverError;
 
 /// Features the driver can use (and acks when offered).
 const DRIVER_FEATURES: u64 = vf::VERSION_1
     | vf::RING_EVENT_IDX
     | vf::RING_INDIRECT_DESC
+    | vf::RING_PACKED
     | vf::VHOST_USER_PROTOCOL_FEATURES
     | blkf::SIZE_MAX
     | blkf::SEG_MAX
@@ -39,12 +46,25 @@ const DRIVER_FEATURES: u64 = vf::VERSION_1
     | blkf::DISCARD
     | blkf::WRITE_ZEROES;
 
+/// Which virtqueue layout to ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RingChoice {
+    /// The split ring (§2.7), whatever the backend offers.
+    Split,
+    /// The packed ring (§2.8): connecting fails if the backend does not offer
+    /// `VIRTIO_F_RING_PACKED`.
+    Packed,
+    /// Packed when the backend offers it, else split.
+    #[default]
+    Auto,
+}
+
 /// How to connect.
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Queues to set up (at most what the backend offers) [default: 1].
     pub num_queues: u16,
-    /// Ring size (a power of two).
+    /// Ring size: a power of two for a split ring, anything in `1..=32768` for a packed one.
     pub queue_size: u16,
     /// Bytes of shared memory for I/O buffers.
     pub buffer_memory: u64,
@@ -58,6 +78,8 @@ pub struct Options {
     /// keep trying to connect again for this long, hand the new process the inflight area
     /// (negotiated when offered) and go on; `None`: a hang-up is an error.
     pub reconnect: Option<Duration>,
+    /// Split or packed rings [default: packed if offered].
+    pub ring: RingChoice,
 }
 
 impl Default for Options {
@@ -70,6 +92,7 @@ impl Default for Options {
             event_idx: true,
             timeout: Duration::from_secs(10),
             reconnect: None,
+            ring: RingChoice::Auto,
         }
     }
 }
@@ -84,6 +107,8 @@ pub struct DeviceInfo {
     pub max_queues: u16,
     pub num_queues: u16,
     pub queue_size: u16,
+    /// The virtqueue layout negotiated.
+    pub ring: RingKind,
     /// Virtio features offered and negotiated.
     pub offered_features: u64,
     pub features: u64,
@@ -131,8 +156,8 @@ impl Device {
 
     fn setup(stream: UnixStream, opts: &Options, path: Option<&Path>) -> Result<Device, DriverError> {
         let reconnect = path.zip(opts.reconnect);
-        if !opts.queue_size.is_power_of_two() || opts.num_queues == 0 {
-            return Err(DriverError::BadOptions("queue size must be a power of two and num_queues >= 1"));
+        if opts.queue_size == 0 || opts.queue_size > MAX_QUEUE_SIZE || opts.num_queues == 0 {
+            return Err(DriverError::BadOptions("queue size must be in 1..=32768 and num_queues >= 1"));
         }
         let socket = Arc::new(stream.as_fd().try_clone_to_owned().map_err(DriverError::Socket)?);
         // A backend that stops answering must not hang us: past the timeout the watchdog
@@ -151,6 +176,20 @@ impl Device {
         }
         if !opts.event_idx {
             want &= !vf::RING_EVENT_IDX;
+        }
+        match opts.ring {
+            RingChoice::Split => want &= !vf::RING_PACKED,
+            RingChoice::Packed if want & vf::RING_PACKED == 0 => return Err(DriverError::PackedNotOffered),
+            RingChoice::Packed | RingChoice::Auto => {}
+        }
+        let kind = if want & vf::RING_PACKED != 0 { RingKind::Packed } else { RingKind::Split };
+        if kind == RingKind::Split && !opts.queue_size.is_power_of_two() {
+            return Err(DriverError::BadOptions("a split ring's size must be a power of two"));
+        }
+        if want & vf::RING_INDIRECT_DESC == 0 && opts.queue_size < 3 {
+            return Err(DriverError::BadOptions(
+                "a queue of fewer than 3 entries needs indirect descriptors (a request takes up to 3)",
+            ));
         }
         let mut protocol = VhostUserProtocolFeatures::empty();
         if want & vf::VHOST_USER_PROTOCOL_FEATURES != 0 {
@@ -198,7 +237,7 @@ impl Device {
             None
         };
 
-        let layout = Layout::new(num_queues, opts.queue_size, opts.buffer_memory);
+        let layout = Layout::new(num_queues, opts.queue_size, opts.buffer_memory, kind);
         let shared = SharedMemory::new(layout)?;
         share_memory(&mut fe, &shared, protocol)?;
 
@@ -207,15 +246,22 @@ impl Device {
         let enable = want & vf::VHOST_USER_PROTOCOL_FEATURES != 0;
         let mut rings = Vec::new();
         let mut setups = Vec::with_capacity(num_queues as usize);
+        // A fresh ring: split at avail index 0, packed with both positions at slot 0, wrap
+        // counter 1.
+        let base = match kind {
+            RingKind::Split => RingBase::Split(0),
+            RingKind::Packed => RingBase::Packed(PackedBase::START),
+        };
         for q in 0..num_queues {
             let ring =
-                DriverQueue::new(Arc::clone(&shared.mem), opts.queue_size as u32, layout.rings(q), ring_features)?;
+                DriverRing::new(kind, Arc::clone(&shared.mem), opts.queue_size as u32, layout.rings(q), ring_features)?;
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::Eventfd)?;
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::Eventfd)?;
-            start_ring(&mut fe, &shared, q, opts.queue_size, 0, (&kick, &call), enable)?;
+            start_ring(&mut fe, &socket, protocol, &shared, q, opts.queue_size, base, (&kick, &call), enable)?;
             if reconnect.is_some() {
                 let dup = |e: &EventFd| e.try_clone().map_err(DriverError::Eventfd);
-                rings.push((dup(&kick)?, dup(&call)?));
+                let watch = ring.as_packed().map(|p| p.watch());
+                rings.push(PlannedRing { kick: dup(&kick)?, call: dup(&call)?, watch });
             }
             setups.push((ring, kick, call));
         }
@@ -255,6 +301,7 @@ impl Device {
             max_queues,
             num_queues,
             queue_size: opts.queue_size,
+            ring: kind,
             offered_features: offered,
             features: want,
             protocol_features: protocol.bits(),
@@ -309,6 +356,11 @@ impl Device {
         &self.info
     }
 
+    /// The virtqueue layout negotiated: packed with `VIRTIO_F_RING_PACKED`, else split.
+    pub fn ring_kind(&self) -> RingKind {
+        self.info.ring
+    }
+
     /// Allocate an I/O buffer in shared memory.
     pub fn alloc(&self, len: u32) -> Result<crate::IoBuf, DriverError> {
         self.shared.alloc(len)
@@ -324,7 +376,11 @@ impl Device {
         let conn = self.session.conn();
         let _watchdog = Watchdog::arm(&conn.socket, timeout);
         for q in 0..self.info.num_queues as usize {
-            conn.frontend.get_vring_base(q).map_err(vu("GET_VRING_BASE"))?;
+            let base = conn.frontend.get_vring_base(q).map_err(vu("GET_VRING_BASE"))?;
+            match RingBase::decode(self.info.ring, base, self.info.queue_size) {
+                Some(b) => tracing::debug!(queue = q, base = ?b, "ring stopped"),
+                None => tracing::warn!(queue = q, base, "GET_VRING_BASE: a position outside the ring"),
+            }
         }
         Ok(())
     }

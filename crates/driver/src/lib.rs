@@ -2,7 +2,8 @@
 //! SPDK, ...): the guest side of the seeds, without a guest.
 //!
 //! - [`Device::connect`] negotiates features and protocol features, shares a memfd with the
-//!   backend and sets up the virtqueues ([`device`]).
+//!   backend and sets up the virtqueues ([`device`]): packed rings when the backend offers
+//!   them, else split ([`Options::ring`], [`Device::ring_kind`]).
 //! - Each [`QueueHandle`] is one virtqueue for one thread: [`QueueHandle::submit`] turns an
 //!   [`Op`] into `virtio_blk_outhdr` + data + status descriptors, [`QueueHandle::kick`]
 //!   publishes them, [`QueueHandle::wait`] / [`QueueHandle::poll`] reap completions ([`queue`]).
@@ -37,10 +38,11 @@ mod session;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use device::{Device, DeviceInfo, Options};
+pub use device::{Device, DeviceInfo, Options, RingChoice};
 pub use loopback::{loopback, LoopbackConfig, LoopbackServer};
 pub use memory::IoBuf;
 pub use queue::{Completion, Op, QueueHandle, RequestFailure};
+pub use vblk_queue::RingKind;
 
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,8 @@ pub enum DriverError {
     Protocol(&'static str, String),
     #[error("the backend does not support {0}")]
     Unsupported(&'static str),
+    #[error("the backend does not offer the packed virtqueue (VIRTIO_F_RING_PACKED)")]
+    PackedNotOffered,
     #[error("invalid options: {0}")]
     BadOptions(&'static str),
     #[error("shared memory: {0}")]

@@ -4,7 +4,10 @@
 //!
 //! ```text
 //! per queue q:  [ desc table | avail ring | used ring | slot 0 | slot 1 | ... ]   (page aligned)
-//!               slot h (128 B, for the request whose head descriptor is h):
+//!   packed:     [ descriptor ring | driver event | device event | slot 0 | ... ]
+//!               (16 * size, 16-aligned; 4 bytes; 4 bytes: virtio 1.2 §2.8.10)
+//!               slot h (128 B, for the request whose head descriptor, or packed buffer
+//!               id, is h):
 //!                 0..16 outhdr   16 status   32..48 discard segment   64..112 indirect table
 //! data pool:    4 KiB-aligned extents handed out as IoBuf
 //! ```
@@ -12,7 +15,8 @@
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
-use vblk_queue::{RingAddrs, SplitLayout};
+use vblk_queue::layout::{DESC_SIZE, PACKED_EVENT_LEN};
+use vblk_queue::{RingAddrs, RingKind, SplitLayout};
 use vblk_virtio::memory::memfd;
 use vblk_virtio::{GuestMemory, RegionSpec};
 
@@ -37,6 +41,7 @@ fn align_up(v: u64, a: u64) -> u64 {
 pub struct Layout {
     pub queue_size: u16,
     pub num_queues: u16,
+    pub ring: RingKind,
     per_queue: u64,
     slots_off: u64,
     pub data_off: u64,
@@ -44,15 +49,15 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(num_queues: u16, queue_size: u16, data_size: u64) -> Self {
-        let l = SplitLayout { size: queue_size };
-        let used_off = align_up(l.desc_table_len() + l.avail_len(), 4);
-        let slots_off = align_up(used_off + l.used_len(), 64);
+    pub fn new(num_queues: u16, queue_size: u16, data_size: u64, ring: RingKind) -> Self {
+        let rings = Self::ring_offsets(ring, queue_size);
+        let slots_off = align_up(rings.used + Self::used_len(ring, queue_size), 64);
         let per_queue = align_up(slots_off + SLOT_SIZE * queue_size as u64, PAGE);
         let data_off = align_up(per_queue * num_queues as u64, PAGE);
         Layout {
             queue_size,
             num_queues,
+            ring,
             per_queue,
             slots_off,
             data_off,
@@ -60,14 +65,32 @@ impl Layout {
         }
     }
 
-    pub fn rings(&self, q: u16) -> RingAddrs {
-        let l = SplitLayout { size: self.queue_size };
-        let base = self.per_queue * q as u64;
-        RingAddrs {
-            desc: base,
-            avail: base + l.desc_table_len(),
-            used: base + align_up(l.desc_table_len() + l.avail_len(), 4),
+    /// The ring's parts from the start of a queue's area. Packed: `avail` is the driver
+    /// event area, `used` the device event area (what `SET_VRING_ADDR` carries there).
+    fn ring_offsets(ring: RingKind, size: u16) -> RingAddrs {
+        match ring {
+            RingKind::Split => {
+                let l = SplitLayout { size };
+                RingAddrs { desc: 0, avail: l.desc_table_len(), used: align_up(l.desc_table_len() + l.avail_len(), 4) }
+            }
+            RingKind::Packed => {
+                let ring_len = DESC_SIZE as u64 * size as u64;
+                RingAddrs { desc: 0, avail: ring_len, used: ring_len + PACKED_EVENT_LEN }
+            }
         }
+    }
+
+    fn used_len(ring: RingKind, size: u16) -> u64 {
+        match ring {
+            RingKind::Split => SplitLayout { size }.used_len(),
+            RingKind::Packed => PACKED_EVENT_LEN,
+        }
+    }
+
+    pub fn rings(&self, q: u16) -> RingAddrs {
+        let base = self.per_queue * q as u64;
+        let r = Self::ring_offsets(self.ring, self.queue_size);
+        RingAddrs { desc: base + r.desc, avail: base + r.avail, used: base + r.used }
     }
 
     /// Guest-physical address of `head`'s slot in queue `q`.
@@ -212,7 +235,7 @@ mod tests {
 
     #[test]
     fn buffers_are_aligned_reused_and_merged() {
-        let layout = Layout::new(1, 8, 64 << 10);
+        let layout = Layout::new(1, 8, 64 << 10, RingKind::Split);
         let m = SharedMemory::new(layout).unwrap();
         let a = m.alloc(100).unwrap();
         let b = m.alloc(8192).unwrap();
@@ -231,11 +254,22 @@ mod tests {
 
     #[test]
     fn queue_areas_do_not_overlap() {
-        let l = Layout::new(4, 256, 1 << 20);
-        for q in 0..4 {
-            let r = l.rings(q);
-            assert!(r.desc < r.avail && r.avail < r.used && r.used < l.slot(q, 0));
-            assert!(l.slot(q, 255) + SLOT_SIZE <= if q < 3 { l.rings(q + 1).desc } else { l.data_off });
+        for (kind, size) in [(RingKind::Split, 256), (RingKind::Packed, 256), (RingKind::Packed, 3)] {
+            let l = Layout::new(4, size, 1 << 20, kind);
+            for q in 0..4 {
+                let r = l.rings(q);
+                assert!(r.desc < r.avail && r.avail < r.used && r.used < l.slot(q, 0));
+                assert!(l.slot(q, size - 1) + SLOT_SIZE <= if q < 3 { l.rings(q + 1).desc } else { l.data_off });
+            }
         }
+    }
+
+    #[test]
+    fn a_packed_ring_is_a_descriptor_ring_and_two_event_areas() {
+        let l = Layout::new(2, 3, 1 << 20, RingKind::Packed);
+        let r = l.rings(1);
+        assert_eq!(r.desc % 4096, 0);
+        assert_eq!((r.avail - r.desc, r.used - r.desc), (48, 52));
+        assert!(l.slot(1, 0) >= r.used + 4);
     }
 }

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vblk_queue::{Buffer, DriverQueue};
+use vblk_queue::{Buffer, DriverRing, RingKind};
 use vblk_virtio::blk::{req_type, DiscardSegment, OutHdr, Status, ID_BYTES};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -89,7 +89,7 @@ pub(crate) struct RawParts {
 pub struct QueueHandle {
     index: u16,
     shared: Arc<SharedMemory>,
-    ring: DriverQueue,
+    ring: DriverRing,
     kick: EventFd,
     call: EventFd,
     /// A duplicate of the vhost-user socket: it hangs up when the backend dies.
@@ -108,7 +108,7 @@ impl QueueHandle {
     pub(crate) fn new(
         index: u16,
         shared: Arc<SharedMemory>,
-        ring: DriverQueue,
+        ring: DriverRing,
         kick: EventFd,
         call: EventFd,
         session: Arc<Session>,
@@ -135,6 +135,11 @@ impl QueueHandle {
 
     pub fn index(&self) -> u16 {
         self.index
+    }
+
+    /// Split or packed.
+    pub fn ring_kind(&self) -> RingKind {
+        self.ring.kind()
     }
 
     /// Requests submitted and not yet reaped.
@@ -188,7 +193,8 @@ impl QueueHandle {
         if (self.ring.num_free() as usize) < needed {
             return Err(DriverError::QueueFull);
         }
-        // The head is the next free descriptor; its slot holds header, status, table.
+        // The head is the next free descriptor (packed: buffer id); its slot holds header,
+        // status, table.
         let mut bufs: [Buffer; 3] = [Buffer { addr: 0, len: 0, write: false }; 3];
         let mut n = 0;
         let push = |b: Buffer, bufs: &mut [Buffer; 3], n: &mut usize| {
@@ -232,10 +238,15 @@ impl QueueHandle {
         if self.in_flight != 0 {
             return Err(DriverError::BadOptions("a queue handle with requests in flight"));
         }
+        if self.ring.kind() != RingKind::Split {
+            return Err(DriverError::BadOptions(
+                "the raw API drives split rings only (connect with RingChoice::Split)",
+            ));
+        }
         Ok(RawParts { index: self.index, shared: self.shared, kick: self.kick, call: self.call, socket: self.socket })
     }
 
-    /// The descriptor the next `add` will use as its head.
+    /// The descriptor (packed: buffer id) the next `add` will use as its head.
     fn peek_head(&self) -> u16 {
         self.ring.next_free()
     }

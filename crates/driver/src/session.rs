@@ -7,16 +7,25 @@
 //!
 //! A [`Session`] is shared by the [`crate::Device`] and its queue handles: the first handle
 //! that finds the socket hung up reconnects for all of them ([`Session::recover`]).
+//!
+//! A split ring's used index is in memory (`used->idx`). A packed ring's is not: the device
+//! writes used descriptors in ring order (virtio 1.2 §2.8.7), so its used position is the
+//! driver's plus the slots of every used descriptor not reaped yet, which the queue's
+//! [`PackedRingWatch`] walks from another thread. The ring restarts with both its avail
+//! and used positions there (QEMU's `virtio_queue_packed_restore_last_avail_idx`), sent
+//! as QEMU encodes a packed vring base ([`RingBase::Packed`]).
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use vblk_queue::{PackedBase, PackedRingWatch, RingKind};
 use vblk_virtio::features as vf;
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -49,13 +58,81 @@ pub(crate) fn share_memory(
     }
 }
 
-/// Set ring `q` up at avail index `base` and start it.
+/// Where a ring starts (`SET_VRING_BASE`) or stopped (`GET_VRING_BASE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RingBase {
+    /// A split ring's next avail index.
+    Split(u16),
+    /// A packed ring's avail and used positions, on the wire as QEMU 10 sends them
+    /// (`virtio_queue_packed_get_last_avail_idx`): the avail index in bits 0-14 and its wrap
+    /// counter in bit 15, the used index and wrap counter likewise in bits 16-31.
+    Packed(PackedBase),
+}
+
+impl RingBase {
+    pub(crate) fn encode(self) -> u32 {
+        match self {
+            RingBase::Split(idx) => idx as u32,
+            RingBase::Packed(b) => b.encode(),
+        }
+    }
+
+    /// `None`: a split base above 16 bits, or a packed position outside a ring of `size`.
+    pub(crate) fn decode(kind: RingKind, v: u32, size: u16) -> Option<RingBase> {
+        match kind {
+            RingKind::Split => u16::try_from(v).ok().map(RingBase::Split),
+            RingKind::Packed => PackedBase::decode(v, size).map(RingBase::Packed),
+        }
+    }
+}
+
+/// `SET_VRING_BASE` with all 32 bits of `num`. The `vhost` crate's frontend takes a u16,
+/// which cannot carry a packed ring's used position, so this writes the message on the
+/// connection's socket itself — header `{ u32 request; u32 flags; u32 size }` (flags:
+/// version 1, NEED_REPLY when REPLY_ACK was negotiated), body `struct vhost_vring_state
+/// { u32 index; u32 num }` — and reads the ack like the frontend would. Called with the
+/// connection held, between two of the frontend's own exchanges.
+fn set_vring_base_u32(socket: &OwnedFd, reply_ack: bool, q: u16, num: u32) -> Result<(), DriverError> {
+    const VERSION: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    const NEED_REPLY: u32 = 0x8;
+    let fail = |why: String| DriverError::Protocol("SET_VRING_BASE", why);
+    let request = u32::from(FrontendReq::SET_VRING_BASE);
+    let mut msg = [0u8; 20];
+    msg[0..4].copy_from_slice(&request.to_le_bytes());
+    msg[4..8].copy_from_slice(&(VERSION | if reply_ack { NEED_REPLY } else { 0 }).to_le_bytes());
+    msg[8..12].copy_from_slice(&8u32.to_le_bytes());
+    msg[12..16].copy_from_slice(&(q as u32).to_le_bytes());
+    msg[16..20].copy_from_slice(&num.to_le_bytes());
+    let mut stream = UnixStream::from(socket.try_clone().map_err(DriverError::Socket)?);
+    stream.write_all(&msg).map_err(|e| fail(e.to_string()))?;
+    if !reply_ack {
+        return Ok(());
+    }
+    let mut reply = [0u8; 20];
+    stream.read_exact(&mut reply).map_err(|e| fail(e.to_string()))?;
+    let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
+    let mut value = [0u8; 8];
+    value.copy_from_slice(&reply[12..20]);
+    if word(0) != request || word(4) & REPLY == 0 || word(8) != 8 {
+        return Err(fail(format!("bad reply header {:#x} {:#x} {}", word(0), word(4), word(8))));
+    }
+    match u64::from_le_bytes(value) {
+        0 => Ok(()),
+        v => Err(fail(format!("the backend answered {v}"))),
+    }
+}
+
+/// Set ring `q` up at `base` and start it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start_ring(
     fe: &mut Frontend,
+    socket: &OwnedFd,
+    protocol: VhostUserProtocolFeatures,
     shared: &SharedMemory,
     q: u16,
     queue_size: u16,
-    base: u16,
+    base: RingBase,
     (kick, call): (&EventFd, &EventFd),
     enable: bool,
 ) -> Result<(), DriverError> {
@@ -72,7 +149,12 @@ pub(crate) fn start_ring(
         log_addr: None,
     };
     fe.set_vring_addr(qi, &cfg).map_err(vu("SET_VRING_ADDR"))?;
-    fe.set_vring_base(qi, base).map_err(vu("SET_VRING_BASE"))?;
+    match base {
+        RingBase::Split(idx) => fe.set_vring_base(qi, idx).map_err(vu("SET_VRING_BASE"))?,
+        RingBase::Packed(_) => {
+            set_vring_base_u32(socket, protocol.contains(VhostUserProtocolFeatures::REPLY_ACK), q, base.encode())?
+        }
+    }
     fe.set_vring_call(qi, call).map_err(vu("SET_VRING_CALL"))?;
     fe.set_vring_kick(qi, kick).map_err(vu("SET_VRING_KICK"))?;
     if enable {
@@ -98,8 +180,16 @@ pub(crate) struct Plan {
     pub inflight: Option<(VhostUserInflight, File)>,
     pub shared: Arc<SharedMemory>,
     pub queue_size: u16,
-    /// Each ring's kick and call eventfds (duplicates of the queue handles').
-    pub rings: Vec<(EventFd, EventFd)>,
+    pub rings: Vec<PlannedRing>,
+}
+
+/// What a reconnect needs of one ring.
+pub(crate) struct PlannedRing {
+    /// The kick and call eventfds (duplicates of the queue handle's).
+    pub kick: EventFd,
+    pub call: EventFd,
+    /// A packed ring's view of where the device got to (`None`: a split ring).
+    pub watch: Option<PackedRingWatch>,
 }
 
 /// The connection to the backend, shared by a device and its queue handles.
@@ -176,19 +266,49 @@ impl Session {
         }
         share_memory(&mut fe, &plan.shared, plan.protocol)?;
         let enable = plan.features & vf::VHOST_USER_PROTOCOL_FEATURES != 0;
-        for (q, (kick, call)) in plan.rings.iter().enumerate() {
+        for (q, ring) in plan.rings.iter().enumerate() {
             // QEMU's rewind: the backend resumes at the used index (plus what the inflight
             // area says was taken).
-            let mut idx = [0u8; 2];
-            plan.shared.mem.read_at(plan.shared.layout.rings(q as u16).used + 2, &mut idx)?;
-            let base = u16::from_le_bytes(idx);
-            start_ring(&mut fe, &plan.shared, q as u16, plan.queue_size, base, (kick, call), enable)?;
+            let base = match &ring.watch {
+                None => {
+                    let mut idx = [0u8; 2];
+                    plan.shared.mem.read_at(plan.shared.layout.rings(q as u16).used + 2, &mut idx)?;
+                    RingBase::Split(u16::from_le_bytes(idx))
+                }
+                Some(watch) => {
+                    let at = watch.device_used()?;
+                    RingBase::Packed(PackedBase { avail: at, used: at })
+                }
+            };
+            tracing::debug!(queue = q, ?base, "restarting the ring");
+            let rings = (&ring.kick, &ring.call);
+            start_ring(&mut fe, &socket, plan.protocol, &plan.shared, q as u16, plan.queue_size, base, rings, enable)?;
             // Whatever was kicked before stays available: wake the new backend up.
-            let _ = kick.write(1);
+            let _ = ring.kick.write(1);
         }
         if watchdog.fired() {
             return Err(DriverError::Timeout(plan.timeout));
         }
         Ok(Conn { frontend: fe, socket })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vblk_queue::RingPos;
+
+    #[test]
+    fn vring_bases_are_encoded_as_qemu_does() {
+        // A fresh packed ring: both positions at slot 0 with wrap counter 1.
+        assert_eq!(RingBase::Packed(PackedBase::START).encode(), 0x8000_8000);
+        let b = PackedBase { avail: RingPos { idx: 5, wrap: false }, used: RingPos { idx: 2, wrap: true } };
+        assert_eq!(RingBase::Packed(b).encode(), 0x8002_0005);
+        assert_eq!(RingBase::decode(RingKind::Packed, 0x8002_0005, 6), Some(RingBase::Packed(b)));
+        assert_eq!(RingBase::decode(RingKind::Packed, 0x8002_0006, 6), None, "avail index outside the ring");
+        assert_eq!(RingBase::decode(RingKind::Packed, 0x0006_0000, 6), None, "used index outside the ring");
+        assert_eq!(RingBase::Split(65535).encode(), 65535);
+        assert_eq!(RingBase::decode(RingKind::Split, 7, 8), Some(RingBase::Split(7)));
+        assert_eq!(RingBase::decode(RingKind::Split, 0x1_0000, 8), None);
     }
 }

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use vblk_driver::{Completion, Device, DeviceInfo, IoBuf, Op, Options, QueueHandle, RequestFailure};
+use vblk_driver::{
+    Completion, Device, DeviceInfo, DriverError, IoBuf, Op, Options, QueueHandle, RequestFailure, RingChoice, RingKind,
+};
 use vblk_virtio::blk::features as blkf;
 use vblk_virtio::features as vf;
 use vhost::vhost_user::message::VhostUserProtocolFeatures as Pf;
@@ -656,4 +658,31 @@ fn driver_bursts_against_a_qsd_null_export_in_eventfd_and_poll_mode() {
     dev.shutdown(Duration::from_secs(5)).unwrap();
     let st = qsd.stop();
     assert!(st.success(), "QSD exit status {st}:\n{}", qsd.log_text());
+}
+
+/// QSD offers no packed ring (QEMU's vhost-user-blk server is split only): asking for one
+/// is a clear error before anything is set up, and `RingChoice::Auto` falls back to split.
+#[test]
+fn qsd_has_no_packed_ring_auto_falls_back_to_split() {
+    if skip_qsd("qsd_has_no_packed_ring_auto_falls_back_to_split") {
+        return;
+    }
+    let dir = TempDir::new("ring");
+    let qsd = Qsd::start(&dir.0, &["driver=null-co,node-name=disk0,size=1048576,read-zeroes=on".into()], 1);
+    let packed = Options { ring: RingChoice::Packed, ..opts() };
+    match Device::connect(&qsd.socket, &packed) {
+        Err(e @ DriverError::PackedNotOffered) => eprintln!("RingChoice::Packed: {e}"),
+        Err(e) => panic!("expected PackedNotOffered, got {e}"),
+        Ok(dev) => panic!("QSD negotiated a packed ring: {:#x}", dev.info().features),
+    }
+    let mut dev = Device::connect(&qsd.socket, &Options { ring: RingChoice::Auto, ..opts() })
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", qsd.log_text()));
+    assert_eq!(dev.ring_kind(), RingKind::Split);
+    assert_eq!(dev.info().offered_features & vf::RING_PACKED, 0);
+    let mut q = dev.take_queues().remove(0);
+    assert_eq!(q.ring_kind(), RingKind::Split);
+    let buf = q.alloc(4096).unwrap();
+    assert_eq!(one(&mut q, Op::Read { offset: 4096 }, Some(buf)).result, Ok(()));
+    drop(q);
+    dev.shutdown(Duration::from_secs(5)).unwrap();
 }

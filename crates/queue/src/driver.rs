@@ -35,6 +35,12 @@ pub enum DriverError {
     BogusUsed(u32),
     #[error("the device moved the used index by {0}, more than the queue size")]
     UsedIdxJump(u16),
+    #[error("packed queue size {0} is not in 1..=32768")]
+    InvalidPackedSize(u32),
+    #[error("the device's used descriptors cover more than the ring's {0} slots")]
+    UsedOverrun(u16),
+    #[error("the ring kept changing while its used position was read")]
+    RingBusy,
     #[error("ring setup: {0}")]
     Queue(#[from] QueueError),
     #[error("indirect table: {0}")]

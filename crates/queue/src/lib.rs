@@ -7,6 +7,8 @@
 //! - [`ring`]: [`Ring`], either of the two, which is what the request pipeline holds.
 //! - [`chain`]: a validated chain and byte-stream access to its buffers.
 //! - [`driver`]: the driver side of a split ring (vblk's userspace driver, tests).
+//! - [`driver_packed`]: the driver side of a packed ring; [`driver_ring`]: [`DriverRing`],
+//!   either of the two, which is what vblk's driver holds.
 //! - [`inflight`]: inflight I/O tracking in a region shared with the frontend, so that a
 //!   restarted backend finishes what its predecessor popped; [`inflight_packed`]: the same
 //!   for a packed ring.
@@ -15,6 +17,8 @@
 
 pub mod chain;
 pub mod driver;
+pub mod driver_packed;
+pub mod driver_ring;
 pub mod inflight;
 pub mod inflight_packed;
 pub mod layout;
@@ -24,6 +28,8 @@ pub mod split;
 
 pub use chain::{Chain, Reader, StreamError, Writer};
 pub use driver::{Buffer, DriverError, DriverQueue};
+pub use driver_packed::{PackedDriverQueue, PackedRingWatch};
+pub use driver_ring::{DriverRing, RingKind};
 pub use layout::{need_event, Descriptor, PackedDescriptor, RingPos, SplitLayout, MAX_QUEUE_SIZE};
 pub use packed::{PackedBase, PackedQueue};
 pub use ring::Ring;

@@ -227,6 +227,8 @@ struct Report {
     bs: u64,
     iodepth: u32,
     queues: u16,
+    /// `split` or `packed`.
+    ring: &'static str,
     size: u64,
     seconds: f64,
     poll: bool,
@@ -382,6 +384,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bs: args.bs,
         iodepth: args.iodepth,
         queues: nq,
+        ring: info.ring.name(),
         size,
         seconds: elapsed,
         poll: args.poll,
@@ -411,11 +414,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
 fn print_human(r: &Report, loopback: bool, first_error: Option<&str>) {
     let mix = r.rwmixread.map_or(String::new(), |m| format!(" ({m}% reads)"));
     println!(
-        "{}{mix}, bs {}, iodepth {}, {} queue{}, {:.1} s, {} ({})",
+        "{}{mix}, bs {}, iodepth {}, {} {} queue{}, {:.1} s, {} ({})",
         r.rw.name(),
         human(r.bs),
         r.iodepth,
         r.queues,
+        r.ring,
         if r.queues == 1 { "" } else { "s" },
         r.seconds,
         if r.poll { "polling" } else { "interrupts" },

@@ -107,6 +107,8 @@ struct Report {
     block_size: u32,
     queues: u16,
     queue_size: u16,
+    /// `split` or `packed`: the virtqueue layout negotiated.
+    ring: &'static str,
     features: Vec<String>,
     features_hex: String,
     offered_features: Vec<String>,
@@ -128,6 +130,7 @@ fn report(label: &str, i: &DeviceInfo) -> Report {
         block_size: i.block_size,
         queues: i.max_queues,
         queue_size: i.queue_size,
+        ring: i.ring.name(),
         features: feature_names(i.features),
         features_hex: format!("{:#x}", i.features),
         offered_features: feature_names(i.offered_features),
@@ -168,6 +171,7 @@ fn print_human(r: &Report, i: &DeviceInfo) {
         );
     }
     println!("queues:        {} (queue size {})", r.queues, r.queue_size);
+    println!("ring:          {}", r.ring);
     println!("features:      {}", r.features.join(" "));
     let refused = feature_names(i.offered_features & !i.features);
     if !refused.is_empty() {

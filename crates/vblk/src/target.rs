@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{ArgGroup, Args};
+use clap::{ArgGroup, Args, ValueEnum};
 use vblk_backend::{Disk, DiskOptions, EngineKind};
-use vblk_driver::{Device, DeviceInfo, DriverError, LoopbackConfig, LoopbackServer, Options, QueueHandle};
+use vblk_driver::{Device, DeviceInfo, DriverError, LoopbackConfig, LoopbackServer, Options, QueueHandle, RingChoice};
 
-use crate::serve::{parse_queue_size, BackendKind, EngineArg};
+use crate::serve::{BackendKind, EngineArg};
 use crate::size::{human, parse_size};
 
 /// Where the device is. Exactly one of `--socket` / `--loopback`.
@@ -37,9 +37,14 @@ pub struct TargetArgs {
     /// Loopback: I/O engine of the in-process device.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto, requires = "loopback")]
     pub engine: EngineArg,
-    /// Virtqueue size [default: 128, or the next power of two >= the I/O depth].
-    #[arg(long, value_parser = parse_queue_size)]
+    /// Virtqueue size, 1..=32768: a power of two for a split ring [default: 128, or the next
+    /// power of two >= the I/O depth].
+    #[arg(long, value_parser = parse_ring_size)]
     pub queue_size: Option<u16>,
+    /// Virtqueue layout: `packed` (virtio 1.1, an error if the backend does not offer
+    /// VIRTIO_F_RING_PACKED), `split`, or `auto`: packed when offered.
+    #[arg(long, value_enum, default_value_t = RingArg::Auto)]
+    pub ring: RingArg,
     /// Seconds to wait for the backend (connection and each completion).
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_secs)]
     pub timeout: f64,
@@ -48,6 +53,34 @@ pub struct TargetArgs {
     /// one had taken are resubmitted).
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "30", value_parser = parse_secs, requires = "socket")]
     pub reconnect: Option<f64>,
+}
+
+/// `--ring`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RingArg {
+    Split,
+    Packed,
+    Auto,
+}
+
+impl From<RingArg> for RingChoice {
+    fn from(r: RingArg) -> RingChoice {
+        match r {
+            RingArg::Split => RingChoice::Split,
+            RingArg::Packed => RingChoice::Packed,
+            RingArg::Auto => RingChoice::Auto,
+        }
+    }
+}
+
+/// A driver-side queue size: any size of a packed ring (virtio 1.2 §2.8); the driver
+/// refuses one that is not a power of two if the ring turns out split.
+fn parse_ring_size(s: &str) -> Result<u16, String> {
+    let n: u32 = s.parse().map_err(|_| format!("invalid queue size '{s}'"))?;
+    if !(1..=32768).contains(&n) {
+        return Err(format!("queue size {n} must be between 1 and 32768 (a power of two for a split ring)"));
+    }
+    Ok(n as u16)
 }
 
 pub fn parse_secs(s: &str) -> Result<f64, String> {
@@ -94,6 +127,7 @@ impl Target {
             buffer_memory: want.buffer_memory.max(4 << 20),
             timeout,
             reconnect: args.reconnect.map(Duration::from_secs_f64),
+            ring: args.ring.into(),
             ..Options::default()
         };
         let mut target = Target {
@@ -231,6 +265,7 @@ fn connect_error(e: DriverError, start: Instant, timeout: Duration, queue_size: 
                 "the backend refused queue size {queue_size} (try a smaller --queue-size or --iodepth): {e}"
             )
         }
+        DriverError::PackedNotOffered => anyhow::anyhow!("{e} (try --ring auto or --ring split)"),
         DriverError::Protocol(..) if start.elapsed() >= timeout => {
             anyhow::anyhow!("the backend did not answer within {timeout:?} ({e})")
         }

@@ -197,6 +197,8 @@ struct Report {
     region: u64,
     block_size: u64,
     queues: u16,
+    /// `split` or `packed`.
+    ring: &'static str,
     iodepth: u32,
     ops: u64,
     counts: Counts,
@@ -255,9 +257,10 @@ pub fn run(args: VerifyArgs) -> Result<()> {
     let nq = queues.len() as u16;
     if !args.json {
         println!(
-            "verify: seed {seed} (reproduce with --seed {seed}), region {}, {} ops, {nq} queue{} x iodepth {}, block {bs} ({})",
+            "verify: seed {seed} (reproduce with --seed {seed}), region {}, {} ops, {nq} {} queue{} x iodepth {}, block {bs} ({})",
             human(region),
             args.ops,
+            info.ring,
             if nq == 1 { "" } else { "s" },
             args.iodepth,
             target.label
@@ -317,6 +320,7 @@ pub fn run(args: VerifyArgs) -> Result<()> {
         region,
         block_size: bs,
         queues: nq,
+        ring: info.ring.name(),
         iodepth: args.iodepth,
         ops: st.planned,
         counts: st.counts,

@@ -88,6 +88,46 @@ fn info_describes_the_loopback_device() {
 }
 
 #[test]
+fn ring_picks_packed_or_split_and_info_says_which() {
+    let v = json(&["info", "--loopback", "--backend", "null", "--json"]);
+    assert_eq!(v["ring"], "packed", "auto: vblk offers the packed ring");
+    let v = json(&["info", "--loopback", "--backend", "null", "--ring", "split", "--json"]);
+    assert_eq!(v["ring"], "split");
+    let out = run(&["info", "--loopback", "--backend", "null", "--ring", "packed"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout).unwrap().contains("ring:          packed"));
+    // A packed ring of 5 entries; a split one must be a power of two.
+    let v = json(&[
+        "bench",
+        "--loopback",
+        "--backend",
+        "null",
+        "--seconds",
+        "1",
+        "--ring",
+        "packed",
+        "--queue-size",
+        "5",
+        "--iodepth",
+        "4",
+        "--json",
+    ]);
+    assert_eq!((v["ring"].as_str(), v["errors"].as_u64()), (Some("packed"), Some(0)), "{v}");
+    let out = run(&["info", "--loopback", "--backend", "null", "--ring", "split", "--queue-size", "5"]);
+    assert!(!out.status.success());
+    assert!(error_lines(&out).iter().any(|l| l.contains("power of two")), "{:?}", error_lines(&out));
+    let dir = tempdir("ring");
+    let img = image(&dir, 16 << 20);
+    for ring in ["split", "packed"] {
+        let out =
+            run(&["verify", "--loopback", img.to_str().unwrap(), "--ops", "1000", "--queues", "2", "--ring", ring]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains(&format!("2 {ring} queues")), "{stdout}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn bench_on_the_null_backend() {
     let v = json(&["bench", "--loopback", "--backend", "null", "--seconds", "1", "--json"]);
     check_bench(&v, "randread", 1, false);

@@ -264,7 +264,8 @@ impl RawFrontend {
 
     /// The usual opening, in QEMU's order: GET_FEATURES, GET_PROTOCOL_FEATURES,
     /// SET_PROTOCOL_FEATURES (`REPLY_ACK` and whatever of `protocol` is offered), then
-    /// SET_FEATURES (everything offered). Returns the virtio features. From
+    /// SET_FEATURES (everything offered but `VIRTIO_F_RING_PACKED`: the rings stay split,
+    /// as the raw ring API writes them). Returns the virtio features acked. From
     /// SET_PROTOCOL_FEATURES on, every well-formed request with `NEED_REPLY` gets a
     /// `REPLY_ACK` answer (vhost-user spec, "REPLY_ACK").
     pub fn negotiate(&self, protocol: u64, timeout: Duration) -> Result<u64, DriverError> {
@@ -286,6 +287,7 @@ impl RawFrontend {
         let acked = offered & (protocol | reply_ack);
         let o = self.call(FrontendReq::SET_PROTOCOL_FEATURES, &u64_payload(acked), &[], timeout)?;
         ack("SET_PROTOCOL_FEATURES", o)?;
+        let features = features & !vblk_virtio::features::RING_PACKED;
         ack("SET_FEATURES", self.call(FrontendReq::SET_FEATURES, &u64_payload(features), &[], timeout)?)?;
         Ok(features)
     }

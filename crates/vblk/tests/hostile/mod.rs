@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vblk_backend::{Disk, DiskOptions};
 use vblk_driver::raw::ring::{Buffer, Descriptor, RawQueue, UsedElem, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-use vblk_driver::{loopback, Device, DeviceInfo, IoBuf, LoopbackConfig, LoopbackServer, Options};
+use vblk_driver::{loopback, Device, DeviceInfo, IoBuf, LoopbackConfig, LoopbackServer, Options, RingChoice};
 use vblk_virtio::blk::{req_type, OutHdr, Status};
 
 use crate::common::{self, Backend, BackendConfig, BackendProcess, TempDir};
@@ -83,8 +83,16 @@ pub struct Rig {
     dir: TempDir,
 }
 
+/// `RawQueue` writes split rings only.
 fn options(queue_size: u16) -> Options {
-    Options { num_queues: 2, queue_size, buffer_memory: 8 << 20, timeout: WAIT, ..Options::default() }
+    Options {
+        num_queues: 2,
+        queue_size,
+        buffer_memory: 8 << 20,
+        timeout: WAIT,
+        ring: RingChoice::Split,
+        ..Options::default()
+    }
 }
 
 impl Rig {
