@@ -27,6 +27,7 @@ use std::sync::Arc;
 use vblk_virtio::{GuestArea, GuestMemory, MemoryError};
 
 use crate::chain::Chain;
+use crate::inflight_packed::{AttachedPacked, InflightPacked, ResubmitChain};
 use crate::layout::{packed_avail_flags, packed_is_avail, packed_need_event, packed_used_flags};
 use crate::layout::{PackedDescriptor, RingPos, DESC_SIZE, MAX_PACKED_SIZE};
 use crate::layout::{EVENT_FLAGS, EVENT_FLAG_DESC, EVENT_FLAG_DISABLE, EVENT_FLAG_ENABLE, EVENT_OFF_WRAP};
@@ -88,8 +89,12 @@ pub struct PackedQueue {
     broken: Option<QueueError>,
     /// The descriptors of the chain being popped, copied out of the ring.
     scratch: Vec<PackedDescriptor>,
+    /// Inflight tracking shared with the frontend (`crate::inflight_packed`), when
+    /// negotiated, and the region entry of each buffer id in flight.
+    inflight: Option<InflightPacked>,
+    entries: Vec<u16>,
     /// Chains a previous backend process left in flight, popped before the ring.
-    resubmit: VecDeque<Vec<PackedDescriptor>>,
+    resubmit: VecDeque<ResubmitChain>,
 }
 
 impl PackedQueue {
@@ -132,6 +137,8 @@ impl PackedQueue {
             slots_in_flight: 0,
             broken: None,
             scratch: Vec::new(),
+            inflight: None,
+            entries: vec![0; size as usize],
             resubmit: VecDeque::new(),
         })
     }
@@ -238,8 +245,9 @@ impl PackedQueue {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        if let Some(descs) = self.resubmit.pop_front() {
-            self.scratch = descs;
+        let resubmitted = self.resubmit.pop_front();
+        if let Some(chain) = &resubmitted {
+            self.scratch.clone_from(&chain.descs);
         } else if !self.fetch()? {
             return Ok(Popped::Empty);
         }
@@ -252,6 +260,14 @@ impl PackedQueue {
             return Err(self.break_ring(QueueError::IdInFlight { id }));
         }
         let slots = self.scratch.len() as u16;
+        if let Some(t) = &mut self.inflight {
+            // Every popped chain is recorded, refused ones too: recovery resumes popping
+            // after the used position plus the recorded chains' slots.
+            self.entries[id as usize] = match &resubmitted {
+                Some(chain) => chain.entry,
+                None => t.mark(&self.scratch),
+            };
+        }
         self.in_flight[id as usize] = slots;
         self.num_in_flight += 1;
         self.slots_in_flight += slots as u32;
@@ -366,6 +382,9 @@ impl PackedQueue {
             self.ring.store_u16(off + PackedDescriptor::FLAGS, flags);
         }
         self.next_used = self.next_used.advance(slots, self.size);
+        if let Some(t) = &mut self.inflight {
+            t.completed(self.entries[id as usize]);
+        }
         true
     }
 
@@ -373,8 +392,14 @@ impl PackedQueue {
     /// decide whether the driver wants a notification (§2.8.10). `true`: signal it.
     pub fn publish_used(&mut self) -> bool {
         let Some((slot, flags)) = self.first_unpublished.take() else { return false };
+        if let Some(t) = &mut self.inflight {
+            t.publishing(self.next_used);
+        }
         fence(Ordering::Release);
         self.ring.store_u16(slot as usize * DESC_SIZE + PackedDescriptor::FLAGS, flags);
+        if let Some(t) = &mut self.inflight {
+            t.published();
+        }
         let moved = self.next_used.distance_from(self.published_used, self.size);
         self.published_used = self.next_used;
         // The flags store before reading the driver's suppression state, or we could miss
@@ -412,10 +437,34 @@ impl PackedQueue {
         self.device_event.store_u16(EVENT_FLAGS, EVENT_FLAG_DISABLE);
     }
 
-    /// Track requests in the frontend's inflight region. (Packed regions: see
-    /// `crate::inflight_packed`.)
-    pub fn attach_inflight(&mut self, _area: GuestArea, _recover: bool) -> Result<usize, QueueError> {
-        Ok(0)
+    /// Track this queue's requests in the frontend's inflight region `area` (see
+    /// [`crate::inflight_packed`]). With `recover`, a region left by a previous process is
+    /// recovered: the used position is the region's (QEMU's vring base for a packed ring
+    /// may be stale after a backend died), its chains in flight are popped again first
+    /// from the region's copies of their descriptors, and the ring resumes after their
+    /// slots. Returns how many chains will be resubmitted.
+    pub fn attach_inflight(&mut self, area: GuestArea, recover: bool) -> Result<usize, QueueError> {
+        let ring = &self.ring;
+        let flags = |i: u16| ring.load_u16(i as usize * DESC_SIZE + PackedDescriptor::FLAGS);
+        let (tracker, attached) = InflightPacked::attach(area, self.size, self.next_used, flags, recover)?;
+        self.inflight = Some(tracker);
+        let AttachedPacked::Recovered { used, resubmit } = attached else { return Ok(0) };
+        let slots: u32 = resubmit.iter().map(|c| c.descs.len() as u32).sum();
+        let avail = used.advance(slots as u16, self.size);
+        // Rule 4 of the recovery: the dead process may have stored used flags for a batch
+        // it never published in the slots of chains still in flight; give them back the
+        // flags they were offered with, or the guest would take them for used.
+        let mut pos = used;
+        for _ in 0..slots {
+            self.ring.store_u16(pos.idx as usize * DESC_SIZE + PackedDescriptor::FLAGS, packed_avail_flags(pos.wrap));
+            pos = pos.advance(1, self.size);
+        }
+        self.next_avail = avail;
+        self.next_used = used;
+        self.published_used = used;
+        let n = resubmit.len();
+        self.resubmit = resubmit.into();
+        Ok(n)
     }
 
     /// The flags a slot holds while the driver offers it in lap `wrap` (tests, recovery).

@@ -6,7 +6,8 @@
 //! both finish clean: no I/O error, nothing lost, nothing corrupted.
 //!
 //! Prints the guest-visible stall of each restart: from the kill to the new process having
-//! the guest's memory mapped again (QEMU reconnected and set the rings up).
+//! the guest's memory mapped again (QEMU reconnected and set the rings up). The `packed_ring_*`
+//! tests do the same with the packed virtqueue.
 
 mod common;
 
@@ -27,7 +28,7 @@ enum Stop {
     Term,
 }
 
-fn restart_during_fio(name: &str, queues: u16, how: Stop) {
+fn restart_during_fio(name: &str, queues: u16, how: Stop, packed: bool) {
     let cfg = BackendConfig { readonly: false, num_queues: queues, vblk_args: &[] };
     let restarts = restarts();
     // Two regions long enough for every restart under TCG (about a second each).
@@ -37,7 +38,8 @@ fn restart_during_fio(name: &str, queues: u16, how: Stop) {
     };
     let socket = fx.backend.socket.clone();
     let args = format!("queues={queues},jobs=2,size={region_mib}");
-    let mut guest = spawn_guest_with(&fx.dir, &socket, "fio-verify", &args, queues, Some(RECONNECT_MS), &[]);
+    let extra = if packed { packed_ring() } else { Vec::new() };
+    let mut guest = spawn_guest_with(&fx.dir, &socket, "fio-verify", &args, queues, Some(RECONNECT_MS), &extra);
     assert!(
         guest.wait_for_serial("fio write+verify pass", guest_timeout()),
         "[{name}] the guest never started fio:\n{}",
@@ -115,20 +117,38 @@ fn restart_during_fio(name: &str, queues: u16, how: Stop) {
 
 #[test]
 fn vblk_serve_killed_during_fio_1_queue() {
-    restart_during_fio("restart_kill_1q", 1, Stop::Kill);
+    restart_during_fio("restart_kill_1q", 1, Stop::Kill, false);
 }
 
 #[test]
 fn vblk_serve_killed_during_fio_4_queues() {
-    restart_during_fio("restart_kill_4q", 4, Stop::Kill);
+    restart_during_fio("restart_kill_4q", 4, Stop::Kill, false);
 }
 
 #[test]
 fn vblk_serve_upgraded_during_fio_4_queues() {
-    restart_during_fio("restart_term_4q", 4, Stop::Term);
+    restart_during_fio("restart_term_4q", 4, Stop::Term, false);
 }
 
 #[test]
 fn vblk_serve_upgraded_during_fio_1_queue() {
-    restart_during_fio("restart_term_1q", 1, Stop::Term);
+    restart_during_fio("restart_term_1q", 1, Stop::Term, false);
+}
+
+// The same with the packed ring (`packed=on`): its inflight regions keep copies of the
+// popped descriptors, which used descriptors overwrite in the ring.
+
+#[test]
+fn packed_ring_vblk_serve_killed_during_fio_1_queue() {
+    restart_during_fio("restart_packed_kill_1q", 1, Stop::Kill, true);
+}
+
+#[test]
+fn packed_ring_vblk_serve_killed_during_fio_4_queues() {
+    restart_during_fio("restart_packed_kill_4q", 4, Stop::Kill, true);
+}
+
+#[test]
+fn packed_ring_vblk_serve_upgraded_during_fio_4_queues() {
+    restart_during_fio("restart_packed_term_4q", 4, Stop::Term, true);
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use vblk_backend::{Disk, Engine, EngineKind};
 use vblk_blk::DeviceParams;
 use vblk_queue::inflight::{split_region_size, InflightSplit};
+use vblk_queue::inflight_packed::{packed_region_size, InflightPacked};
 use vblk_queue::layout::{MAX_PACKED_SIZE, PACKED_EVENT_LEN};
 use vblk_queue::{AddrSpace, PackedQueue, Ring, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
 use vblk_virtio::blk::{features as blkf, BlkConfig};
@@ -108,6 +109,9 @@ struct InflightArea {
     mem: Arc<GuestMemory>,
     num_queues: u16,
     queue_size: u16,
+    /// Regions in the packed layout (`VIRTIO_F_RING_PACKED` was negotiated when the area
+    /// was handed over; QEMU sets the features first).
+    packed: bool,
 }
 
 /// vblk's state block after the queue regions: magic, then the guest's cache mode.
@@ -117,33 +121,47 @@ const STATE_LEN: u64 = 64;
 const MAX_INFLIGHT_AREA: u64 = 64 << 20;
 
 impl InflightArea {
-    fn regions_len(num_queues: u16, queue_size: u16) -> u64 {
-        num_queues as u64 * split_region_size(queue_size)
+    fn region_len(queue_size: u16, packed: bool) -> u64 {
+        if packed {
+            packed_region_size(queue_size)
+        } else {
+            split_region_size(queue_size)
+        }
+    }
+
+    fn regions_len(num_queues: u16, queue_size: u16, packed: bool) -> u64 {
+        num_queues as u64 * Self::region_len(queue_size, packed)
     }
 
     /// Check the frontend's description and map `file`.
-    fn map(msg: &VhostUserInflight, file: &File, max_queues: usize) -> Result<InflightArea, DeviceError> {
+    fn map(msg: &VhostUserInflight, file: &File, max_queues: usize, packed: bool) -> Result<InflightArea, DeviceError> {
         let (nq, qs) = (msg.num_queues, msg.queue_size);
-        if nq == 0 || nq as usize > max_queues || SplitLayout::new(qs as u32).is_none() {
+        let size_ok = if packed {
+            (1..=MAX_PACKED_SIZE).contains(&qs)
+        } else {
+            SplitLayout::new(qs as u32).is_some()
+        };
+        if nq == 0 || nq as usize > max_queues || !size_ok {
             return Err(DeviceError::Inflight(format!("{nq} queues of {qs} entries")));
         }
-        let needed = Self::regions_len(nq, qs);
+        let needed = Self::regions_len(nq, qs, packed);
         if msg.mmap_size < needed || msg.mmap_size > MAX_INFLIGHT_AREA {
             return Err(DeviceError::Inflight(format!("{} bytes for {nq} queues of {qs}", msg.mmap_size)));
         }
         let spec = RegionSpec { guest_phys_addr: 0, size: msg.mmap_size, user_addr: 0, mmap_offset: msg.mmap_offset };
         let file = file.try_clone().map_err(|e| DeviceError::Inflight(e.to_string()))?;
         let mem = GuestMemory::from_files(&[(spec, file)])?;
-        Ok(InflightArea { mem: Arc::new(mem), num_queues: nq, queue_size: qs })
+        Ok(InflightArea { mem: Arc::new(mem), num_queues: nq, queue_size: qs, packed })
     }
 
     fn state_at(&self) -> u64 {
-        Self::regions_len(self.num_queues, self.queue_size)
+        Self::regions_len(self.num_queues, self.queue_size, self.packed)
     }
 
     /// Whether a previous backend (or this one) already used the area: the same guest.
     fn used(&self) -> bool {
-        (0..self.num_queues as usize).any(|q| matches!(self.region(q), Ok(Some(a)) if InflightSplit::in_use(&a)))
+        let in_use = |a: &GuestArea| if self.packed { InflightPacked::in_use(a) } else { InflightSplit::in_use(a) };
+        (0..self.num_queues as usize).any(|q| matches!(self.region(q), Ok(Some(a)) if in_use(&a)))
     }
 
     /// The guest's write-cache choice recorded in the state block, if there is one.
@@ -165,7 +183,7 @@ impl InflightArea {
         if ring >= self.num_queues as usize {
             return Ok(None);
         }
-        let len = split_region_size(self.queue_size);
+        let len = Self::region_len(self.queue_size, self.packed);
         Ok(Some(self.mem.area_at_gpa(ring as u64 * len, len, 8)?))
     }
 }
@@ -314,6 +332,9 @@ impl VblkDevice {
     /// start of this connection).
     fn build_queue(&mut self, i: usize) -> Result<Ring, DeviceError> {
         let mut q = self.new_queue(i)?;
+        if self.inflight.as_ref().is_some_and(|a| a.packed != q.is_packed()) {
+            return Err(DeviceError::Inflight("the inflight area was set up for the other ring layout".into()));
+        }
         if let Some(area) = self.inflight.as_ref().map(|a| a.region(i)).transpose()?.flatten() {
             let recover = !self.vrings[i].recovered;
             let n = q.attach_inflight(area, recover).map_err(|e| DeviceError::Ring(i, e))?;
@@ -729,11 +750,11 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     /// default write-cache mode.
     fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
         let (nq, qs) = (msg.num_queues, msg.queue_size);
-        let size = InflightArea::regions_len(nq, qs) + STATE_LEN;
+        let size = InflightArea::regions_len(nq, qs, self.packed()) + STATE_LEN;
         let want = VhostUserInflight::new(size, 0, nq, qs);
         let made = vblk_virtio::memory::sealed_memfd("vblk-inflight", size)
             .map_err(|e| DeviceError::Inflight(e.to_string()))
-            .and_then(|file| InflightArea::map(&want, &file, self.vrings.len()).map(|a| (a, file)));
+            .and_then(|file| InflightArea::map(&want, &file, self.vrings.len(), self.packed()).map(|a| (a, file)));
         let (area, file) = match made {
             Ok(m) => m,
             Err(e) => return self.fail(e),
@@ -747,7 +768,7 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     /// The frontend's area (ours from GET_INFLIGHT_FD, or a previous process's): attached
     /// to every ring at its next start; a used one is recovered then.
     fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> VuResult<()> {
-        let area = InflightArea::map(msg, &file, self.vrings.len())?;
+        let area = InflightArea::map(msg, &file, self.vrings.len(), self.packed())?;
         if area.used() {
             if let Some(wce) = area.saved_wce() {
                 self.params.set_writeback(wce);
