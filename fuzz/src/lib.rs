@@ -7,6 +7,7 @@
 //! - [`vhost`]: the vhost-user message handler, over a socketpair, with fds attached.
 //! - [`merge`]: request merging.
 //! - [`inflight`]: inflight regions written by a hostile frontend, attached and recovered.
+//! - [`packed`]: the packed ring's pop / used / publish path against a hostile driver.
 //! - [`seeds`]: hand-made valid inputs for the seed corpus (`fuzz/corpus/<target>/`).
 
 pub mod encode;
@@ -14,6 +15,7 @@ pub mod encode;
 pub mod chain;
 pub mod inflight;
 pub mod merge;
+pub mod packed;
 pub mod seeds;
 pub mod vhost;
 
