@@ -61,10 +61,14 @@ class Check:
         self.metric, self.direction, self.target, self.absolute = metric, direction, target, absolute
 
     def target_text(self):
+        if self.target is None:
+            return "(comparison)"
         op = ">= " if self.direction == HIGHER else ("< " if self.absolute else "<= ")
         return ("vblk " if self.absolute else "") + op + f"{self.target:g}"
 
     def passes(self, ratio):
+        if self.target is None:
+            return None  # a comparison, not a target
         if self.absolute:
             return ratio >= self.target if self.direction == HIGHER else ratio < self.target
         return ratio >= self.target if self.direction == HIGHER else ratio <= self.target
@@ -80,7 +84,8 @@ class Workload:
         self.primary = primary  # (metric, direction) used to pick the best QSD config
         # The side the ratio is taken against: "qsd" or "fio" (vblk serve vs a peer backend,
         # `vblk bench` as the client), or "blkio" (`vblk bench` vs libblkio's client, both
-        # against QSD: the sides are clients and the backend is QSD for both).
+        # against QSD: the sides are clients and the backend is QSD for both), or "split"
+        # (case 8: `vblk bench --ring packed` vs `--ring split`, both against `vblk serve`).
         self.peer = peer
         self.info = list(info)  # extra sides measured for information only
 
@@ -92,11 +97,25 @@ class Workload:
     def clients_compared(self):
         return self.peer == "blkio"
 
+    @property
+    def rings_compared(self):
+        return self.peer == "split"
+
     def backend_of(self, side):
+        if self.rings_compared:
+            return "vblk"
         return "qsd" if self.clients_compared else side
+
+    def ring_of(self, side):
+        """The virtqueue layout `vblk bench` asks for: the packed ring only in case 8's
+        "vblk" side; split everywhere else (QEMU's default, and the only ring QSD has), so
+        that the cases compare like with like."""
+        return "packed" if self.rings_compared and side == "vblk" else "split"
 
     def probed(self):
         """Peers whose configuration is probed before the pairs."""
+        if self.rings_compared:
+            return []
         return ["qsd"] if self.clients_compared else [s for s in self.sides if s != "vblk"]
 
 
@@ -132,6 +151,14 @@ def workloads():
                  # here is no system call per I/O.
                  [Check("syscalls_per_io", LOWER, 1, absolute=True)],
                  ("iops", HIGHER), peer="blkio"),
+        # Case 8: the packed virtqueue against the split one, same daemon, same client. No
+        # target: docs/PERFORMANCE.md explains the difference.
+        Workload(8, "8a", "rings: packed vs split, null randread 4k QD32, eventfd", "null", rr4k32,
+                 [Check("iops", HIGHER, None), Check("backend_cpu_us_per_io", LOWER, None),
+                  Check("client_cpu_us_per_io", LOWER, None)], ("iops", HIGHER), peer="split"),
+        Workload(8, "8b", "rings: packed vs split, null randread 4k QD1, eventfd", "null", dict(qd1, poll=False),
+                 [Check("p50", LOWER, None), Check("backend_cpu_us_per_io", LOWER, None),
+                  Check("client_cpu_us_per_io", LOWER, None)], ("p50", LOWER), peer="split"),
     ]
 
 
@@ -389,7 +416,7 @@ def qsd_argv(env, wl, sock, cfg):
     return argv
 
 
-def bench_argv(env, wl, sock, seconds, client="vblk"):
+def bench_argv(env, wl, sock, seconds, client="vblk", side="vblk"):
     b = wl.bench
     argv = ["taskset", "-c", str(env.args.client_cpu)]
     if wl.clients_compared and PERF:
@@ -400,7 +427,7 @@ def bench_argv(env, wl, sock, seconds, client="vblk"):
         assert b["rw"] == "randread" and b["bs"] == "4k"
         argv += [BLKIO_RUN, sock, str(seconds), str(b["iodepth"]), str(b.get("batch", 1))]
     else:
-        argv += [VBLK_RUN, "bench", "--socket", sock, "--rw", b["rw"], "--bs", b["bs"],
+        argv += [VBLK_RUN, "bench", "--socket", sock, "--ring", wl.ring_of(side), "--rw", b["rw"], "--bs", b["bs"],
                  "--iodepth", str(b["iodepth"]), "--queues", "1", "--seconds", str(seconds), "--json"]
         if b.get("batch", 1) > 1:
             argv += ["--batch-complete", str(b["batch"])]
@@ -448,7 +475,7 @@ def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
     proc = PROCS.start(argv, log)
     try:
         wait_socket(sock, proc, log)
-        client = bench_argv(env, wl, sock, seconds, "blkio" if side == "blkio" else "vblk")
+        client = bench_argv(env, wl, sock, seconds, "blkio" if side == "blkio" else "vblk", side)
         rec["client_cmd"] = client
         procs0 = proc_table()
         sys0, cpu0, t0 = sys_cpu_us(), proc_cpu_us(proc.pid), time.monotonic()
@@ -727,14 +754,14 @@ def table(results, cases):
         for c in wr["checks"]:
             name, unit = METRICS[c["metric"]]
             metric = name + (f" ({unit})" if unit else "") + (" ↑" if c["direction"] == HIGHER else " ↓")
-            peer = {"qsd": "QSD", "blkio": "libblkio"}.get(c["peer_side"], c["peer_side"])
+            peer = {"qsd": "QSD", "blkio": "libblkio", "split": "split ring"}.get(c["peer_side"], c["peer_side"])
             peer_txt = f"{fmt(c['metric'], c['peer'])} ({peer})"
             for s, v in c["info"].items():
                 peer_txt += f"; {s.upper()} {fmt(c['metric'], v)}"
             pr = c["pair_ratios"]
             spread = f"{min(pr):.2f}-{max(pr):.2f}" if pr else "-"
             ratio = "-" if c["ratio"] is None else f"{c['ratio']:.2f}" + (" (vblk)" if c.get("absolute") else "")
-            res = {True: "pass", False: "short", None: "n/a"}[c["pass"]]
+            res = {True: "pass", False: "short", None: "n/a" if c["target"] is not None else "-"}[c["pass"]]
             errs = sum(wr["medians"][s]["io_errors"] + wr["medians"][s]["runs_failed"] for s in wr["sides"])
             if errs:
                 res += f" (!{errs} errors/failed runs)"
@@ -760,6 +787,8 @@ def detail_table(results):
             m = wr["medians"][side]
             if wr.get("peer") == "blkio":
                 cfg = f"client {'vblk bench' if side == 'vblk' else 'libblkio'}, QSD {wr.get('qsd_config') or '-'}"
+            elif wr.get("peer") == "split":
+                cfg = f"vblk serve, {'packed' if side == 'vblk' else 'split'} ring"
             elif side == "vblk":
                 cfg = " ".join(wr["vblk_flags"]) or "default"
             else:
@@ -808,7 +837,7 @@ def parse_size(s):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="1,2,3,4,5,6,7", help="comma-separated case numbers (default: all)")
+    ap.add_argument("--cases", default="1,2,3,4,5,6,7,8", help="comma-separated case numbers (default: all)")
     ap.add_argument("--pairs", type=int, help="interleaved vblk/peer pairs per workload (default 5)")
     ap.add_argument("--seconds", type=float, help="seconds per run (default 5)")
     ap.add_argument("--probe-seconds", type=float, default=None,
