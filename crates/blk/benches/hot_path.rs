@@ -32,6 +32,9 @@
 //! cargo bench -p vblk-blk --bench hot_path -- 'device/read4k/'  # a filter
 //! ```
 //!
+//! `VBLK_BENCH_RING=packed` runs the `roundtrip` rig on the packed ring (`PackedQueue` and
+//! `PackedDriverQueue`; the `device/…` rig writes split descriptors and is skipped).
+//!
 //! `VBLK_BENCH_DIRTY_LOG=1` attaches a dirty-page log to the device's memory table (a live
 //! migration in progress).
 //!
@@ -50,7 +53,10 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use vblk_backend::{Completion, Disk, Engine, EngineKind};
 use vblk_blk::{BlkQueue, DeviceParams};
 use vblk_queue::layout::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
-use vblk_queue::{AddrSpace, Buffer, Descriptor, DriverQueue, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
+use vblk_queue::{
+    AddrSpace, Buffer, Descriptor, DriverRing, PackedQueue, Ring, RingAddrs, RingFeatures, RingKind, SplitLayout,
+    SplitQueue,
+};
 use vblk_virtio::blk::{req_type, OutHdr, Status};
 use vblk_virtio::memory::memfd;
 use vblk_virtio::{GuestArea, GuestMemory, RegionSpec};
@@ -139,6 +145,16 @@ impl Workload {
     }
 }
 
+/// Which ring the `roundtrip` rig uses (`VBLK_BENCH_RING=packed`; default split).
+fn ring_kind() -> RingKind {
+    match std::env::var("VBLK_BENCH_RING").as_deref() {
+        Ok("packed") => RingKind::Packed,
+        _ => RingKind::Split,
+    }
+}
+
+/// The split ring's three parts; for a packed ring the same addresses are the descriptor
+/// ring, the driver's event structure and the device's (all suitably aligned).
 fn addrs() -> RingAddrs {
     RingAddrs { desc: RINGS, avail: RINGS + 16 * QSIZE as u64, used: RINGS + 0x2000 }
 }
@@ -176,7 +192,7 @@ trait Driver {
 
 /// vblk's own driver side: descriptors written for every request, free list, etc.
 struct QueueDriver {
-    q: DriverQueue,
+    q: DriverRing,
     w: Workload,
     bufs: Vec<[Buffer; 3]>,
 }
@@ -298,7 +314,7 @@ struct Rig<D> {
 }
 
 /// Guest memory with the batch's headers written, and the device side on a null disk.
-fn device(w: Workload) -> (Arc<GuestMemory>, Device) {
+fn device(w: Workload, kind: RingKind) -> (Arc<GuestMemory>, Device) {
     let spec = RegionSpec { guest_phys_addr: 0, size: MEM, user_addr: 0x7000_0000_0000, mmap_offset: 0 };
     let mem = Arc::new(GuestMemory::from_files(&[(spec, memfd("guest", MEM).unwrap())]).unwrap());
     for i in 0..w.batch as u64 {
@@ -324,7 +340,10 @@ fn device(w: Workload) -> (Arc<GuestMemory>, Device) {
         }
         None => mem.clone(),
     };
-    let q = SplitQueue::new(dev_mem, QSIZE, addrs(), AddrSpace::GuestPhysical, feats).unwrap();
+    let q: Ring = match kind {
+        RingKind::Split => SplitQueue::new(dev_mem, QSIZE, addrs(), AddrSpace::GuestPhysical, feats).unwrap().into(),
+        RingKind::Packed => PackedQueue::new(dev_mem, QSIZE, addrs(), AddrSpace::GuestPhysical, feats).unwrap().into(),
+    };
     let disk = Arc::new(Disk::null(DISK));
     let mut params = DeviceParams::new(disk.size(), false, 512, "vblk-bench", 1, QSIZE as u16);
     params.merge = w.merge;
@@ -334,14 +353,16 @@ fn device(w: Workload) -> (Arc<GuestMemory>, Device) {
 }
 
 fn queue_rig(w: Workload) -> Rig<QueueDriver> {
-    let (mem, dev) = device(w);
-    let q = DriverQueue::new(mem.clone(), QSIZE, addrs(), RingFeatures { event_idx: true, indirect: true }).unwrap();
+    let kind = ring_kind();
+    let (mem, dev) = device(w, kind);
+    let feats = RingFeatures { event_idx: true, indirect: true };
+    let q = DriverRing::new(kind, mem.clone(), QSIZE, addrs(), feats).unwrap();
     let bufs = (0..w.batch).map(|i| w.buffers(i)).collect();
     Rig { mem, w, drv: QueueDriver { q, w, bufs }, dev }
 }
 
 fn raw_rig(w: Workload) -> Rig<RawDriver> {
-    let (mem, dev) = device(w);
+    let (mem, dev) = device(w, RingKind::Split);
     // The raw driver relies on the ring being zeroed, which a fresh memfd is.
     let drv = RawDriver::new(&mem, w);
     Rig { mem, w, drv, dev }
@@ -406,7 +427,12 @@ fn steady_state<D: Driver>(rig: &mut Rig<D>, rounds: u64) {
 }
 
 fn bench_workloads(c: &mut Criterion) {
-    for (driver, make) in [("device", false), ("roundtrip", true)] {
+    let rigs: &[(&str, bool)] = if ring_kind() == RingKind::Packed {
+        &[("roundtrip", true)]
+    } else {
+        &[("device", false), ("roundtrip", true)]
+    };
+    for &(driver, make) in rigs {
         let mut group = c.benchmark_group(driver);
         for w in Workload::all() {
             group.throughput(Throughput::Elements(w.batch as u64));

@@ -14,7 +14,7 @@ use common::qmp::Qmp;
 use common::*;
 use serde_json::json;
 
-fn migrate_during_fio(name: &str, queues: u16) {
+fn migrate_during_fio(name: &str, queues: u16, packed: bool) {
     let cfg = BackendConfig { readonly: false, num_queues: queues, vblk_args: &[] };
     let Some(mut fx) = Fixture::new(name, Backend::Vblk, 640 * MIB, cfg, |_| {}) else {
         return;
@@ -23,7 +23,13 @@ fn migrate_during_fio(name: &str, queues: u16) {
     let mut dest_backend = BackendProcess::start(Backend::Vblk, &fx.image, &dest_socket, cfg, &fx.dir.join("dest.log"))
         .unwrap_or_else(|e| panic!("[{name}] starting the destination's vblk serve failed: {e}"));
     let (src_qmp, dst_qmp, stream) = (fx.dir.join("src.qmp"), fx.dir.join("dst.qmp"), fx.dir.join("migrate.sock"));
-    let qmp_arg = |p: &std::path::Path| vec!["-qmp".to_string(), format!("unix:{},server=on,wait=off", p.display())];
+    let qmp_arg = |p: &std::path::Path| {
+        let mut a = vec!["-qmp".to_string(), format!("unix:{},server=on,wait=off", p.display())];
+        if packed {
+            a.extend(packed_ring());
+        }
+        a
+    };
     let args = format!("queues={queues},jobs=2,size=256");
 
     let mut source =
@@ -92,5 +98,13 @@ fn migrate_during_fio(name: &str, queues: u16) {
 
 #[test]
 fn live_migration_during_fio_2_queues() {
-    migrate_during_fio("migrate_2q", 2);
+    migrate_during_fio("migrate_2q", 2, false);
+}
+
+/// The packed ring migrates too: the source's `GET_VRING_BASE` (both positions with their
+/// wrap counters) is what QEMU sends the destination's daemon in `SET_VRING_BASE`, with
+/// requests in flight and positions far from the start.
+#[test]
+fn live_migration_during_fio_2_queues_packed_ring() {
+    migrate_during_fio("migrate_packed_2q", 2, true);
 }
