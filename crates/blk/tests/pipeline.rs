@@ -1,13 +1,17 @@
 //! The device engine end to end, in process: a driver-side ring (what the guest's
 //! virtio_blk would write) → `BlkQueue` → a real backend (a file through io_uring or
-//! plain syscalls, or null) → used ring → the driver reaps status bytes.
+//! plain syscalls, or null) → used ring → the driver reaps status bytes. Every test runs on
+//! the split ring and on the packed ring.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use vblk_backend::{Disk, DiskOptions, Engine, EngineKind};
 use vblk_blk::{BlkQueue, DeviceParams};
-use vblk_queue::{AddrSpace, Buffer, DriverQueue, RingAddrs, RingFeatures, SplitQueue};
+use vblk_queue::{
+    AddrSpace, Buffer, DriverRing, PackedDescriptor, PackedQueue, Ring, RingAddrs, RingFeatures, RingKind, SplitQueue,
+};
 use vblk_virtio::blk::{req_type, DiscardSegment, OutHdr, Status};
 use vblk_virtio::memory::memfd;
 use vblk_virtio::{GuestMemory, RegionSpec};
@@ -23,10 +27,25 @@ const STATUS: u64 = 0x70_0000;
 
 struct Rig {
     mem: Arc<GuestMemory>,
-    drv: DriverQueue,
+    drv: DriverRing,
     dev: BlkQueue,
     io: Engine,
     _file: Option<TempFile>,
+}
+
+thread_local! {
+    /// The ring the rigs of this test thread use (see [`on_both_rings`]).
+    static RING: Cell<RingKind> = const { Cell::new(RingKind::Split) };
+}
+
+/// Run a test body on the split ring, then on the packed ring: the pipeline above the
+/// ring must not care which one it holds.
+fn on_both_rings(body: impl Fn()) {
+    for ring in [RingKind::Split, RingKind::Packed] {
+        RING.with(|r| r.set(ring));
+        eprintln!("-- {ring:?} ring");
+        body();
+    }
 }
 
 struct TempFile(PathBuf);
@@ -75,10 +94,17 @@ fn rig_in(
     engine: EngineKind,
     merge: bool,
 ) -> Rig {
+    let ring = RING.with(Cell::get);
+    // For a packed ring: the descriptor ring, the driver's and the device's event structures.
     let addrs = RingAddrs { desc: RINGS, avail: RINGS + 16 * QSIZE as u64, used: RINGS + 0x2000 };
     let feats = RingFeatures { event_idx: true, indirect: true };
-    let drv = DriverQueue::new(mem.clone(), QSIZE, addrs, feats).unwrap();
-    let q = SplitQueue::new(mem.clone(), QSIZE, addrs, AddrSpace::GuestPhysical, feats).unwrap();
+    let drv = DriverRing::new(ring, mem.clone(), QSIZE, addrs, feats).unwrap();
+    let q: Ring = match ring {
+        RingKind::Split => SplitQueue::new(mem.clone(), QSIZE, addrs, AddrSpace::GuestPhysical, feats).unwrap().into(),
+        RingKind::Packed => {
+            PackedQueue::new(mem.clone(), QSIZE, addrs, AddrSpace::GuestPhysical, feats).unwrap().into()
+        }
+    };
     let disk = Arc::new(disk);
     let mut params = DeviceParams::new(disk.size(), readonly, 512, "vblk-test-serial", 1, QSIZE as u16);
     params.merge = merge;
@@ -177,220 +203,248 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn writes_read_back_through_both_engines() {
-    for engine in [EngineKind::Uring, EngineKind::Sync] {
-        let mut r = file_rig(false, engine);
-        let data = pattern(64 * 1024, 7);
-        assert_eq!(r.write(8, &data), OK);
-        let (st, back) = r.read(8, data.len() as u32);
-        assert_eq!(st, OK);
-        assert_eq!(back, data, "{engine:?}");
-        // Flush succeeds.
-        let bufs = [r.header(0, req_type::FLUSH, 0), r.status(0)];
-        assert_eq!(r.run(&bufs, 0).1, OK);
-    }
+    on_both_rings(|| {
+        for engine in [EngineKind::Uring, EngineKind::Sync] {
+            let mut r = file_rig(false, engine);
+            let data = pattern(64 * 1024, 7);
+            assert_eq!(r.write(8, &data), OK);
+            let (st, back) = r.read(8, data.len() as u32);
+            assert_eq!(st, OK);
+            assert_eq!(back, data, "{engine:?}");
+            // Flush succeeds.
+            let bufs = [r.header(0, req_type::FLUSH, 0), r.status(0)];
+            assert_eq!(r.run(&bufs, 0).1, OK);
+        }
+    });
 }
 
 #[test]
 fn a_request_split_over_many_descriptors_and_an_indirect_table_works() {
-    let mut r = file_rig(false, EngineKind::Uring);
-    let data = pattern(8 * 512, 3);
-    r.mem.write_at(DATA, &data).unwrap();
-    // Header in two pieces, data in 8 segments, via an indirect table.
-    let h = OutHdr { req_type: req_type::OUT, ioprio: 0, sector: 100 }.to_bytes();
-    r.mem.write_at(HDR, &h[..5]).unwrap();
-    r.mem.write_at(HDR + 0x100, &h[5..]).unwrap();
-    let mut bufs =
-        vec![Buffer { addr: HDR, len: 5, write: false }, Buffer { addr: HDR + 0x100, len: 11, write: false }];
-    bufs.extend((0..8).map(|i| Buffer { addr: DATA + i * 512, len: 512, write: false }));
-    bufs.push(r.status(0));
-    let head = r.drv.add_indirect(&bufs, 0x50_0000).unwrap();
-    r.drv.publish();
-    r.dev.process_available(&mut r.io).unwrap();
-    let mut done = Vec::new();
-    while r.io.in_flight() > 0 {
-        r.io.wait(&mut done).unwrap();
-        done.drain(..).for_each(|c| r.dev.complete(c));
-    }
-    r.dev.publish();
-    assert_eq!(r.drv.pop_used().unwrap().unwrap().0, head);
-    assert_eq!(r.status_byte(0), OK);
-    assert_eq!(r.read(100, data.len() as u32).1, data);
+    on_both_rings(|| {
+        let mut r = file_rig(false, EngineKind::Uring);
+        let data = pattern(8 * 512, 3);
+        r.mem.write_at(DATA, &data).unwrap();
+        // Header in two pieces, data in 8 segments, via an indirect table.
+        let h = OutHdr { req_type: req_type::OUT, ioprio: 0, sector: 100 }.to_bytes();
+        r.mem.write_at(HDR, &h[..5]).unwrap();
+        r.mem.write_at(HDR + 0x100, &h[5..]).unwrap();
+        let mut bufs =
+            vec![Buffer { addr: HDR, len: 5, write: false }, Buffer { addr: HDR + 0x100, len: 11, write: false }];
+        bufs.extend((0..8).map(|i| Buffer { addr: DATA + i * 512, len: 512, write: false }));
+        bufs.push(r.status(0));
+        let head = r.drv.add_indirect(&bufs, 0x50_0000).unwrap();
+        r.drv.publish();
+        r.dev.process_available(&mut r.io).unwrap();
+        let mut done = Vec::new();
+        while r.io.in_flight() > 0 {
+            r.io.wait(&mut done).unwrap();
+            done.drain(..).for_each(|c| r.dev.complete(c));
+        }
+        r.dev.publish();
+        assert_eq!(r.drv.pop_used().unwrap().unwrap().0, head);
+        assert_eq!(r.status_byte(0), OK);
+        assert_eq!(r.read(100, data.len() as u32).1, data);
+    });
 }
 
 #[test]
 fn bad_ranges_lengths_and_types_get_the_right_status() {
-    let mut r = file_rig(false, EngineKind::Uring);
-    let sectors = DISK / 512;
-    assert_eq!(r.write(sectors - 1, &[1u8; 1024]), IOERR, "crosses the end");
-    assert_eq!(r.write(sectors, &[1u8; 512]), IOERR, "starts at the end");
-    assert_eq!(r.write(u64::MAX / 256, &[1u8; 512]), IOERR, "sector * 512 overflows");
-    assert_eq!(r.write(u64::MAX, &[1u8; 512]), IOERR);
-    assert_eq!(r.write(0, &[1u8; 100]), IOERR, "not a multiple of 512");
-    assert_eq!(r.read(sectors - 1, 1024).0, IOERR);
-    for t in [req_type::SCSI_CMD, 3, 0xff, req_type::OUT | req_type::BARRIER, req_type::BARRIER] {
-        let bufs = [r.header(0, t, 0), r.status(0)];
-        assert_eq!(r.run(&bufs, 0).1, UNSUPP, "type {t:#x}");
-    }
-    // The disk is untouched by all of that.
-    assert_eq!(r.read(sectors - 2, 1024).1, vec![0u8; 1024]);
+    on_both_rings(|| {
+        let mut r = file_rig(false, EngineKind::Uring);
+        let sectors = DISK / 512;
+        assert_eq!(r.write(sectors - 1, &[1u8; 1024]), IOERR, "crosses the end");
+        assert_eq!(r.write(sectors, &[1u8; 512]), IOERR, "starts at the end");
+        assert_eq!(r.write(u64::MAX / 256, &[1u8; 512]), IOERR, "sector * 512 overflows");
+        assert_eq!(r.write(u64::MAX, &[1u8; 512]), IOERR);
+        assert_eq!(r.write(0, &[1u8; 100]), IOERR, "not a multiple of 512");
+        assert_eq!(r.read(sectors - 1, 1024).0, IOERR);
+        for t in [req_type::SCSI_CMD, 3, 0xff, req_type::OUT | req_type::BARRIER, req_type::BARRIER] {
+            let bufs = [r.header(0, t, 0), r.status(0)];
+            assert_eq!(r.run(&bufs, 0).1, UNSUPP, "type {t:#x}");
+        }
+        // The disk is untouched by all of that.
+        assert_eq!(r.read(sectors - 2, 1024).1, vec![0u8; 1024]);
+    });
 }
 
 #[test]
 fn get_id_never_writes_past_the_buffer() {
-    let mut r = file_rig(false, EngineKind::Sync);
-    r.mem.write_at(DATA, &[0xaa; 32]).unwrap();
-    let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: 4, write: true }, r.status(0)];
-    assert_eq!(r.run(&bufs, 0), (5, OK));
-    let mut b = [0u8; 8];
-    r.mem.read_at(DATA, &mut b).unwrap();
-    assert_eq!(&b, b"vblk\xaa\xaa\xaa\xaa");
-    let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: 32, write: true }, r.status(0)];
-    assert_eq!(r.run(&bufs, 0).1, OK);
-    let mut b = [0u8; 21];
-    r.mem.read_at(DATA, &mut b).unwrap();
-    assert_eq!(&b[..20], b"vblk-test-serial\0\0\0\0");
-    assert_eq!(b[20], 0xaa, "at most 20 bytes");
+    on_both_rings(|| {
+        let mut r = file_rig(false, EngineKind::Sync);
+        r.mem.write_at(DATA, &[0xaa; 32]).unwrap();
+        let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: 4, write: true }, r.status(0)];
+        assert_eq!(r.run(&bufs, 0), (5, OK));
+        let mut b = [0u8; 8];
+        r.mem.read_at(DATA, &mut b).unwrap();
+        assert_eq!(&b, b"vblk\xaa\xaa\xaa\xaa");
+        let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: 32, write: true }, r.status(0)];
+        assert_eq!(r.run(&bufs, 0).1, OK);
+        let mut b = [0u8; 21];
+        r.mem.read_at(DATA, &mut b).unwrap();
+        assert_eq!(&b[..20], b"vblk-test-serial\0\0\0\0");
+        assert_eq!(b[20], 0xaa, "at most 20 bytes");
+    });
 }
 
 #[test]
 fn discard_and_write_zeroes_zero_the_range_and_check_segments() {
-    let mut r = file_rig(false, EngineKind::Uring);
-    let seg = |sector, num_sectors, flags| DiscardSegment { sector, num_sectors, flags };
-    for (t, flags) in [(req_type::DISCARD, 0), (req_type::WRITE_ZEROES, 0), (req_type::WRITE_ZEROES, 1)] {
-        assert_eq!(r.write(16, &pattern(8192, 9)), OK);
-        assert_eq!(r.discard_like(t, &[seg(16, 8, flags)]), OK);
-        let (st, back) = r.read(16, 8192);
-        assert_eq!(st, OK);
-        assert_eq!(&back[..4096], &[0u8; 4096][..], "type {t} flags {flags}");
-        assert_eq!(&back[4096..], &pattern(8192, 9)[4096..], "outside the range");
-    }
-    assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, 8, 0), seg(8, 8, 0)]), UNSUPP, "two segments");
-    assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, 8, DiscardSegment::FLAG_UNMAP)]), UNSUPP, "UNMAP on discard");
-    assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg(0, 8, 2)]), UNSUPP, "unknown flag");
-    assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, u32::MAX, 0)]), IOERR, "over the limit");
-    assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg(DISK / 512 - 4, 8, 0)]), IOERR, "outside the disk");
-    // A segment list that is not a multiple of 16 bytes.
-    r.mem.write_at(DATA, &[0u8; 20]).unwrap();
-    let bufs = [r.header(0, req_type::DISCARD, 0), Buffer { addr: DATA, len: 20, write: false }, r.status(0)];
-    assert_eq!(r.run(&bufs, 0).1, IOERR);
+    on_both_rings(|| {
+        let mut r = file_rig(false, EngineKind::Uring);
+        let seg = |sector, num_sectors, flags| DiscardSegment { sector, num_sectors, flags };
+        for (t, flags) in [(req_type::DISCARD, 0), (req_type::WRITE_ZEROES, 0), (req_type::WRITE_ZEROES, 1)] {
+            assert_eq!(r.write(16, &pattern(8192, 9)), OK);
+            assert_eq!(r.discard_like(t, &[seg(16, 8, flags)]), OK);
+            let (st, back) = r.read(16, 8192);
+            assert_eq!(st, OK);
+            assert_eq!(&back[..4096], &[0u8; 4096][..], "type {t} flags {flags}");
+            assert_eq!(&back[4096..], &pattern(8192, 9)[4096..], "outside the range");
+        }
+        assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, 8, 0), seg(8, 8, 0)]), UNSUPP, "two segments");
+        assert_eq!(
+            r.discard_like(req_type::DISCARD, &[seg(0, 8, DiscardSegment::FLAG_UNMAP)]),
+            UNSUPP,
+            "UNMAP on discard"
+        );
+        assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg(0, 8, 2)]), UNSUPP, "unknown flag");
+        assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, u32::MAX, 0)]), IOERR, "over the limit");
+        assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg(DISK / 512 - 4, 8, 0)]), IOERR, "outside the disk");
+        // A segment list that is not a multiple of 16 bytes.
+        r.mem.write_at(DATA, &[0u8; 20]).unwrap();
+        let bufs = [r.header(0, req_type::DISCARD, 0), Buffer { addr: DATA, len: 20, write: false }, r.status(0)];
+        assert_eq!(r.run(&bufs, 0).1, IOERR);
+    });
 }
 
 #[test]
 fn read_only_exports_refuse_every_write() {
-    let mut r = file_rig(true, EngineKind::Uring);
-    assert_eq!(r.write(0, &[1u8; 512]), IOERR);
-    let seg = DiscardSegment { sector: 0, num_sectors: 8, flags: 0 };
-    assert_eq!(r.discard_like(req_type::DISCARD, &[seg]), IOERR);
-    assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg]), IOERR);
-    assert_eq!(r.read(0, 512), (OK, vec![0u8; 512]));
+    on_both_rings(|| {
+        let mut r = file_rig(true, EngineKind::Uring);
+        assert_eq!(r.write(0, &[1u8; 512]), IOERR);
+        let seg = DiscardSegment { sector: 0, num_sectors: 8, flags: 0 };
+        assert_eq!(r.discard_like(req_type::DISCARD, &[seg]), IOERR);
+        assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg]), IOERR);
+        assert_eq!(r.read(0, 512), (OK, vec![0u8; 512]));
+    });
 }
 
 /// A chain with a status byte is answered whatever else is wrong with it (a guest reads a
 /// stale status byte as success): IOERR, used length 1 when the status is all it can write.
 #[test]
 fn a_missing_header_or_a_refused_chain_gets_ioerr() {
-    let mut r = file_rig(false, EngineKind::Uring);
-    // A header shorter than 16 bytes.
-    let bufs = [Buffer { addr: HDR, len: 8, write: false }, r.status(1)];
-    assert_eq!(r.run(&bufs, 1), (1, IOERR));
-    // Only a status byte: no header.
-    let bufs = [r.status(2)];
-    assert_eq!(r.run(&bufs, 2), (1, IOERR));
-    // A data buffer outside guest memory: the chain is refused, its status still written.
-    let bufs = [r.header(3, req_type::IN, 0), Buffer { addr: MEM - 512, len: 1024, write: true }, r.status(3)];
-    assert_eq!(r.run(&bufs, 3), (0, IOERR));
-    let bufs = [r.header(4, req_type::OUT, 0), Buffer { addr: MEM, len: 512, write: false }, r.status(4)];
-    assert_eq!(r.run(&bufs, 4), (1, IOERR));
-    // The queue still works, and none of that reached the disk.
-    assert_eq!(r.read(0, 512).1, vec![0u8; 512]);
-    assert_eq!(r.write(0, &[3u8; 512]), OK);
-    assert_eq!(r.read(0, 512).1, vec![3u8; 512]);
+    on_both_rings(|| {
+        let mut r = file_rig(false, EngineKind::Uring);
+        // A header shorter than 16 bytes.
+        let bufs = [Buffer { addr: HDR, len: 8, write: false }, r.status(1)];
+        assert_eq!(r.run(&bufs, 1), (1, IOERR));
+        // Only a status byte: no header.
+        let bufs = [r.status(2)];
+        assert_eq!(r.run(&bufs, 2), (1, IOERR));
+        // A data buffer outside guest memory: the chain is refused, its status still written.
+        let bufs = [r.header(3, req_type::IN, 0), Buffer { addr: MEM - 512, len: 1024, write: true }, r.status(3)];
+        assert_eq!(r.run(&bufs, 3), (0, IOERR));
+        let bufs = [r.header(4, req_type::OUT, 0), Buffer { addr: MEM, len: 512, write: false }, r.status(4)];
+        assert_eq!(r.run(&bufs, 4), (1, IOERR));
+        // The queue still works, and none of that reached the disk.
+        assert_eq!(r.read(0, 512).1, vec![0u8; 512]);
+        assert_eq!(r.write(0, &[3u8; 512]), OK);
+        assert_eq!(r.read(0, 512).1, vec![3u8; 512]);
+    });
 }
 
 /// A chain with nowhere to put a status cannot be completed without lying: the queue breaks.
 #[test]
 fn a_chain_without_a_status_byte_breaks_the_queue() {
-    for case in 0..3 {
-        let mut r = file_rig(false, EngineKind::Uring);
-        let bufs = match case {
-            // No writable buffer at all.
-            0 => vec![r.header(0, req_type::OUT, 0), Buffer { addr: DATA, len: 512, write: false }],
-            // The last descriptor is device-readable.
-            1 => vec![r.header(0, req_type::IN, 0), Buffer { addr: DATA, len: 512, write: true }, r.header(1, 0, 0)],
-            // The last descriptor (the status) lies outside guest memory.
-            _ => vec![r.header(0, req_type::IN, 0), Buffer { addr: MEM, len: 1, write: true }],
-        };
-        r.drv.add(&bufs).unwrap();
-        r.drv.publish();
-        let e = r.dev.process_available(&mut r.io).unwrap_err();
-        assert!(matches!(e, vblk_queue::QueueError::NoStatus { head: 0, .. }), "case {case}: {e}");
-        assert_eq!(r.dev.queue().broken(), Some(&e));
-        r.dev.publish();
-        assert_eq!(r.drv.pop_used().unwrap(), None, "case {case}: nothing completed silently");
-    }
+    on_both_rings(|| {
+        for case in 0..3 {
+            let mut r = file_rig(false, EngineKind::Uring);
+            let bufs = match case {
+                // No writable buffer at all.
+                0 => vec![r.header(0, req_type::OUT, 0), Buffer { addr: DATA, len: 512, write: false }],
+                // The last descriptor is device-readable.
+                1 => {
+                    vec![r.header(0, req_type::IN, 0), Buffer { addr: DATA, len: 512, write: true }, r.header(1, 0, 0)]
+                }
+                // The last descriptor (the status) lies outside guest memory.
+                _ => vec![r.header(0, req_type::IN, 0), Buffer { addr: MEM, len: 1, write: true }],
+            };
+            r.drv.add(&bufs).unwrap();
+            r.drv.publish();
+            let e = r.dev.process_available(&mut r.io).unwrap_err();
+            assert!(matches!(e, vblk_queue::QueueError::NoStatus { head: 0, .. }), "case {case}: {e}");
+            assert_eq!(r.dev.queue().broken(), Some(&e));
+            r.dev.publish();
+            assert_eq!(r.drv.pop_used().unwrap(), None, "case {case}: nothing completed silently");
+        }
+    });
 }
 
 /// §2.7.8.2: the used length is what the device wrote from the start of the writable part.
 #[test]
 fn the_used_length_counts_only_bytes_written() {
-    let mut r = file_rig(false, EngineKind::Uring);
-    let sectors = DISK / 512;
-    let read = |r: &mut Rig, sector: u64, len: u32| {
-        let bufs = [r.header(0, req_type::IN, sector), Buffer { addr: DATA, len, write: true }, r.status(0)];
-        r.run(&bufs, 0)
-    };
-    assert_eq!(read(&mut r, 0, 4096), (4097, OK), "data + status");
-    assert_eq!(read(&mut r, sectors - 1, 1024), (0, IOERR), "a failed read wrote no data");
-    let bufs = [r.header(0, req_type::FLUSH, 0), r.status(0)];
-    assert_eq!(r.run(&bufs, 0), (1, OK));
-    assert_eq!(r.write(0, &[1u8; 512]), OK);
-    for (room, want) in [(4, 5), (20, 21), (32, 20)] {
-        let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: room, write: true }, r.status(0)];
-        assert_eq!(r.run(&bufs, 0), (want, OK), "GET_ID into {room} bytes");
-    }
-    // A short read filled only the first half of its buffer.
-    let path = temp_path("short");
-    let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
-    let disk = Disk::open(&path, &opts).unwrap().with_faults("read:short".parse().unwrap());
-    let mut r = rig_with(disk, Some(TempFile(path)), false, EngineKind::Uring);
-    assert_eq!(read(&mut r, 0, 4096), (2048, IOERR));
+    on_both_rings(|| {
+        let mut r = file_rig(false, EngineKind::Uring);
+        let sectors = DISK / 512;
+        let read = |r: &mut Rig, sector: u64, len: u32| {
+            let bufs = [r.header(0, req_type::IN, sector), Buffer { addr: DATA, len, write: true }, r.status(0)];
+            r.run(&bufs, 0)
+        };
+        assert_eq!(read(&mut r, 0, 4096), (4097, OK), "data + status");
+        assert_eq!(read(&mut r, sectors - 1, 1024), (0, IOERR), "a failed read wrote no data");
+        let bufs = [r.header(0, req_type::FLUSH, 0), r.status(0)];
+        assert_eq!(r.run(&bufs, 0), (1, OK));
+        assert_eq!(r.write(0, &[1u8; 512]), OK);
+        for (room, want) in [(4, 5), (20, 21), (32, 20)] {
+            let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: room, write: true }, r.status(0)];
+            assert_eq!(r.run(&bufs, 0), (want, OK), "GET_ID into {room} bytes");
+        }
+        // A short read filled only the first half of its buffer.
+        let path = temp_path("short");
+        let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
+        let disk = Disk::open(&path, &opts).unwrap().with_faults("read:short".parse().unwrap());
+        let mut r = rig_with(disk, Some(TempFile(path)), false, EngineKind::Uring);
+        assert_eq!(read(&mut r, 0, 4096), (2048, IOERR));
+    });
 }
 
 /// Hot-plugged memory arrives as a region adjacent to the others; Linux merges physically
 /// contiguous pages into one descriptor, so a buffer may cross the boundary.
 #[test]
 fn buffers_crossing_adjacent_memory_regions_are_served() {
-    let half = MEM / 2;
-    for engine in [EngineKind::Uring, EngineKind::Sync] {
-        let path = temp_path("regions");
-        let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
-        let disk = Disk::open(&path, &opts).unwrap();
-        let mut r = rig_in(guest_memory(&[half, half]), disk, Some(TempFile(path)), false, engine, true);
-        let data = pattern(8192, 5);
-        let at = half - 4096 - 512;
-        r.mem.write_at(at, &data).unwrap();
-        let bufs = [r.header(0, req_type::OUT, 8), Buffer { addr: at, len: 8192, write: false }, r.status(0)];
-        assert_eq!(r.run(&bufs, 0), (1, OK));
-        r.mem.write_at(at, &[0u8; 8192]).unwrap();
-        let bufs = [r.header(0, req_type::IN, 8), Buffer { addr: at, len: 8192, write: true }, r.status(0)];
-        assert_eq!(r.run(&bufs, 0), (8193, OK));
-        let mut back = vec![0u8; 8192];
-        r.mem.read_at(at, &mut back).unwrap();
-        assert_eq!(back, data, "{engine:?}");
-    }
+    on_both_rings(|| {
+        let half = MEM / 2;
+        for engine in [EngineKind::Uring, EngineKind::Sync] {
+            let path = temp_path("regions");
+            let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
+            let disk = Disk::open(&path, &opts).unwrap();
+            let mut r = rig_in(guest_memory(&[half, half]), disk, Some(TempFile(path)), false, engine, true);
+            let data = pattern(8192, 5);
+            let at = half - 4096 - 512;
+            r.mem.write_at(at, &data).unwrap();
+            let bufs = [r.header(0, req_type::OUT, 8), Buffer { addr: at, len: 8192, write: false }, r.status(0)];
+            assert_eq!(r.run(&bufs, 0), (1, OK));
+            r.mem.write_at(at, &[0u8; 8192]).unwrap();
+            let bufs = [r.header(0, req_type::IN, 8), Buffer { addr: at, len: 8192, write: true }, r.status(0)];
+            assert_eq!(r.run(&bufs, 0), (8193, OK));
+            let mut back = vec![0u8; 8192];
+            r.mem.read_at(at, &mut back).unwrap();
+            assert_eq!(back, data, "{engine:?}");
+        }
+    });
 }
 
 #[test]
 fn many_requests_in_flight_complete_out_of_order_safely() {
-    for merge in [true, false] {
-        let path = temp_path("merge");
-        let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
-        let disk = Disk::open(&path, &opts).unwrap();
-        let mut r = rig_full(disk, Some(TempFile(path)), false, EngineKind::Uring, merge);
-        many_requests(&mut r);
-        // 20 contiguous writes (and a gap-free run) merge into one backend I/O.
-        assert_eq!(r.dev.stats().merged, if merge { 19 } else { 0 });
-    }
+    on_both_rings(|| {
+        for merge in [true, false] {
+            let path = temp_path("merge");
+            let opts = DiskOptions { readonly: false, direct: true, create_size: Some(DISK) };
+            let disk = Disk::open(&path, &opts).unwrap();
+            let mut r = rig_full(disk, Some(TempFile(path)), false, EngineKind::Uring, merge);
+            many_requests(&mut r);
+            // 20 contiguous writes (and a gap-free run) merge into one backend I/O.
+            assert_eq!(r.dev.stats().merged, if merge { 19 } else { 0 });
+        }
+    });
 }
 
 fn many_requests(r: &mut Rig) {
@@ -424,9 +478,11 @@ fn many_requests(r: &mut Rig) {
 
 #[test]
 fn the_null_backend_completes_everything() {
-    let mut r = rig_with(Disk::null(DISK), None, false, EngineKind::Auto);
-    assert_eq!(r.write(0, &[1u8; 4096]), OK);
-    assert_eq!(r.read(0, 4096).0, OK);
+    on_both_rings(|| {
+        let mut r = rig_with(Disk::null(DISK), None, false, EngineKind::Auto);
+        assert_eq!(r.write(0, &[1u8; 4096]), OK);
+        assert_eq!(r.read(0, 4096).0, OK);
+    });
 }
 
 /// Found by the chain_request fuzzer: a valid read followed, in the same batch, by a head
@@ -434,22 +490,35 @@ fn the_null_backend_completes_everything() {
 /// completed (it used to stay staged forever, its memory never released).
 #[test]
 fn requests_popped_before_a_ring_breaks_still_complete() {
-    let mut r = file_rig(false, EngineKind::Uring);
-    let bufs = [r.header(0, req_type::IN, 0), Buffer { addr: DATA, len: 4096, write: true }, r.status(0)];
-    let head = r.drv.add(&bufs).unwrap();
-    r.drv.publish();
-    // The driver then publishes a head that does not exist (avail ring entry 1, idx 2).
-    let avail = RINGS + 16 * QSIZE as u64;
-    r.mem.write_at(avail + 4 + 2, &(QSIZE as u16 + 5).to_le_bytes()).unwrap();
-    r.mem.write_at(avail + 2, &2u16.to_le_bytes()).unwrap();
-    assert!(r.dev.process_available(&mut r.io).is_err(), "the ring is broken");
-    let mut done = Vec::new();
-    while r.io.in_flight() > 0 {
-        r.io.wait(&mut done).unwrap();
-        done.drain(..).for_each(|c| r.dev.complete(c));
-    }
-    r.dev.publish();
-    assert_eq!(r.dev.in_flight(), 0, "nothing stranded");
-    assert_eq!(r.drv.pop_used().unwrap().map(|(h, _)| h), Some(head));
-    assert_eq!(r.status_byte(0), OK);
+    on_both_rings(|| {
+        let mut r = file_rig(false, EngineKind::Uring);
+        let bufs = [r.header(0, req_type::IN, 0), Buffer { addr: DATA, len: 4096, write: true }, r.status(0)];
+        let head = r.drv.add(&bufs).unwrap();
+        r.drv.publish();
+        // The driver then publishes a head that does not exist: avail ring entry 1 (idx 2),
+        // or, packed, the slot after the chain with a buffer id out of range.
+        if RING.with(Cell::get) == RingKind::Split {
+            let avail = RINGS + 16 * QSIZE as u64;
+            r.mem.write_at(avail + 4 + 2, &(QSIZE as u16 + 5).to_le_bytes()).unwrap();
+            r.mem.write_at(avail + 2, &2u16.to_le_bytes()).unwrap();
+        } else {
+            let d = PackedDescriptor {
+                addr: STATUS,
+                len: 1,
+                id: QSIZE as u16 + 5,
+                flags: vblk_queue::layout::DESC_F_WRITE | vblk_queue::layout::packed_avail_flags(true),
+            };
+            r.mem.write_at(RINGS + 16 * bufs.len() as u64, &d.to_bytes()).unwrap();
+        }
+        assert!(r.dev.process_available(&mut r.io).is_err(), "the ring is broken");
+        let mut done = Vec::new();
+        while r.io.in_flight() > 0 {
+            r.io.wait(&mut done).unwrap();
+            done.drain(..).for_each(|c| r.dev.complete(c));
+        }
+        r.dev.publish();
+        assert_eq!(r.dev.in_flight(), 0, "nothing stranded");
+        assert_eq!(r.drv.pop_used().unwrap().map(|(h, _)| h), Some(head));
+        assert_eq!(r.status_byte(0), OK);
+    });
 }
