@@ -252,6 +252,7 @@ impl RingPos {
 
     /// `n` slots further in a ring of `size` (`n <= size`): the wrap counter flips each
     /// time the index passes the end.
+    #[inline]
     pub fn advance(self, n: u16, size: u16) -> RingPos {
         debug_assert!(n <= size && self.idx < size);
         let next = self.idx as u32 + n as u32;
@@ -259,6 +260,17 @@ impl RingPos {
             RingPos { idx: (next - size as u32) as u16, wrap: !self.wrap }
         } else {
             RingPos { idx: next as u16, wrap: self.wrap }
+        }
+    }
+
+    /// The next slot (`advance(1, size)`, the common step of a pop).
+    #[inline(always)]
+    pub fn next(self, size: u16) -> RingPos {
+        let idx = self.idx + 1;
+        if idx >= size {
+            RingPos { idx: 0, wrap: !self.wrap }
+        } else {
+            RingPos { idx, wrap: self.wrap }
         }
     }
 

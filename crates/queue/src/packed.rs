@@ -220,7 +220,7 @@ impl PackedQueue {
                 return Err(self.break_ring(QueueError::PackedChainNotAvailable { slot: pos.idx }));
             }
             self.scratch.push(d);
-            pos = pos.advance(1, self.size);
+            pos = pos.next(self.size);
             if !d.has_next() {
                 break;
             }
@@ -361,7 +361,7 @@ impl PackedQueue {
     ///
     /// `id` must come from [`pop`](Self::pop) and not have been completed yet; anything
     /// else is ignored (and reported), so a vblk bug cannot corrupt the ring.
-    #[inline]
+    #[inline(always)]
     pub fn add_used(&mut self, id: u16, len: u32) -> bool {
         let slots = match self.in_flight.get_mut(id as usize) {
             Some(s) if *s != 0 => std::mem::take(s),
