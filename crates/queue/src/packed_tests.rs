@@ -235,7 +235,9 @@ fn bad_chains_are_refused_with_their_status_byte() {
     let nested = PackedDescriptor { addr: table, len: 16, id: 0, flags: DESC_F_INDIRECT };
     r.mem.write_at(table, &nested.to_bytes()).unwrap();
     let status = (DATA + 0x3000, 1, DESC_F_WRITE);
-    let cases: Vec<(Vec<(u64, u32, u16)>, ChainError, bool, bool)> = vec![
+    // (the chain's buffers, the error, INDIRECT_DESC negotiated, a status byte found)
+    type Case = (Vec<(u64, u32, u16)>, ChainError, bool, bool);
+    let cases: Vec<Case> = vec![
         (
             vec![(DATA, 16, 0), (MEM_SIZE, 512, 0), status],
             ChainError::Memory(MemoryError::OutOfRange { addr: MEM_SIZE, len: 512 }),
@@ -343,7 +345,7 @@ fn wrap_bits_flipped_arbitrarily_never_pop_a_slot_twice() {
         }
         assert!(q.num_in_flight() <= 4);
         // Complete everything at once now and then, as a device would.
-        if seed % 3 == 0 {
+        if seed.is_multiple_of(3) {
             for id in 0..4 {
                 q.add_used(id, 0);
             }
