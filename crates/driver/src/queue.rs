@@ -80,9 +80,13 @@ struct Pending {
 pub(crate) struct RawParts {
     pub index: u16,
     pub shared: Arc<SharedMemory>,
+    /// The ring as the handle left it (its positions: where the raw queue continues).
+    pub ring: DriverRing,
     pub kick: EventFd,
     pub call: EventFd,
     pub socket: Arc<OwnedFd>,
+    /// The connection, for raw vring messages (`SET_VRING_BASE` of a packed ring).
+    pub session: Arc<Session>,
 }
 
 /// One virtqueue of a [`crate::Device`], used from one thread.
@@ -231,19 +235,23 @@ impl QueueHandle {
         Ok(())
     }
 
-    /// Give up the handle for the raw API ([`crate::raw::ring::RawQueue`]): its memory,
-    /// eventfds and socket, with nothing in flight.
+    /// Give up the handle for the raw API ([`crate::raw::ring::RawQueue`],
+    /// [`crate::raw::packed::RawPackedQueue`]): its memory, ring, eventfds and connection,
+    /// with nothing in flight.
     #[cfg(feature = "raw")]
     pub(crate) fn into_raw_parts(self) -> Result<RawParts, DriverError> {
         if self.in_flight != 0 {
             return Err(DriverError::BadOptions("a queue handle with requests in flight"));
         }
-        if self.ring.kind() != RingKind::Split {
-            return Err(DriverError::BadOptions(
-                "the raw API drives split rings only (connect with RingChoice::Split)",
-            ));
-        }
-        Ok(RawParts { index: self.index, shared: self.shared, kick: self.kick, call: self.call, socket: self.socket })
+        Ok(RawParts {
+            index: self.index,
+            shared: self.shared,
+            ring: self.ring,
+            kick: self.kick,
+            call: self.call,
+            socket: self.socket,
+            session: self.session,
+        })
     }
 
     /// The descriptor (packed: buffer id) the next `add` will use as its head.

@@ -208,6 +208,14 @@ impl Session {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `SET_VRING_BASE` for ring `q` with any 32-bit value, on the live connection (the
+    /// raw API: a packed ring restarted anywhere, or a base no ring has).
+    #[cfg(feature = "raw")]
+    pub(crate) fn set_vring_base_raw(&self, q: u16, num: u32, reply_ack: bool) -> Result<(), DriverError> {
+        let conn = self.conn();
+        set_vring_base_u32(&conn.socket, reply_ack, q, num)
+    }
+
     pub(crate) fn can_reconnect(&self) -> bool {
         self.plan.is_some()
     }

@@ -17,6 +17,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vblk_queue::{PackedBase, RingKind};
+use vblk_virtio::features as vf;
 use vblk_virtio::RegionSpec;
 pub use vhost::vhost_user::message::FrontendReq;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -265,10 +267,19 @@ impl RawFrontend {
     /// The usual opening, in QEMU's order: GET_FEATURES, GET_PROTOCOL_FEATURES,
     /// SET_PROTOCOL_FEATURES (`REPLY_ACK` and whatever of `protocol` is offered), then
     /// SET_FEATURES (everything offered but `VIRTIO_F_RING_PACKED`: the rings stay split,
-    /// as the raw ring API writes them). Returns the virtio features acked. From
-    /// SET_PROTOCOL_FEATURES on, every well-formed request with `NEED_REPLY` gets a
-    /// `REPLY_ACK` answer (vhost-user spec, "REPLY_ACK").
+    /// as [`crate::raw::ring`] writes them; [`negotiate_ring`](Self::negotiate_ring) for
+    /// packed rings). Returns the virtio features acked. From SET_PROTOCOL_FEATURES on,
+    /// every well-formed request with `NEED_REPLY` gets a `REPLY_ACK` answer (vhost-user
+    /// spec, "REPLY_ACK").
     pub fn negotiate(&self, protocol: u64, timeout: Duration) -> Result<u64, DriverError> {
+        self.negotiate_ring(protocol, RingKind::Split, timeout)
+    }
+
+    /// [`negotiate`](Self::negotiate) for rings of `ring`'s layout: with
+    /// [`RingKind::Packed`], `VIRTIO_F_RING_PACKED` is acked (an error if the backend
+    /// does not offer it), and the rings are then set up with [`packed_vring_addr`] and
+    /// [`packed_vring_base`].
+    pub fn negotiate_ring(&self, protocol: u64, ring: RingKind, timeout: Duration) -> Result<u64, DriverError> {
         let value = |what: &'static str, o: Outcome| match o {
             Outcome::Reply(r) => r.u64().ok_or_else(|| DriverError::Protocol(what, "reply is not a u64".into())),
             o => Err(DriverError::Protocol(what, format!("{o:?}"))),
@@ -287,7 +298,11 @@ impl RawFrontend {
         let acked = offered & (protocol | reply_ack);
         let o = self.call(FrontendReq::SET_PROTOCOL_FEATURES, &u64_payload(acked), &[], timeout)?;
         ack("SET_PROTOCOL_FEATURES", o)?;
-        let features = features & !vblk_virtio::features::RING_PACKED;
+        let features = match ring {
+            RingKind::Split => features & !vf::RING_PACKED,
+            RingKind::Packed if features & vf::RING_PACKED == 0 => return Err(DriverError::PackedNotOffered),
+            RingKind::Packed => features,
+        };
         ack("SET_FEATURES", self.call(FrontendReq::SET_FEATURES, &u64_payload(features), &[], timeout)?)?;
         Ok(features)
     }
@@ -311,6 +326,19 @@ pub fn vring_addr(index: u32, desc: u64, used: u64, avail: u64) -> Vec<u8> {
         v.extend_from_slice(&a.to_le_bytes());
     }
     v
+}
+
+/// `SET_VRING_ADDR` for a packed ring (virtio 1.2 §2.8; QEMU's mapping of the three
+/// areas onto `struct vhost_vring_addr`): the descriptor ring in the desc field, the
+/// driver event suppression structure in the avail field, the device's in the used field.
+pub fn packed_vring_addr(index: u32, ring: u64, driver_event: u64, device_event: u64) -> Vec<u8> {
+    vring_addr(index, ring, device_event, driver_event)
+}
+
+/// `SET_VRING_BASE` for a packed ring: both positions with their wrap counters in `num`
+/// ([`PackedBase::encode`], QEMU's encoding).
+pub fn packed_vring_base(index: u32, base: PackedBase) -> Vec<u8> {
+    vring_state(index, base.encode())
 }
 
 /// One memory region description: guest address, size, frontend address, mmap offset.

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vblk_queue::layout::{AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN};
-use vblk_queue::SplitLayout;
+use vblk_queue::{RingKind, SplitLayout};
 use vblk_virtio::features as vf;
 use vblk_virtio::GuestArea;
 use vhost::VhostBackend;
@@ -75,6 +75,11 @@ impl RawQueue {
     /// where the handle left it.
     pub fn new(dev: &Device, handle: QueueHandle) -> Result<RawQueue, DriverError> {
         let parts = handle.into_raw_parts()?;
+        if parts.ring.kind() != RingKind::Split {
+            return Err(DriverError::BadOptions(
+                "RawQueue drives split rings (connect with RingChoice::Split; RawPackedQueue for packed)",
+            ));
+        }
         let info = dev.info();
         let layout = SplitLayout::new(info.queue_size as u32).ok_or(DriverError::BadOptions("queue size"))?;
         let addrs = parts.shared.layout.rings(parts.index);
@@ -326,7 +331,7 @@ impl RawQueue {
 }
 
 /// Sleep until `fd` is readable (then read it) or the socket hangs up, at most `timeout`.
-fn wait_fd(fd: &EventFd, socket: &OwnedFd, timeout: Duration) -> Result<bool, DriverError> {
+pub(super) fn wait_fd(fd: &EventFd, socket: &OwnedFd, timeout: Duration) -> Result<bool, DriverError> {
     let deadline = Instant::now() + timeout;
     loop {
         if fd.read().is_ok() {
@@ -352,5 +357,23 @@ fn wait_fd(fd: &EventFd, socket: &OwnedFd, timeout: Duration) -> Result<bool, Dr
         if n > 0 && fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
             return Err(DriverError::BackendGone);
         }
+    }
+}
+
+impl super::RawMemory for RawQueue {
+    fn slot(&self, id: u16) -> u64 {
+        RawQueue::slot(self, id)
+    }
+    fn write_mem(&self, gpa: u64, data: &[u8]) -> Result<(), DriverError> {
+        RawQueue::write_mem(self, gpa, data)
+    }
+    fn read_mem(&self, gpa: u64, out: &mut [u8]) -> Result<(), DriverError> {
+        RawQueue::read_mem(self, gpa, out)
+    }
+    fn alloc(&self, len: u32) -> Result<IoBuf, DriverError> {
+        RawQueue::alloc(self, len)
+    }
+    fn memory_size(&self) -> u64 {
+        RawQueue::memory_size(self)
     }
 }
