@@ -1,7 +1,8 @@
 //! The rig of the hostile-driver suites (`hostile_ring.rs`, `hostile_ring_bounds.rs`): a
 //! device with two queues taken over by `vblk_driver::raw::ring::RawQueue`, served either
 //! by the in-process loopback or by a spawned `vblk serve`, over an image holding canary
-//! data that no case may change.
+//! data that no case may change. (`packed.rs` here is the same rig for packed rings,
+//! used by `hostile_packed.rs`.)
 //!
 //! Each case builds a [`Rig`], does its worst on queue 0, asserts the exact outcome with
 //! [`Rig::expect_status`] (a status byte and the used length of what was written) or
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use vblk_backend::{Disk, DiskOptions};
 use vblk_driver::raw::ring::{Buffer, Descriptor, RawQueue, UsedElem, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use vblk_driver::raw::RawMemory;
 use vblk_driver::{loopback, Device, DeviceInfo, IoBuf, LoopbackConfig, LoopbackServer, Options, RingChoice};
 use vblk_virtio::blk::{req_type, OutHdr, Status};
 
@@ -101,24 +103,7 @@ impl Rig {
     }
 
     pub fn with(target: Target, setup: Setup) -> Rig {
-        let dir = TempDir::new("hostile");
-        let image = dir.join("disk.img");
-        common::create_image(&image, DISK);
-        // The canaries go straight into the image, before any device opens it (a read-only
-        // export could not write them).
-        let model: Vec<(u64, Vec<u8>)> = CANARIES
-            .iter()
-            .enumerate()
-            .map(|(i, &(off, len))| (off, common::pattern(i as u64 + 1, len as usize)))
-            .collect();
-        for (off, data) in &model {
-            common::write_at(&image, *off, data);
-        }
-        let serve = (target == Target::Serve).then(|| {
-            let cfg = BackendConfig { readonly: setup.readonly, num_queues: 2, vblk_args: setup.vblk_args };
-            BackendProcess::start(Backend::Vblk, &image, &dir.join("vblk.sock"), cfg, &dir.join("serve.log"))
-                .unwrap_or_else(|e| panic!("{e}"))
-        });
+        let Stage { dir, image, model, serve } = Stage::new(target, setup.readonly, setup.vblk_args);
         let (dev, loopback) = connect(target, setup, &image, serve.as_ref());
         let (dev, q, q1) = take_raw(dev);
         Rig { q, q1, dev, loopback, serve, target, setup, image, model, broken: false, dir }
@@ -255,21 +240,61 @@ impl Rig {
     /// `vblk serve` still runs and uses (almost) no CPU over half a second: a broken or
     /// abused ring must not make a worker spin. (The loopback device shares this process.)
     pub fn assert_alive_and_idle(&mut self) {
-        let Some(serve) = self.serve.as_mut() else { return };
-        serve.check_alive().unwrap_or_else(|e| panic!("{e}"));
-        let pid = serve.pid();
-        let before = cpu_ticks(pid);
-        std::thread::sleep(Duration::from_millis(500));
-        let used = cpu_ticks(pid) - before;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        assert!(used * 10 <= hz, "vblk serve used {used} ticks (of {hz}/s) in 0.5 s while idle: spinning?");
-        serve.check_alive().unwrap_or_else(|e| panic!("{e}"));
+        if let Some(serve) = self.serve.as_mut() {
+            assert_alive_and_idle(serve);
+        }
     }
 
     pub fn serve_pid(&self) -> Option<u32> {
         self.serve.as_ref().map(BackendProcess::pid)
     }
+}
+
+/// What outlives a rig's connections: the image with its canaries (and the expected
+/// contents of the canary regions), and the `vblk serve` process for [`Target::Serve`].
+pub struct Stage {
+    pub dir: TempDir,
+    pub image: PathBuf,
+    pub model: Vec<(u64, Vec<u8>)>,
+    pub serve: Option<BackendProcess>,
+}
+
+impl Stage {
+    pub fn new(target: Target, readonly: bool, vblk_args: &'static [&'static str]) -> Stage {
+        let dir = TempDir::new("hostile");
+        let image = dir.join("disk.img");
+        common::create_image(&image, DISK);
+        // The canaries go straight into the image, before any device opens it (a read-only
+        // export could not write them).
+        let model: Vec<(u64, Vec<u8>)> = CANARIES
+            .iter()
+            .enumerate()
+            .map(|(i, &(off, len))| (off, common::pattern(i as u64 + 1, len as usize)))
+            .collect();
+        for (off, data) in &model {
+            common::write_at(&image, *off, data);
+        }
+        let serve = (target == Target::Serve).then(|| {
+            let cfg = BackendConfig { readonly, num_queues: 2, vblk_args };
+            BackendProcess::start(Backend::Vblk, &image, &dir.join("vblk.sock"), cfg, &dir.join("serve.log"))
+                .unwrap_or_else(|e| panic!("{e}"))
+        });
+        Stage { dir, image, model, serve }
+    }
+}
+
+/// `vblk serve` still runs and uses (almost) no CPU over half a second: a broken or abused
+/// ring must not make a worker spin.
+pub fn assert_alive_and_idle(serve: &mut BackendProcess) {
+    serve.check_alive().unwrap_or_else(|e| panic!("{e}"));
+    let pid = serve.pid();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(pid) - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    assert!(used * 10 <= hz, "vblk serve used {used} ticks (of {hz}/s) in 0.5 s while idle: spinning?");
+    serve.check_alive().unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn connect(
@@ -324,15 +349,16 @@ pub fn rss_bytes(pid: u32) -> u64 {
 // ---------------------------------------------------------------------------
 // building requests by hand
 
-/// Write an `outhdr` into head `head`'s slot of `q`; its buffer (16 device-readable bytes).
-pub fn hdr(q: &RawQueue, head: u16, t: u32, sector: u64) -> Buffer {
+/// Write an `outhdr` into head (packed: buffer id) `head`'s slot of `q`; its buffer (16
+/// device-readable bytes).
+pub fn hdr(q: &impl RawMemory, head: u16, t: u32, sector: u64) -> Buffer {
     let addr = q.slot(head);
     q.write_mem(addr, &OutHdr { req_type: t, ioprio: 0, sector }.to_bytes()).expect("header");
     Buffer { addr, len: 16, write: false }
 }
 
 /// A one-byte status buffer in head `head`'s slot, preset to [`UNTOUCHED`].
-pub fn status(q: &RawQueue, head: u16) -> Buffer {
+pub fn status(q: &impl RawMemory, head: u16) -> Buffer {
     let addr = q.slot(head) + 16;
     q.write_mem(addr, &[UNTOUCHED]).expect("status");
     Buffer { addr, len: 1, write: true }
@@ -380,7 +406,7 @@ pub fn indirect_request(q: &RawQueue, head: u16, bufs: &[Buffer]) -> u64 {
 }
 
 /// The last byte of the last buffer (where a status goes).
-pub fn status_of(q: &RawQueue, bufs: &[Buffer]) -> u8 {
+pub fn status_of(q: &impl RawMemory, bufs: &[Buffer]) -> u8 {
     let last = bufs.last().expect("buffers");
     let mut s = [0u8];
     q.read_mem(last.addr + last.len as u64 - 1, &mut s).expect("read status");
