@@ -31,8 +31,18 @@ impl Rng {
 
 #[test]
 fn verify_with_reconnect_survives_the_backend_killed_under_load() {
+    killed_under_load("packed");
+}
+
+/// The same on the split ring (the driver picks the packed ring when vblk offers it).
+#[test]
+fn verify_with_reconnect_on_the_split_ring_survives_the_backend_killed_under_load() {
+    killed_under_load("split");
+}
+
+fn killed_under_load(ring: &str) {
     let kills = kills();
-    let dir = TempDir::new("driver-restart");
+    let dir = TempDir::new(&format!("driver-restart-{ring}"));
     let image = dir.join("disk.img");
     create_image(&image, 64 * MIB);
     let socket = socket_path(&dir);
@@ -45,7 +55,7 @@ fn verify_with_reconnect_survives_the_backend_killed_under_load() {
         .args(["verify", "--socket"])
         .arg(&socket)
         .args(["--reconnect", "30", "--queues", "2", "--iodepth", "16", "--seed", "7", "--ops", &ops])
-        .args(["--region", "32M", "--timeout", "30"])
+        .args(["--region", "32M", "--timeout", "30", "--ring", ring])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -75,7 +85,7 @@ fn verify_with_reconnect_survives_the_backend_killed_under_load() {
         .filter(|l| l.contains("resubmitting requests"))
         .count();
     eprintln!(
-        "{kills} kills of vblk serve under `vblk verify --reconnect` in {:.1} s; {resubmitted} restarts resubmitted requests\n{stdout}",
+        "{kills} kills of vblk serve under `vblk verify --reconnect --ring {ring}` in {:.1} s; {resubmitted} restarts resubmitted requests\n{stdout}",
         t.elapsed().as_secs_f64()
     );
     assert!(resubmitted > 0, "no kill caught a request in flight: the test proved nothing");
