@@ -31,6 +31,43 @@ pub struct Chain {
     writable_descs: u16,
 }
 
+/// The status byte of a refused chain, and how many writable bytes come before it (the
+/// used length is 1 only when it is the chain's only writable byte, §2.7.8.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusByte {
+    pub iov: Iov,
+    pub writable_before: u64,
+}
+
+/// Where a refused chain can still be answered, found while its ring visits the chain's
+/// data descriptors again (both rings do this): the last byte of the last descriptor
+/// (§5.2.6), if that descriptor is device-writable, not empty, and the byte lies in guest
+/// memory. `None` from [`found`](Self::found): nowhere to put a status, and the ring must
+/// break rather than complete the chain silently (a Linux guest takes a stale status byte
+/// for OK).
+#[derive(Debug, Default)]
+pub(crate) struct StatusSearch {
+    /// The last descriptor seen: address, length, device-writable.
+    last: Option<(u64, u32, bool)>,
+    /// Device-writable bytes seen so far.
+    writable: u64,
+}
+
+impl StatusSearch {
+    pub(crate) fn visit(&mut self, addr: u64, len: u32, writable: bool) {
+        if writable {
+            self.writable = self.writable.saturating_add(len as u64);
+        }
+        self.last = Some((addr, len, writable));
+    }
+
+    pub(crate) fn found(self, mem: &GuestMemory) -> Option<StatusByte> {
+        let (addr, len, _) = self.last.filter(|&(_, len, writable)| writable && len > 0)?;
+        let iov = mem.iov(addr.checked_add(len as u64 - 1)?, 1).ok()?;
+        Some(StatusByte { iov, writable_before: self.writable - 1 })
+    }
+}
+
 /// Why a byte-stream access to a chain failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StreamError {

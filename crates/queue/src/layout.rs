@@ -45,23 +45,12 @@ pub struct Descriptor {
 
 impl Descriptor {
     pub fn from_bytes(b: &[u8; DESC_SIZE]) -> Self {
-        let mut addr = [0u8; 8];
-        addr.copy_from_slice(&b[0..8]);
-        Descriptor {
-            addr: u64::from_le_bytes(addr),
-            len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-            flags: u16::from_le_bytes([b[12], b[13]]),
-            next: u16::from_le_bytes([b[14], b[15]]),
-        }
+        let (addr, len, flags, next) = decode_desc(b);
+        Descriptor { addr, len, flags, next }
     }
 
     pub fn to_bytes(&self) -> [u8; DESC_SIZE] {
-        let mut b = [0u8; DESC_SIZE];
-        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&self.len.to_le_bytes());
-        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
-        b[14..16].copy_from_slice(&self.next.to_le_bytes());
-        b
+        encode_desc(self.addr, self.len, self.flags, self.next)
     }
 
     pub fn has_next(&self) -> bool {
@@ -75,6 +64,30 @@ impl Descriptor {
     pub fn is_indirect(&self) -> bool {
         self.flags & DESC_F_INDIRECT != 0
     }
+}
+
+/// Both rings' descriptors are `{ le64 addr; le32 len; le16; le16 }`: the split ring's last
+/// two fields are flags and next, the packed ring's id and flags.
+#[inline(always)]
+fn decode_desc(b: &[u8; DESC_SIZE]) -> (u64, u32, u16, u16) {
+    let mut addr = [0u8; 8];
+    addr.copy_from_slice(&b[0..8]);
+    (
+        u64::from_le_bytes(addr),
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        u16::from_le_bytes([b[12], b[13]]),
+        u16::from_le_bytes([b[14], b[15]]),
+    )
+}
+
+#[inline(always)]
+fn encode_desc(addr: u64, len: u32, a: u16, b: u16) -> [u8; DESC_SIZE] {
+    let mut out = [0u8; DESC_SIZE];
+    out[0..8].copy_from_slice(&addr.to_le_bytes());
+    out[8..12].copy_from_slice(&len.to_le_bytes());
+    out[12..14].copy_from_slice(&a.to_le_bytes());
+    out[14..16].copy_from_slice(&b.to_le_bytes());
+    out
 }
 
 /// Byte sizes and field offsets of one split ring of `size` entries.
@@ -167,23 +180,12 @@ impl PackedDescriptor {
     pub const LEN: usize = 8;
 
     pub fn from_bytes(b: &[u8; DESC_SIZE]) -> Self {
-        let mut addr = [0u8; 8];
-        addr.copy_from_slice(&b[0..8]);
-        PackedDescriptor {
-            addr: u64::from_le_bytes(addr),
-            len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-            id: u16::from_le_bytes([b[12], b[13]]),
-            flags: u16::from_le_bytes([b[14], b[15]]),
-        }
+        let (addr, len, id, flags) = decode_desc(b);
+        PackedDescriptor { addr, len, id, flags }
     }
 
     pub fn to_bytes(&self) -> [u8; DESC_SIZE] {
-        let mut b = [0u8; DESC_SIZE];
-        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&self.len.to_le_bytes());
-        b[12..14].copy_from_slice(&self.id.to_le_bytes());
-        b[14..16].copy_from_slice(&self.flags.to_le_bytes());
-        b
+        encode_desc(self.addr, self.len, self.id, self.flags)
     }
 
     pub fn has_next(&self) -> bool {

@@ -26,14 +26,14 @@ pub mod packed;
 pub mod ring;
 pub mod split;
 
-pub use chain::{Chain, Reader, StreamError, Writer};
+pub use chain::{Chain, Reader, StatusByte, StreamError, Writer};
 pub use driver::{Buffer, DriverError, DriverQueue};
 pub use driver_packed::{PackedDriverQueue, PackedRingWatch};
 pub use driver_ring::{DriverRing, RingKind};
 pub use layout::{need_event, Descriptor, PackedDescriptor, RingPos, SplitLayout, MAX_QUEUE_SIZE};
 pub use packed::{PackedBase, PackedQueue};
 pub use ring::Ring;
-pub use split::{AddrSpace, Popped, RingAddrs, RingFeatures, SplitQueue, StatusByte, MAX_INDIRECT_ENTRIES};
+pub use split::{AddrSpace, Popped, RingAddrs, RingFeatures, SplitQueue, MAX_INDIRECT_ENTRIES};
 
 use vblk_virtio::MemoryError;
 

@@ -26,13 +26,13 @@ use std::sync::Arc;
 
 use vblk_virtio::{GuestArea, GuestMemory, MemoryError};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, StatusByte, StatusSearch};
 use crate::inflight_packed::{AttachedPacked, InflightPacked, ResubmitChain};
 use crate::layout::{packed_avail_flags, packed_is_avail, packed_need_event, packed_used_flags};
 use crate::layout::{PackedDescriptor, RingPos, DESC_SIZE, MAX_PACKED_SIZE};
 use crate::layout::{EVENT_FLAGS, EVENT_FLAG_DESC, EVENT_FLAG_DISABLE, EVENT_FLAG_ENABLE, EVENT_OFF_WRAP};
 use crate::layout::{PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN, PACKED_EVENT_LEN};
-use crate::split::{AddrSpace, Popped, RingAddrs, RingFeatures, StatusByte, MAX_INDIRECT_ENTRIES};
+use crate::split::{AddrSpace, Popped, RingAddrs, RingFeatures, MAX_INDIRECT_ENTRIES};
 use crate::{ChainError, QueueError};
 
 /// The device's two positions in a packed ring, as vhost-user carries them in
@@ -342,18 +342,13 @@ impl PackedQueue {
     /// descriptor, if device-writable and in guest memory (see
     /// [`crate::split`]'s `locate_status`).
     fn locate_status(&self) -> Option<StatusByte> {
-        let (mut last, mut writable) = (None, 0u64);
+        let mut search = StatusSearch::default();
         self.for_each_desc(|d| {
-            if d.is_write_only() {
-                writable = writable.saturating_add(d.len as u64);
-            }
-            last = Some(*d);
+            search.visit(d.addr, d.len, d.is_write_only());
             Ok(())
         })
         .ok()?;
-        let last = last.filter(|d| d.is_write_only() && d.len > 0)?;
-        let iov = self.mem.iov(last.addr.checked_add(last.len as u64 - 1)?, 1).ok()?;
-        Some(StatusByte { iov, writable_before: writable - 1 })
+        search.found(&self.mem)
     }
 
     /// Return buffer `id` with `len` bytes written: a used descriptor at the used position

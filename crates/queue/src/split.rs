@@ -20,9 +20,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use vblk_virtio::{GuestArea, GuestMemory, Iov, MemoryError};
+use vblk_virtio::{GuestArea, GuestMemory, MemoryError};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, StatusByte, StatusSearch};
 use crate::inflight::{Attached, InflightSplit};
 use crate::layout::{Descriptor, SplitLayout, DESC_SIZE};
 use crate::layout::{AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, USED_ALIGN};
@@ -66,14 +66,6 @@ pub enum Popped {
     /// caller writes IOERR there and completes it; if not (`status: None`), the caller must
     /// break the queue: a chain never ends without a status.
     Refused { head: u16, error: ChainError, status: Option<StatusByte> },
-}
-
-/// The status byte of a refused chain, and how many writable bytes come before it (the
-/// used length is 1 only when it is the chain's only writable byte, §2.7.8.2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StatusByte {
-    pub iov: Iov,
-    pub writable_before: u64,
 }
 
 /// Device side of a split virtqueue.
@@ -386,18 +378,13 @@ impl SplitQueue {
     /// `None`: the chain has nowhere to put a status, and the caller must break the queue
     /// rather than return it silently (a Linux guest takes a stale status byte for OK).
     fn locate_status(&self, head: u16) -> Option<StatusByte> {
-        let (mut last, mut writable) = (None, 0u64);
+        let mut search = StatusSearch::default();
         self.for_each_desc(head, |d| {
-            if d.is_write_only() {
-                writable = writable.saturating_add(d.len as u64);
-            }
-            last = Some(*d);
+            search.visit(d.addr, d.len, d.is_write_only());
             Ok(())
         })
         .ok()?;
-        let last = last.filter(|d| d.is_write_only() && d.len > 0)?;
-        let iov = self.mem.iov(last.addr.checked_add(last.len as u64 - 1)?, 1).ok()?;
-        Some(StatusByte { iov, writable_before: writable - 1 })
+        search.found(&self.mem)
     }
 
     /// Put `head` in the used ring with `len` bytes written. Not visible to the driver
