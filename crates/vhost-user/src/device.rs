@@ -136,11 +136,7 @@ impl InflightArea {
     /// Check the frontend's description and map `file`.
     fn map(msg: &VhostUserInflight, file: &File, max_queues: usize, packed: bool) -> Result<InflightArea, DeviceError> {
         let (nq, qs) = (msg.num_queues, msg.queue_size);
-        let size_ok = if packed {
-            (1..=MAX_PACKED_SIZE).contains(&qs)
-        } else {
-            SplitLayout::new(qs as u32).is_some()
-        };
+        let size_ok = if packed { (1..=MAX_PACKED_SIZE).contains(&qs) } else { SplitLayout::new(qs as u32).is_some() };
         if nq == 0 || nq as usize > max_queues || !size_ok {
             return Err(DeviceError::Inflight(format!("{nq} queues of {qs} entries")));
         }
