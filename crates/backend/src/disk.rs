@@ -45,6 +45,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::inject::{FaultSpec, Faults};
+use crate::qcow2::service::Service;
+use crate::qcow2::{FormatError, Qcow2Image, Qcow2Options};
 use crate::sys;
 use crate::BackendError;
 
@@ -84,6 +86,8 @@ pub(crate) enum FdChoice {
 enum Backing {
     /// Nothing: reads leave buffers untouched, writes vanish.
     Null,
+    /// A qcow2 image (and its backing chain), served by its service threads.
+    Qcow2 { image: Arc<Qcow2Image>, service: Service },
     /// A raw image file or a block device.
     File {
         /// Main descriptor.
@@ -229,6 +233,28 @@ impl Disk {
 
     /// A null backend of `size` bytes: reads and writes complete at once
     /// with their full length and touch no data; flush always succeeds.
+    /// Open a qcow2 image and its backing chain (see [`crate::qcow2`]).
+    pub fn open_qcow2(path: &Path, opts: &Qcow2Options) -> Result<Disk, FormatError> {
+        let image = Arc::new(Qcow2Image::open(path, opts)?);
+        let service =
+            Service::start(Arc::clone(&image)).map_err(|source| FormatError::Io { path: path.to_owned(), source })?;
+        Ok(Disk {
+            path: Some(path.to_owned()),
+            size: image.size(),
+            readonly: opts.readonly,
+            backing: Backing::Qcow2 { image, service },
+            ..Disk::null(0)
+        })
+    }
+
+    /// The qcow2 image and its service, if this disk is one.
+    pub(crate) fn qcow2(&self) -> Option<(&Arc<Qcow2Image>, &Service)> {
+        match &self.backing {
+            Backing::Qcow2 { image, service } => Some((image, service)),
+            _ => None,
+        }
+    }
+
     pub fn null(size: u64) -> Disk {
         Disk {
             backing: Backing::Null,
@@ -322,7 +348,7 @@ impl Disk {
     /// Whether a flush has failed on this disk (see the module docs); once
     /// true, it stays true.
     pub fn flush_failed(&self) -> bool {
-        self.flush_failed.load(Ordering::Acquire)
+        self.flush_failed.load(Ordering::Acquire) || self.qcow2().is_some_and(|(i, _)| i.flush_failed())
     }
 
     /// Record a failed flush: every later flush on this disk fails.
@@ -335,6 +361,9 @@ impl Disk {
     /// `fdatasync` now (used at shutdown). Honours and updates the sticky
     /// flush-failure flag. A no-op for the null backend.
     pub fn flush_sync(&self) -> Result<(), BackendError> {
+        if let Some((image, _)) = self.qcow2() {
+            return crate::qcow2::service::flush(image);
+        }
         let Ok(fd) = self.fd(FdChoice::Main) else {
             return Ok(());
         };
@@ -343,6 +372,10 @@ impl Disk {
 
     /// One human-readable line, e.g. `vblk.img (raw file, 1 GiB, O_DIRECT)`.
     pub fn describe(&self) -> String {
+        if let Some((image, _)) = self.qcow2() {
+            let faults = if self.faults.is_some() { ", faults injected" } else { "" };
+            return format!("{}{faults}", image.describe());
+        }
         let mut s = match &self.path {
             Some(p) => p.display().to_string(),
             None => "null".to_string(),
@@ -377,7 +410,7 @@ impl Disk {
     /// One of the file descriptors; `EBADF` for the null backend.
     pub(crate) fn fd(&self, which: FdChoice) -> Result<BorrowedFd<'_>, BackendError> {
         match (&self.backing, which) {
-            (Backing::Null, _) => Err(BackendError::errno("fd", libc::EBADF)),
+            (Backing::Null | Backing::Qcow2 { .. }, _) => Err(BackendError::errno("fd", libc::EBADF)),
             (Backing::File { file, .. }, FdChoice::Main) => Ok(file.as_fd()),
             (Backing::File { file, buffered }, FdChoice::Buffered) => Ok(buffered.as_ref().unwrap_or(file).as_fd()),
         }

@@ -24,6 +24,7 @@ use std::time::Instant;
 use crate::disk::Disk;
 use crate::inject::delay::DelayQueue;
 use crate::inject::{self, Outcome};
+use crate::qcow2::service::Qcow2Queue;
 use crate::sync::SyncEngine;
 use crate::uring::UringEngine;
 use crate::{sys, BackendError, Completion, IoOp, OpKind};
@@ -50,6 +51,8 @@ enum Flavour {
     Null,
     Sync(SyncEngine),
     Uring(Box<UringEngine>),
+    /// A qcow2 image: ops go to its service threads (`qcow2/service.rs`).
+    Qcow2(Qcow2Queue),
 }
 
 /// Executes [`IoOp`]s for one worker thread. See the crate docs for the
@@ -85,6 +88,9 @@ impl Engine {
         // Each engine flushes through its own open file description (see `disk.rs`).
         let flavour = match kind {
             _ if disk.is_null() => Flavour::Null,
+            _ if disk.qcow2().is_some() => Flavour::Qcow2(
+                Qcow2Queue::new(eventfd.as_fd()).map_err(|source| BackendError::Io { op: "dup eventfd", source })?,
+            ),
             EngineKind::Sync => Flavour::Sync(SyncEngine::new(depth, disk.flusher()?)),
             EngineKind::Uring => Flavour::Uring(Box::new(UringEngine::new(depth, eventfd.as_fd(), disk.flusher()?)?)),
             EngineKind::Auto if disk.is_memory_backed() => Flavour::Sync(SyncEngine::new(depth, disk.flusher()?)),
@@ -109,6 +115,7 @@ impl Engine {
             Flavour::Null => "null",
             Flavour::Sync(_) => "sync",
             Flavour::Uring(_) => "io_uring",
+            Flavour::Qcow2(_) => "qcow2",
         }
     }
 
@@ -177,6 +184,9 @@ impl Engine {
             Flavour::Sync(s) => unsafe { s.push(op) },
             // SAFETY: forwarded caller contract.
             Flavour::Uring(u) => unsafe { u.push(&self.disk, op, &mut self.ready) }?,
+            // The service threads keep to the caller's contract: the op's completion is
+            // handed back only after they are done with its buffers.
+            Flavour::Qcow2(q) => q.push(op),
         }
         Ok(())
     }
@@ -247,6 +257,12 @@ impl Engine {
                 }
                 Ok(())
             }
+            Flavour::Qcow2(q) => {
+                if let Some((_, service)) = self.disk.qcow2() {
+                    q.submit(service);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -256,6 +272,7 @@ impl Engine {
         match &mut self.flavour {
             Flavour::Uring(u) => u.unsubmitted(),
             Flavour::Sync(s) => s.pending(),
+            Flavour::Qcow2(q) => q.unsubmitted(),
             Flavour::Null => 0,
         }
     }
@@ -268,10 +285,17 @@ impl Engine {
         if let Some(q) = &mut self.delays {
             q.rearm();
         }
-        if let Flavour::Uring(u) = &mut self.flavour {
-            // Clear first: a completion arriving after this re-arms the fd.
-            sys::eventfd_clear(self.eventfd.as_fd());
-            u.reap(&self.disk, out);
+        match &mut self.flavour {
+            Flavour::Uring(u) => {
+                // Clear first: a completion arriving after this re-arms the fd.
+                sys::eventfd_clear(self.eventfd.as_fd());
+                u.reap(&self.disk, out);
+            }
+            Flavour::Qcow2(q) => {
+                sys::eventfd_clear(self.eventfd.as_fd());
+                q.reap(out);
+            }
+            _ => {}
         }
         out.append(&mut self.ready); // one memcpy, not an element-wise extend
         self.in_flight -= (out.len() - before).min(self.in_flight);
@@ -283,8 +307,10 @@ impl Engine {
     pub fn poll_completions(&mut self, out: &mut Vec<Completion>) {
         let before = out.len();
         self.release_due();
-        if let Flavour::Uring(u) = &mut self.flavour {
-            u.reap(&self.disk, out);
+        match &mut self.flavour {
+            Flavour::Uring(u) => u.reap(&self.disk, out),
+            Flavour::Qcow2(q) => q.reap(out),
+            _ => {}
         }
         out.append(&mut self.ready); // one memcpy, not an element-wise extend
         self.in_flight -= (out.len() - before).min(self.in_flight);
@@ -303,6 +329,8 @@ impl Engine {
             match &mut self.flavour {
                 Flavour::Uring(u) if u.busy() > 0 => u.wait_cqe()?,
                 Flavour::Sync(s) if s.pending() > 0 => self.submit()?,
+                Flavour::Qcow2(q) if q.unsubmitted() > 0 => self.submit()?,
+                Flavour::Qcow2(q) => sys::wait_readable(q.eventfd()),
                 _ => match self.delays.as_ref().and_then(DelayQueue::next_deadline) {
                     // Held by an injected delay: sleep until the first one is due.
                     Some(t) => std::thread::sleep(t.saturating_duration_since(Instant::now())),

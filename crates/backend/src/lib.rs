@@ -47,6 +47,7 @@ mod bounce;
 mod disk;
 mod engine;
 mod inject;
+pub mod qcow2;
 mod sync;
 mod sys;
 mod uring;

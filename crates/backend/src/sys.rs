@@ -247,3 +247,10 @@ pub(crate) fn eventfd_clear(fd: BorrowedFd<'_>) {
     // the counter is already 0) need no handling.
     let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut val as *mut u64).cast(), 8) };
 }
+
+/// Block until `fd` is readable (an eventfd signalled); interrupted waits just return.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>) {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let _ = unsafe { libc::poll(&mut p, 1, -1) };
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use vblk_backend::qcow2::{has_qcow2_magic, CreateOptions, Qcow2Image, Qcow2Options};
 use vblk_backend::{Disk, DiskOptions, EngineKind, FaultSpec};
 use vblk_blk::DeviceParams;
 use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
@@ -22,6 +23,16 @@ pub enum BackendKind {
     Null,
 }
 
+/// The image format (never probed: a guest that writes a qcow2 header into a raw disk must
+/// not make the next start read it as qcow2).
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum FormatArg {
+    /// The image is the disk, byte for byte.
+    Raw,
+    /// qcow2 (v2 or v3), with its backing chain.
+    Qcow2,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum EngineArg {
     /// io_uring, or plain syscalls where io_uring is unavailable.
@@ -34,9 +45,22 @@ pub enum EngineArg {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Raw image file or block device; created sparse (at --size) if absent.
+    /// Image file or block device; created (at --size) if absent: sparse if raw.
     #[arg(default_value = "vblk.img")]
     pub image: PathBuf,
+    /// Image format. An image with a qcow2 header is refused as raw: say --format qcow2 (or
+    /// raw, for a raw disk whose guest wrote that header) explicitly.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// qcow2: directories backing files may come from, besides the image's own (repeatable).
+    #[arg(long, value_name = "DIR")]
+    pub backing_allowed: Vec<PathBuf>,
+    /// qcow2: the backing file of a newly created image (its format is read from its header).
+    #[arg(long, value_name = "FILE")]
+    pub backing: Option<PathBuf>,
+    /// qcow2: the cluster size of a newly created image (4K..2M, a power of two).
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    pub cluster_size: u64,
     /// Path of the vhost-user unix socket.
     #[arg(long, default_value = "vblk.sock")]
     pub socket: PathBuf,
@@ -129,6 +153,19 @@ fn open_backend(args: &ServeArgs) -> Result<Disk> {
         return Ok(Disk::null(args.size.unwrap_or(DEFAULT_SIZE)));
     }
     let exists = args.image.exists();
+    if args.format == Some(FormatArg::Qcow2) {
+        return open_qcow2(args, exists);
+    }
+    if args.backing.is_some() {
+        bail!("--backing applies to qcow2 images: add --format qcow2");
+    }
+    if exists && args.format.is_none() && has_qcow2_magic(&args.image).unwrap_or(false) {
+        bail!(
+            "{} has a qcow2 header: serve it with --format qcow2, or with --format raw if it is a raw disk \
+             (vblk never guesses: a guest can write any header into a raw disk)",
+            args.image.display()
+        );
+    }
     if !exists && args.readonly {
         bail!("image {} does not exist (a read-only export cannot create it)", args.image.display());
     }
@@ -153,6 +190,38 @@ fn open_backend(args: &ServeArgs) -> Result<Disk> {
         eprintln!("vblk: created {} ({}, sparse)", args.image.display(), human(disk.size()));
     }
     Ok(disk)
+}
+
+fn open_qcow2(args: &ServeArgs, exists: bool) -> Result<Disk> {
+    let path = &args.image;
+    if !exists {
+        if args.readonly {
+            bail!("image {} does not exist (a read-only export cannot create it)", path.display());
+        }
+        let size = args.size.unwrap_or(DEFAULT_SIZE);
+        if size == 0 || !size.is_multiple_of(512) {
+            bail!("--size must be a non-zero multiple of 512 bytes (got {size})");
+        }
+        let cs = args.cluster_size;
+        if !cs.is_power_of_two() || !(4096..=2 << 20).contains(&cs) {
+            bail!("--cluster-size must be a power of two from 4K to 2M (got {cs})");
+        }
+        let create = CreateOptions { size, backing: args.backing.clone(), cluster_size: cs as u32 };
+        Qcow2Image::create(path, &create)?;
+        eprintln!(
+            "vblk: created {} (qcow2, {}{})",
+            path.display(),
+            human(size),
+            match &args.backing {
+                Some(b) => format!(", backing file {}", b.display()),
+                None => String::new(),
+            }
+        );
+    } else if args.backing.is_some() {
+        bail!("{} exists: --backing only applies to a new image", path.display());
+    }
+    let opts = Qcow2Options { readonly: args.readonly, backing_allowed: args.backing_allowed.clone() };
+    Ok(Disk::open_qcow2(path, &opts)?)
 }
 
 /// The QEMU arguments that attach this daemon's disk.

@@ -1,0 +1,298 @@
+//! qcow2 images with backing chains, through [`imago`] (the format library written by
+//! QEMU's block-layer maintainer): the format's metadata (L1/L2 tables, refcounts,
+//! allocation, copy-on-write from the backing chain, compressed clusters) is imago's; what
+//! vblk adds is the policy around it and the way requests reach it.
+//!
+//! - **What may be opened** ([`gate`]): the top image is the operator's choice; every file
+//!   it names (backing files, an external data file), and every file those name, must lie
+//!   in an allowed directory (the top image's own, plus `--backing-allowed`), and a chain
+//!   may neither loop nor be deeper than [`MAX_CHAIN_DEPTH`]. A name in guest-writable
+//!   data (a backing file probed as qcow2) is therefore never a way out.
+//! - **What is refused at open** ([`check_header`]): not qcow2, a version other than 2 or 3,
+//!   an encrypted image (imago 0.2 does not check `crypt_method` itself), a cluster size
+//!   outside 4 KiB..2 MiB; unknown incompatible features, extended L2 entries and images
+//!   marked dirty or corrupt are refused by imago.
+//! - **How requests run** ([`service`]): imago's API blocks (its `sync` build), and a vblk
+//!   worker never blocks, so a worker hands each op to the image's service threads (a small
+//!   fixed pool, not a thread per request) and reaps the completion through its engine's
+//!   eventfd, exactly like an io_uring completion.
+//!
+//! Flush is imago's metadata write-back and an `fdatasync`; discard sets zero clusters on
+//! v3 (no space is freed: freeing a cluster while another worker's I/O may still target it
+//! needs a pause of every queue) and is ignored on v2, where the format has no zero flag.
+
+pub mod gate;
+pub(crate) mod service;
+
+use std::fs::File as StdFile;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use imago::file::File as ImagoFile;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use imago::{
+    FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Storage, StorageCreateOptions, StorageOpenOptions,
+};
+
+pub use gate::{ChainGate, MAX_CHAIN_DEPTH};
+
+/// The first four bytes of every qcow2 image.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Smallest and largest cluster sizes served (qcow2 allows 512 B..2 MiB; imago and the
+/// tests cover 4 KiB..2 MiB).
+pub const MIN_CLUSTER_BITS: u32 = 12;
+pub const MAX_CLUSTER_BITS: u32 = 21;
+
+/// Why a qcow2 image cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{}: not a qcow2 image (no QFI\\xfb magic)", path.display())]
+    NotQcow2 { path: PathBuf },
+    #[error("{}: qcow2 version {version} is not supported (2 and 3 are)", path.display())]
+    Version { path: PathBuf, version: u32 },
+    #[error("{}: encrypted qcow2 images are not supported (crypt_method {method})", path.display())]
+    Encrypted { path: PathBuf, method: u32 },
+    #[error("{}: cluster size 2^{bits} is outside 4 KiB..2 MiB", path.display())]
+    ClusterSize { path: PathBuf, bits: u32 },
+    #[error("{}: the header is truncated", path.display())]
+    Truncated { path: PathBuf },
+    #[error("{} is outside the directories backing files may come from ({allowed}); allow it with --backing-allowed DIR", path.display())]
+    NotAllowed { path: PathBuf, allowed: String },
+    #[error("the backing chain loops back to {}", path.display())]
+    Loop { path: PathBuf },
+    #[error("the backing chain is deeper than {max} images")]
+    TooDeep { max: usize },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What [`check_header`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderInfo {
+    pub version: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+}
+
+/// Is the file at `path` a qcow2 image? (Its first four bytes; a shorter file is not.)
+pub fn has_qcow2_magic(path: &Path) -> io::Result<bool> {
+    let mut b = [0u8; 4];
+    let mut f = StdFile::open(path)?;
+    match f.read_exact(&mut b) {
+        Ok(()) => Ok(b == QCOW2_MAGIC),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Read and check the fields of the qcow2 header vblk decides on before imago opens the
+/// image (big-endian, qcow2 spec "Header"): magic, version, cluster bits, crypt method.
+pub fn check_header(path: &Path) -> Result<HeaderInfo, FormatError> {
+    let io_err = |source| FormatError::Io { path: path.to_owned(), source };
+    let mut f = StdFile::open(path).map_err(io_err)?;
+    let mut h = [0u8; 48];
+    f.read_exact(&mut h).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FormatError::Truncated { path: path.to_owned() },
+        _ => io_err(e),
+    })?;
+    let be32 = |o: usize| u32::from_be_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    if h[0..4] != QCOW2_MAGIC {
+        return Err(FormatError::NotQcow2 { path: path.to_owned() });
+    }
+    let version = be32(4);
+    if !(2..=3).contains(&version) {
+        return Err(FormatError::Version { path: path.to_owned(), version });
+    }
+    let cluster_bits = be32(20);
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return Err(FormatError::ClusterSize { path: path.to_owned(), bits: cluster_bits });
+    }
+    let method = be32(32);
+    if method != 0 {
+        return Err(FormatError::Encrypted { path: path.to_owned(), method });
+    }
+    let size = u64::from_be_bytes(h[24..32].try_into().expect("8 bytes"));
+    Ok(HeaderInfo { version, cluster_bits, size })
+}
+
+/// How to open a qcow2 image.
+#[derive(Debug, Clone, Default)]
+pub struct Qcow2Options {
+    pub readonly: bool,
+    /// Directories, besides the image's own, that backing files may come from.
+    pub backing_allowed: Vec<PathBuf>,
+}
+
+/// How to create one.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// A backing file (its format is read from its header: qcow2 or raw).
+    pub backing: Option<PathBuf>,
+    pub cluster_size: u32,
+}
+
+/// An opened qcow2 image and its backing chain. Shared by the service threads (imago's
+/// `FormatAccess` is `Send + Sync`; its allocation and caches lock internally).
+#[derive(Debug)]
+pub struct Qcow2Image {
+    access: FormatAccess<ImagoFile>,
+    path: PathBuf,
+    header: HeaderInfo,
+    readonly: bool,
+    /// The sticky flush failure of this image (see `disk.rs`).
+    flush_failed: AtomicBool,
+}
+
+impl Qcow2Image {
+    /// Open `path` (and its backing chain, through a [`ChainGate`]).
+    pub fn open(path: &Path, opts: &Qcow2Options) -> Result<Qcow2Image, FormatError> {
+        let header = check_header(path)?;
+        let io_err = |source| FormatError::Io { path: path.to_owned(), source };
+        let top = ImagoFile::open(StorageOpenOptions::new().filename(path).write(!opts.readonly)).map_err(io_err)?;
+        let gate = ChainGate::new(path, &opts.backing_allowed).map_err(io_err)?;
+        let qcow2 = Qcow2::<ImagoFile>::builder(top).write(!opts.readonly).open(gate.clone()).map_err(|source| {
+            // A refusal of the gate travels through imago as an io error: give it its type.
+            match gate.refusal() {
+                Some(r) => r.into_error(),
+                None => FormatError::Io { path: path.to_owned(), source },
+            }
+        })?;
+        let access = FormatAccess::new(qcow2);
+        Ok(Qcow2Image {
+            header: HeaderInfo { size: access.size(), ..header },
+            access,
+            path: path.to_owned(),
+            readonly: opts.readonly,
+            flush_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Create a new image at `path` (which must not exist).
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), FormatError> {
+        let io_err = |source| FormatError::Io { path: path.to_owned(), source };
+        let file =
+            ImagoFile::create_open(StorageCreateOptions::new().filename(path).overwrite(false)).map_err(io_err)?;
+        let mut b = Qcow2::<ImagoFile>::create_builder(file).size(opts.size).cluster_size(opts.cluster_size as usize);
+        if let Some(backing) = &opts.backing {
+            let format = match has_qcow2_magic(backing) {
+                Ok(true) => "qcow2",
+                Ok(false) => "raw",
+                Err(source) => return Err(FormatError::Io { path: backing.clone(), source }),
+            };
+            b = b.backing(backing.to_string_lossy().into_owned(), format.to_owned());
+        }
+        b.create().map_err(io_err)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    pub fn version(&self) -> u32 {
+        self.header.version
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.header.cluster_bits
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn flush_failed(&self) -> bool {
+        self.flush_failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_flush_failed(&self) {
+        self.flush_failed.store(true, Ordering::Release);
+    }
+
+    /// Read into `iovs` at `offset` (blocking; service threads only).
+    ///
+    /// # Safety
+    /// Every iovec must be valid for writes of its length until this returns (the
+    /// contract of [`crate::Engine::push`]).
+    pub(crate) unsafe fn readv(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
+        let mut v = IoVectorMut::with_capacity(iovs.len());
+        for iov in iovs {
+            // SAFETY: the caller's contract; the slice lives only for this call.
+            v.push(unsafe { std::slice::from_raw_parts_mut(iov.iov_base as *mut u8, iov.iov_len) });
+        }
+        self.access.readv(v, offset)
+    }
+
+    /// Write `iovs` at `offset` (blocking; service threads only).
+    ///
+    /// # Safety
+    /// Every iovec must be valid for reads of its length until this returns.
+    pub(crate) unsafe fn writev(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
+        let mut v = IoVector::with_capacity(iovs.len());
+        for iov in iovs {
+            // SAFETY: the caller's contract; the slice lives only for this call.
+            v.push(unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) });
+        }
+        self.access.writev(v, offset)
+    }
+
+    /// Make the range read as zeros (v3: zero clusters; v2: zeros written).
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.access.write_zeroes(offset, len)
+    }
+
+    /// Discard: zero clusters on v3 (space is not freed, see the module docs); nothing on
+    /// v2 (discard is a hint: the guest may read old data or zeros).
+    pub(crate) fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.header.version >= 3 {
+            self.access.write_zeroes(offset, len)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Write back imago's metadata caches and `fdatasync` the image.
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        self.access.flush()?;
+        self.access.sync()
+    }
+
+    /// A description for the startup log.
+    pub fn describe(&self) -> String {
+        format!(
+            "qcow2 v{} {}, {} bytes, {} KiB clusters{}",
+            self.header.version,
+            self.path.display(),
+            self.header.size,
+            self.cluster_size() >> 10,
+            if self.readonly { ", read-only" } else { "" }
+        )
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        // imago's sync build flushes on drop too; say so if that fails.
+        if !self.readonly {
+            if let Err(e) = self.access.flush() {
+                tracing::error!(image = %self.path.display(), error = %e, "writing back qcow2 metadata failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,362 @@
+//! qcow2 images made by QEMU's own tools (`qemu-img`, `qemu-io`), read and written through
+//! [`Qcow2Image`] and the engine, checked back with `qemu-img check` and `qemu-io`.
+//! Skipped (with a message) where qemu-img is not installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use super::*;
+use crate::{Completion, Disk, Engine, EngineKind, IoOp, OpKind};
+
+fn have_qemu_img() -> bool {
+    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("qemu-img not found: skipping (install qemu-utils)");
+    }
+    ok
+}
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let base = std::env::var_os("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let d = base.join(format!("vblk-qcow2-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    run(Command::new("qemu-img").args(args))
+}
+
+fn qemu_io(image: &Path, fmt: &str, cmd: &str) -> String {
+    run(Command::new("qemu-io").args(["-f", fmt, "-c", cmd]).arg(image))
+}
+
+fn check_clean(image: &Path) {
+    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(image).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "qemu-img check {}: {text}{}", image.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// One op through a real engine on `disk`, waited for.
+fn io(engine: &mut Engine, kind: OpKind, offset: u64, buf: &mut [u8]) -> Result<u64, crate::BackendError> {
+    let iovs = if matches!(kind, OpKind::Read | OpKind::Write) {
+        vec![libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }]
+    } else {
+        Vec::new()
+    };
+    // The range of a discard / write-zeroes is the buffer's length too (a flush has none).
+    let op = IoOp { kind, offset, len: buf.len() as u64, iovs, fua: false, tag: 7 };
+    // SAFETY: `buf` outlives the op: we wait for its completion below.
+    unsafe { engine.push(op) }.expect("room");
+    engine.submit().unwrap();
+    let mut done: Vec<Completion> = Vec::new();
+    while done.is_empty() {
+        engine.wait(&mut done).unwrap();
+    }
+    assert_eq!(done.len(), 1);
+    done.pop().unwrap().result
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn headers_are_checked_before_imago_sees_them() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("hdr");
+    let img = d.join("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    let h = check_header(&img).unwrap();
+    assert_eq!((h.version, h.cluster_bits, h.size), (3, 16, 1 << 20));
+    let patch = |name: &str, off: usize, bytes: &[u8]| -> PathBuf {
+        let p = d.join(name);
+        let mut data = std::fs::read(&img).unwrap();
+        data[off..off + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let raw = d.join("raw");
+    std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+    assert!(matches!(check_header(&raw), Err(FormatError::NotQcow2 { .. })));
+    assert!(!has_qcow2_magic(&raw).unwrap());
+    assert!(has_qcow2_magic(&img).unwrap());
+    let short = d.join("short");
+    std::fs::write(&short, b"QFI\xfb\0\0\0\x03").unwrap();
+    assert!(matches!(check_header(&short), Err(FormatError::Truncated { .. })));
+    assert!(matches!(check_header(&patch("v4", 4, &4u32.to_be_bytes())), Err(FormatError::Version { version: 4, .. })));
+    assert!(matches!(check_header(&patch("v1", 4, &1u32.to_be_bytes())), Err(FormatError::Version { version: 1, .. })));
+    let enc = patch("enc", 32, &1u32.to_be_bytes());
+    let e = check_header(&enc).unwrap_err();
+    assert!(matches!(e, FormatError::Encrypted { method: 1, .. }), "{e}");
+    assert!(e.to_string().contains("encrypted"), "{e}");
+    assert!(Qcow2Image::open(&enc, &Qcow2Options::default()).is_err(), "imago alone would take it");
+    assert!(matches!(
+        check_header(&patch("cb9", 20, &9u32.to_be_bytes())),
+        Err(FormatError::ClusterSize { bits: 9, .. })
+    ));
+    assert!(matches!(
+        check_header(&patch("cb22", 20, &22u32.to_be_bytes())),
+        Err(FormatError::ClusterSize { bits: 22, .. })
+    ));
+}
+
+#[test]
+fn qemu_io_patterns_read_back_through_a_backing_chain() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("chain");
+    let base = d.join("base.raw");
+    let mid = d.join("mid.qcow2");
+    let top = d.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "4M"]);
+    qemu_io(&base, "raw", "write -P 0x11 0 1M");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+    ]);
+    qemu_io(&mid, "qcow2", "write -P 0x22 512k 64k");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    qemu_io(&top, "qcow2", "write -P 0x33 520k 4k");
+    qemu_io(&top, "qcow2", "write -z 2M 64k");
+    let base_sum = std::fs::read(&base).unwrap();
+
+    let disk = Arc::new(Disk::open_qcow2(&top, &Qcow2Options::default()).unwrap());
+    assert_eq!(disk.size(), 4 << 20);
+    let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 8).unwrap();
+    assert_eq!(e.kind_name(), "qcow2");
+    let mut buf = vec![0u8; 4096];
+    let mut read = |e: &mut Engine, off: u64| {
+        io(e, OpKind::Read, off, &mut buf).unwrap();
+        buf.clone()
+    };
+    assert_eq!(read(&mut e, 0), vec![0x11; 4096], "from the raw base");
+    assert_eq!(read(&mut e, 512 << 10), vec![0x22; 4096], "from the middle qcow2");
+    assert_eq!(read(&mut e, 520 << 10), vec![0x33; 4096], "from the top");
+    assert_eq!(read(&mut e, 2 << 20), vec![0; 4096], "zero cluster");
+    assert_eq!(read(&mut e, 3 << 20), vec![0; 4096], "unallocated everywhere");
+
+    // Writes land in the top image only; QEMU reads them back; the chain stays clean.
+    let mut data = pattern(64 << 10, 5);
+    io(&mut e, OpKind::Write, 1 << 20, &mut data).unwrap();
+    io(&mut e, OpKind::Flush, 0, &mut []).unwrap();
+    drop(e);
+    drop(disk);
+    check_clean(&top);
+    check_clean(&mid);
+    assert_eq!(std::fs::read(&base).unwrap(), base_sum, "the backing file is never written");
+    let out =
+        Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&top).arg(&base).output().unwrap();
+    assert!(!out.status.success(), "the top image differs from its base after our write");
+    let out = qemu_io(&top, "qcow2", "read -P 0x33 520k 4k");
+    assert!(out.contains("read 4096/4096"), "{out}");
+    // QEMU's view of the whole disk: our 64 KiB at 1 MiB, the chain's data around it.
+    let out = d.join("out.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", top.to_str().unwrap(), out.to_str().unwrap()]);
+    let whole = std::fs::read(&out).unwrap();
+    assert!(whole[1 << 20..(1 << 20) + data.len()] == data[..], "QEMU reads back what vblk wrote");
+    assert!(whole[..4096] == [0x11; 4096][..] && whole[520 << 10..(520 << 10) + 4096] == [0x33; 4096][..]);
+}
+
+#[test]
+fn backing_files_outside_the_allowed_directories_loops_and_deep_chains_are_refused() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("gate");
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    std::fs::create_dir_all(d.join("vm/sub")).unwrap();
+    let outside = d.join("elsewhere/base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", outside.to_str().unwrap(), "1M"]);
+    // A backing file in a subdirectory of the image's directory is fine.
+    let inner = d.join("vm/sub/base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", inner.to_str().unwrap(), "1M"]);
+    let ok = d.join("vm/ok.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "sub/base.raw", "-F", "raw", ok.to_str().unwrap()]);
+    Qcow2Image::open(&ok, &Qcow2Options::default()).unwrap();
+    let img = d.join("vm/img.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", outside.to_str().unwrap(), "-F", "raw", img.to_str().unwrap()]);
+    // Not in the image's directory: refused, then allowed explicitly.
+    let e = Qcow2Image::open(&img, &Qcow2Options::default()).unwrap_err();
+    assert!(matches!(e, FormatError::NotAllowed { .. }), "{e}");
+    assert!(e.to_string().contains("--backing-allowed"), "{e}");
+    let opts = Qcow2Options { backing_allowed: vec![d.join("elsewhere")], ..Default::default() };
+    Qcow2Image::open(&img, &opts).unwrap();
+
+    // A backing file name pointing at /etc/shadow (or any file outside): refused.
+    let evil = d.join("evil.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", "-u", evil.to_str().unwrap(), "1M"]);
+    let e = Qcow2Image::open(&evil, &Qcow2Options::default()).unwrap_err();
+    assert!(matches!(e, FormatError::NotAllowed { .. } | FormatError::Io { .. }), "{e}");
+    // A relative escape too.
+    let esc = d.join("vm/esc.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../elsewhere/base.raw",
+        "-F",
+        "raw",
+        "-u",
+        esc.to_str().unwrap(),
+        "1M",
+    ]);
+    let e = Qcow2Image::open(&esc, &Qcow2Options::default()).unwrap_err();
+    assert!(matches!(e, FormatError::NotAllowed { .. }), "{e}");
+
+    // a -> b -> a: a loop, not a stack overflow.
+    let a = d.join("a.qcow2");
+    let b = d.join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap()]);
+    qemu_img(&["rebase", "-q", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", a.to_str().unwrap()]);
+    let e = Qcow2Image::open(&a, &Qcow2Options::default()).unwrap_err();
+    assert!(matches!(e, FormatError::Loop { .. }), "{e}");
+    // A self-loop.
+    let s = d.join("self.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "self.qcow2", "-F", "qcow2", "-u", s.to_str().unwrap(), "1M"]);
+    assert!(matches!(Qcow2Image::open(&s, &Qcow2Options::default()).unwrap_err(), FormatError::Loop { .. }));
+
+    // A chain deeper than the limit.
+    let mut prev = "c0.qcow2".to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", d.join(&prev).to_str().unwrap(), "1M"]);
+    for i in 1..=MAX_CHAIN_DEPTH {
+        let name = format!("c{i}.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &prev,
+            "-F",
+            "qcow2",
+            "-u",
+            d.join(&name).to_str().unwrap(),
+            "1M",
+        ]);
+        prev = name;
+    }
+    let e = Qcow2Image::open(&d.join(&prev), &Qcow2Options::default()).unwrap_err();
+    assert!(matches!(e, FormatError::TooDeep { .. }), "{e}");
+    Qcow2Image::open(&d.join(&format!("c{}.qcow2", MAX_CHAIN_DEPTH - 1)), &Qcow2Options::default()).unwrap();
+}
+
+#[test]
+fn created_images_pass_qemu_img_check_and_read_what_was_written() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("create");
+    for cluster in [4096u32, 65536, 2 << 20] {
+        let img = d.join(&format!("n{cluster}.qcow2"));
+        Qcow2Image::create(&img, &CreateOptions { size: 8 << 20, backing: None, cluster_size: cluster }).unwrap();
+        check_clean(&img);
+        let disk = Arc::new(Disk::open_qcow2(&img, &Qcow2Options::default()).unwrap());
+        let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 4).unwrap();
+        let mut w = pattern(12288, cluster as u8);
+        io(&mut e, OpKind::Write, 8192, &mut w).unwrap();
+        io(&mut e, OpKind::WriteZeroes { unmap: false }, 1 << 20, &mut vec![0u8; 65536]).unwrap();
+        io(&mut e, OpKind::Discard, 4 << 20, &mut vec![0u8; 65536]).unwrap();
+        io(&mut e, OpKind::Flush, 0, &mut []).unwrap();
+        let mut r = vec![0u8; 12288];
+        io(&mut e, OpKind::Read, 8192, &mut r).unwrap();
+        assert_eq!(r, w);
+        // Out of range and read-only rules are the engine's, as for raw disks.
+        assert!(io(&mut e, OpKind::Read, 8 << 20, &mut vec![0u8; 512]).is_err());
+        drop(e);
+        drop(disk);
+        check_clean(&img);
+        let out = qemu_io(&img, "qcow2", "read -v 8192 16");
+        assert!(out.contains(&format!("{:02x}", w[0])), "{out}");
+    }
+    // An existing file is never overwritten by create.
+    let img = d.join("n4096.qcow2");
+    assert!(Qcow2Image::create(&img, &CreateOptions { size: 1 << 20, backing: None, cluster_size: 65536 }).is_err());
+    // A v2 image: read/write; discard is a no-op.
+    let v2 = d.join("v2.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2.to_str().unwrap(), "2M"]);
+    let disk = Arc::new(Disk::open_qcow2(&v2, &Qcow2Options::default()).unwrap());
+    let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 4).unwrap();
+    let mut w = pattern(4096, 9);
+    io(&mut e, OpKind::Write, 0, &mut w).unwrap();
+    io(&mut e, OpKind::Discard, 1 << 20, &mut vec![0u8; 4096]).unwrap();
+    io(&mut e, OpKind::Flush, 0, &mut []).unwrap();
+    drop(e);
+    drop(disk);
+    check_clean(&v2);
+}
+
+#[test]
+fn compressed_clusters_are_readable() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("zlib");
+    let raw = d.join("src.raw");
+    qemu_img(&["create", "-q", "-f", "raw", raw.to_str().unwrap(), "1M"]);
+    qemu_io(&raw, "raw", "write -P 0x5a 0 192k");
+    qemu_io(&raw, "raw", "write -P 0xa5 300k 7k");
+    let img = d.join("c.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zlib",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let disk = Arc::new(Disk::open_qcow2(&img, &Qcow2Options { readonly: true, ..Default::default() }).unwrap());
+    let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 4).unwrap();
+    let want = std::fs::read(&raw).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    io(&mut e, OpKind::Read, 0, &mut got).unwrap();
+    assert!(got == want, "compressed image reads back as its source");
+    // Read-only: writes refused.
+    assert!(matches!(io(&mut e, OpKind::Write, 0, &mut vec![0u8; 512]), Err(crate::BackendError::ReadOnly)));
+}
