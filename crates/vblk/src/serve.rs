@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use vblk_backend::qcow2::{has_qcow2_magic, CreateOptions, Qcow2Image, Qcow2Options};
+use vblk_backend::qcow2::{check_header, has_qcow2_magic, CreateOptions, Qcow2Image, Qcow2Options};
 use vblk_backend::{Disk, DiskOptions, EngineKind, FaultSpec};
 use vblk_blk::DeviceParams;
 use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
@@ -198,7 +198,13 @@ fn open_qcow2(args: &ServeArgs, exists: bool) -> Result<Disk> {
         if args.readonly {
             bail!("image {} does not exist (a read-only export cannot create it)", path.display());
         }
-        let size = args.size.unwrap_or(DEFAULT_SIZE);
+        // Without --size, an overlay is as large as its backing file (as with qemu-img).
+        let size = match (args.size, &args.backing) {
+            (Some(size), _) => size,
+            (None, Some(b)) if has_qcow2_magic(b).unwrap_or(false) => check_header(b)?.size,
+            (None, Some(b)) => std::fs::metadata(b).with_context(|| format!("backing file {}", b.display()))?.len(),
+            (None, None) => DEFAULT_SIZE,
+        };
         if size == 0 || !size.is_multiple_of(512) {
             bail!("--size must be a non-zero multiple of 512 bytes (got {size})");
         }

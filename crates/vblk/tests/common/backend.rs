@@ -15,6 +15,14 @@ pub enum Backend {
     Vblk,
     /// `qemu-storage-daemon` vhost-user-blk export (reference implementation).
     Qsd,
+    /// The same, the image read as qcow2 (QEMU's own qcow2 code, to cross-check vblk's).
+    QsdQcow2,
+}
+
+impl Backend {
+    pub fn is_qsd(self) -> bool {
+        matches!(self, Backend::Qsd | Backend::QsdQcow2)
+    }
 }
 
 impl fmt::Display for Backend {
@@ -22,6 +30,7 @@ impl fmt::Display for Backend {
         f.write_str(match self {
             Backend::Vblk => "vblk",
             Backend::Qsd => "qemu-storage-daemon",
+            Backend::QsdQcow2 => "qemu-storage-daemon (qcow2)",
         })
     }
 }
@@ -48,7 +57,7 @@ fn backend_program(kind: Backend) -> Result<PathBuf, String> {
             let p = PathBuf::from(env!("CARGO_BIN_EXE_vblk"));
             find_program(&p.to_string_lossy()).ok_or_else(|| format!("vblk binary {} not found", p.display()))
         }
-        Backend::Qsd => {
+        Backend::Qsd | Backend::QsdQcow2 => {
             let name = env_or("VBLK_QSD", "qemu-storage-daemon");
             find_program(&name).ok_or_else(|| {
                 format!("{name} not found (install QEMU with scripts/setup.sh, or set VBLK_SKIP_GUEST=1 to skip guest tests)")
@@ -75,7 +84,7 @@ fn backend_command(
             c.arg("--num-queues").arg(cfg.num_queues.to_string());
             c.args(cfg.vblk_args);
         }
-        Backend::Qsd => {
+        Backend::Qsd | Backend::QsdQcow2 => {
             for p in [image, socket] {
                 assert!(!p.to_string_lossy().contains(','), "QSD paths must not contain ',': {}", p.display());
             }
@@ -84,7 +93,8 @@ fn backend_command(
                 "driver=file,node-name=file0,filename={},cache.direct=on,aio={aio},discard=unmap,read-only={ro}",
                 image.display()
             ));
-            c.arg("--blockdev").arg(format!("driver=raw,node-name=disk0,file=file0,discard=unmap,read-only={ro}"));
+            let format = if kind == Backend::QsdQcow2 { "qcow2" } else { "raw" };
+            c.arg("--blockdev").arg(format!("driver={format},node-name=disk0,file=file0,discard=unmap,read-only={ro}"));
             c.arg("--export").arg(format!(
                 "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={}",
                 socket.display(),
@@ -101,7 +111,7 @@ impl BackendProcess {
     pub fn start(kind: Backend, image: &Path, socket: &Path, cfg: BackendConfig, log: &Path) -> Result<Self, String> {
         let aio = env_or("VBLK_QSD_AIO", "io_uring");
         match Self::start_once(kind, image, socket, cfg, log, &aio) {
-            Err(e) if kind == Backend::Qsd && aio == "io_uring" && read_lossy(log).contains("io_uring") => {
+            Err(e) if kind.is_qsd() && aio == "io_uring" && read_lossy(log).contains("io_uring") => {
                 eprintln!("qemu-storage-daemon cannot use aio=io_uring here, retrying with aio=native:\n{e}");
                 Self::start_once(kind, image, socket, cfg, log, "native")
             }
