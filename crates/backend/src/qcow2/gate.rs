@@ -16,10 +16,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use imago::file::File as ImagoFile;
 use imago::format::gate::ImplicitOpenGate;
 use imago::{FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
 
+use super::ordered::OrderedFile;
 use super::FormatError;
 
 /// Most images in one chain (the top included). QEMU has no fixed limit; real chains are a
@@ -92,8 +92,11 @@ impl ChainGate {
     }
 }
 
-impl ImplicitOpenGate<ImagoFile> for ChainGate {
-    fn open_format<F: FormatDriverBuilder<ImagoFile>>(&mut self, builder: F) -> io::Result<FormatAccess<ImagoFile>> {
+impl ImplicitOpenGate<OrderedFile> for ChainGate {
+    fn open_format<F: FormatDriverBuilder<OrderedFile>>(
+        &mut self,
+        builder: F,
+    ) -> io::Result<FormatAccess<OrderedFile>> {
         let path = builder
             .get_image_path()
             .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "a format layer without a file name"))?;
@@ -109,12 +112,12 @@ impl ImplicitOpenGate<ImagoFile> for ChainGate {
         Ok(FormatAccess::new(builder.open(below)?))
     }
 
-    fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<ImagoFile> {
+    fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<OrderedFile> {
         let path = opts
             .get_filename()
             .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "a storage object without a file name"))?;
         // Open what was checked, not the name again (a symlink swapped in between).
         let canon = self.admit(path)?;
-        ImagoFile::open(opts.filename(canon))
+        OrderedFile::open(opts.filename(canon))
     }
 }

@@ -17,11 +17,15 @@
 //!   fixed pool, not a thread per request) and reaps the completion through its engine's
 //!   eventfd, exactly like an io_uring completion.
 //!
+//! - **Crash safety** ([`ordered`]): the image's roots (header, L1 table, refcount table)
+//!   reach the disk only at flush, after the tables they point to.
+//!
 //! Flush is imago's metadata write-back and an `fdatasync`; discard sets zero clusters on
 //! v3 (no space is freed: freeing a cluster while another worker's I/O may still target it
 //! needs a pause of every queue) and is ignored on v2, where the format has no zero flag.
 
 pub mod gate;
+mod ordered;
 pub(crate) mod service;
 
 use std::fs::File as StdFile;
@@ -29,12 +33,12 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use imago::file::File as ImagoFile;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::{
     FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Storage, StorageCreateOptions, StorageOpenOptions,
 };
+use ordered::OrderedFile;
 
 pub use gate::{ChainGate, MAX_CHAIN_DEPTH};
 
@@ -144,7 +148,7 @@ pub struct CreateOptions {
 /// `FormatAccess` is `Send + Sync`; its allocation and caches lock internally).
 #[derive(Debug)]
 pub struct Qcow2Image {
-    access: FormatAccess<ImagoFile>,
+    access: FormatAccess<OrderedFile>,
     path: PathBuf,
     header: HeaderInfo,
     readonly: bool,
@@ -157,9 +161,9 @@ impl Qcow2Image {
     pub fn open(path: &Path, opts: &Qcow2Options) -> Result<Qcow2Image, FormatError> {
         let header = check_header(path)?;
         let io_err = |source| FormatError::Io { path: path.to_owned(), source };
-        let top = ImagoFile::open(StorageOpenOptions::new().filename(path).write(!opts.readonly)).map_err(io_err)?;
+        let top = OrderedFile::open(StorageOpenOptions::new().filename(path).write(!opts.readonly)).map_err(io_err)?;
         let gate = ChainGate::new(path, &opts.backing_allowed).map_err(io_err)?;
-        let qcow2 = Qcow2::<ImagoFile>::builder(top).write(!opts.readonly).open(gate.clone()).map_err(|source| {
+        let qcow2 = Qcow2::<OrderedFile>::builder(top).write(!opts.readonly).open(gate.clone()).map_err(|source| {
             // A refusal of the gate travels through imago as an io error: give it its type.
             match gate.refusal() {
                 Some(r) => r.into_error(),
@@ -180,8 +184,8 @@ impl Qcow2Image {
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), FormatError> {
         let io_err = |source| FormatError::Io { path: path.to_owned(), source };
         let file =
-            ImagoFile::create_open(StorageCreateOptions::new().filename(path).overwrite(false)).map_err(io_err)?;
-        let mut b = Qcow2::<ImagoFile>::create_builder(file).size(opts.size).cluster_size(opts.cluster_size as usize);
+            OrderedFile::create_open(StorageCreateOptions::new().filename(path).overwrite(false)).map_err(io_err)?;
+        let mut b = Qcow2::<OrderedFile>::create_builder(file).size(opts.size).cluster_size(opts.cluster_size as usize);
         if let Some(backing) = &opts.backing {
             let format = match has_qcow2_magic(backing) {
                 Ok(true) => "qcow2",
