@@ -207,3 +207,34 @@ fn packed_ring_4_queues() {
 fn qsd_packed_on_falls_back_to_split() {
     packed("qsd_packed_on_falls_back_to_split", Backend::Qsd, 2, "split");
 }
+
+/// A qcow2 overlay on a raw base (`--format qcow2`): the guest runs discard, fio verify and
+/// ext4 in one boot; afterwards `qemu-img check` is clean and the base is unchanged.
+#[test]
+fn qcow2_overlay_discard_fio_ext4() {
+    let cfg = BackendConfig { readonly: false, num_queues: 2, vblk_args: &["--format", "qcow2"] };
+    let size = 4 * 64 * MIB + 64 * MIB;
+    let prepare = |image: &std::path::Path| {
+        let base = image.with_file_name("base.raw");
+        std::fs::rename(image, &base).unwrap();
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw"])
+            .arg(image)
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+    };
+    let Some(mut fx) = Fixture::new("qcow2_overlay", Backend::Vblk, size, cfg, prepare) else {
+        return;
+    };
+    let base = fx.image.with_file_name("base.raw");
+    let sum = |p: &std::path::Path| {
+        std::fs::read(p).map(|d| d.iter().fold(0u64, |h, &b| h.wrapping_mul(31).wrapping_add(b as u64)))
+    };
+    let before = sum(&base).unwrap();
+    fx.boot_expect_pass_with("packed", "queues=2,jobs=4,size=64,ring=split", 2, &[]);
+    fx.backend.stop();
+    let out = std::process::Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&fx.image).output().unwrap();
+    assert!(out.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(sum(&base).unwrap(), before, "the backing file is never written");
+}

@@ -68,6 +68,10 @@ impl Roots {
     }
 }
 
+fn overlap(a: u64, a_len: usize, b: u64, b_len: usize) -> bool {
+    a < b + b_len as u64 && b < a + a_len as u64
+}
+
 #[derive(Debug, Default)]
 struct Held {
     /// `None` until the image's header has been read (and for a file that is not qcow2:
@@ -226,7 +230,18 @@ impl Storage for OrderedFile {
                             held.roots = Some(Roots { header, ..r });
                         }
                     }
-                    held.writes.push((offset, data));
+                    // The same entry written again replaces the held copy (imago writes an
+                    // entry with the same alignment each time), so what is held stays within
+                    // the roots' size however long the guest goes without a flush.
+                    let same = held.writes.iter().rposition(|(o, d)| *o == offset && d.len() == data.len());
+                    match same {
+                        Some(i)
+                            if held.writes[i + 1..].iter().all(|(o, d)| !overlap(*o, d.len(), offset, data.len())) =>
+                        {
+                            held.writes[i].1 = data;
+                        }
+                        _ => held.writes.push((offset, data)),
+                    }
                     return Ok(());
                 }
             }
