@@ -69,6 +69,10 @@ pub enum FormatError {
     Loop { path: PathBuf },
     #[error("the backing chain is deeper than {max} images")]
     TooDeep { max: usize },
+    #[error("{}: the {what} ({len} bytes at {offset}) does not fit in the file ({file_len} bytes): truncated or corrupt", path.display())]
+    Table { path: PathBuf, what: &'static str, offset: u64, len: u64, file_len: u64 },
+    #[error("{}: malformed qcow2 metadata", path.display())]
+    Malformed { path: PathBuf },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -101,7 +105,7 @@ pub fn has_qcow2_magic(path: &Path) -> io::Result<bool> {
 pub fn check_header(path: &Path) -> Result<HeaderInfo, FormatError> {
     let io_err = |source| FormatError::Io { path: path.to_owned(), source };
     let mut f = StdFile::open(path).map_err(io_err)?;
-    let mut h = [0u8; 48];
+    let mut h = [0u8; 72];
     f.read_exact(&mut h).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => FormatError::Truncated { path: path.to_owned() },
         _ => io_err(e),
@@ -123,6 +127,17 @@ pub fn check_header(path: &Path) -> Result<HeaderInfo, FormatError> {
         return Err(FormatError::Encrypted { path: path.to_owned(), method });
     }
     let size = u64::from_be_bytes(h[24..32].try_into().expect("8 bytes"));
+    // The tables the header points at must lie in the file (a truncated image would make
+    // imago read zeros for them and, on the first allocation, recurse without end).
+    let be64 = |o: usize| u64::from_be_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+    let file_len = f.metadata().map_err(io_err)?.len();
+    let l1 = (be64(40), be32(36) as u64 * 8);
+    let reftable = (be64(48), be32(56) as u64 * (1u64 << cluster_bits));
+    for (what, (offset, len)) in [("L1 table", l1), ("refcount table", reftable)] {
+        if offset.checked_add(len).is_none_or(|end| end > file_len) {
+            return Err(FormatError::Table { path: path.to_owned(), what, offset, len, file_len });
+        }
+    }
     Ok(HeaderInfo { version, cluster_bits, size })
 }
 
@@ -157,8 +172,14 @@ pub struct Qcow2Image {
 }
 
 impl Qcow2Image {
-    /// Open `path` (and its backing chain, through a [`ChainGate`]).
+    /// Open `path` (and its backing chain, through a [`ChainGate`]). A malformed image is an
+    /// error, never a crash (a panic inside the format code becomes [`FormatError::Malformed`]).
     pub fn open(path: &Path, opts: &Qcow2Options) -> Result<Qcow2Image, FormatError> {
+        std::panic::catch_unwind(|| Self::open_checked(path, opts))
+            .unwrap_or_else(|_| Err(FormatError::Malformed { path: path.to_owned() }))
+    }
+
+    fn open_checked(path: &Path, opts: &Qcow2Options) -> Result<Qcow2Image, FormatError> {
         let header = check_header(path)?;
         let io_err = |source| FormatError::Io { path: path.to_owned(), source };
         let top = OrderedFile::open(StorageOpenOptions::new().filename(path).write(!opts.readonly)).map_err(io_err)?;

@@ -85,7 +85,17 @@ fn serve(image: &Qcow2Image, rx: &Mutex<Receiver<Job>>) {
             Ok(job) => job,
             Err(_) => return, // the service was dropped
         };
-        let result = run(image, &job.op);
+        // A malformed image must not take the daemon down: a panic inside the format code
+        // fails this op (IOERR for the guest) and the thread goes on.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(image, &job.op))).unwrap_or_else(|_| {
+                tracing::error!(
+                    op = job.op.kind.name(),
+                    offset = job.op.offset,
+                    "qcow2 code panicked; failing the request"
+                );
+                Err(BackendError::errno("qcow2 (internal error)", libc::EIO))
+            });
         job.reply.deliver(Completion { op: job.op, result });
     }
 }

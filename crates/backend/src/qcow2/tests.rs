@@ -360,3 +360,72 @@ fn compressed_clusters_are_readable() {
     // Read-only: writes refused.
     assert!(matches!(io(&mut e, OpKind::Write, 0, &mut vec![0u8; 512]), Err(crate::BackendError::ReadOnly)));
 }
+
+/// Hostile images (metadata pointing past the end, at the header, sizes out of range,
+/// truncation): every open is a clean error or a usable image, every op a clean result,
+/// never a panic, and the header survives writes through an L1 entry that points at it.
+#[test]
+fn malformed_images_are_errors_never_crashes() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("bad");
+    let good = d.join("good.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", good.to_str().unwrap(), "4M"]);
+    qemu_io(&good, "qcow2", "write -P 0x44 0 256k");
+    let bytes = std::fs::read(&good).unwrap();
+    let be64 = |o: usize| u64::from_be_bytes(bytes[o..o + 8].try_into().unwrap());
+    let (l1, reftable) = (be64(40) as usize, be64(48) as usize);
+    let l2 = (be64(l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let past_end = (bytes.len() as u64 + (1 << 30)) | (1 << 63);
+    let cases: Vec<(&str, Vec<(usize, Vec<u8>)>, Option<usize>)> = vec![
+        ("size-huge", vec![(24, u64::MAX.to_be_bytes().to_vec())], None),
+        ("l1-size-huge", vec![(36, u32::MAX.to_be_bytes().to_vec())], None),
+        ("l1-offset-unaligned", vec![(40, 12345u64.to_be_bytes().to_vec())], None),
+        ("l1-past-end", vec![(l1, past_end.to_be_bytes().to_vec())], None),
+        ("l1-at-header", vec![(l1, (1u64 << 63).to_be_bytes().to_vec())], None),
+        ("l2-past-end", vec![(l2, past_end.to_be_bytes().to_vec())], None),
+        ("l2-at-header", vec![(l2, (1u64 << 63).to_be_bytes().to_vec())], None),
+        ("reftable-past-end", vec![(reftable, (bytes.len() as u64 + (1 << 30)).to_be_bytes().to_vec())], None),
+        ("reftable-offset-huge", vec![(48, (u64::MAX & !0xffff).to_be_bytes().to_vec())], None),
+        (
+            "backing-name-past-end",
+            vec![(8, 1_000_000u64.to_be_bytes().to_vec()), (16, 100u32.to_be_bytes().to_vec())],
+            None,
+        ),
+        ("truncated-to-header", vec![], Some(512)),
+        ("truncated-before-l2", vec![], Some(l2)),
+    ];
+    for (name, patches, truncate) in cases {
+        let p = d.join(&format!("{name}.qcow2"));
+        let mut b = bytes.clone();
+        for (off, data) in &patches {
+            b[*off..*off + data.len()].copy_from_slice(data);
+        }
+        if let Some(t) = truncate {
+            b.truncate(t);
+        }
+        std::fs::write(&p, &b).unwrap();
+        let disk = match Disk::open_qcow2(&p, &Qcow2Options::default()) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                eprintln!("{name}: refused at open: {e}");
+                continue;
+            }
+        };
+        let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 4).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let r = io(&mut e, OpKind::Read, 0, &mut buf);
+        let w = io(&mut e, OpKind::Write, 0, &mut vec![0x77u8; 65536]);
+        let f = io(&mut e, OpKind::Flush, 0, &mut []);
+        eprintln!("{name}: opened; read {:?}, write {:?}, flush {:?}", r.map(|_| ()), w.map(|_| ()), f.map(|_| ()));
+        drop(e);
+        drop(disk);
+        let after = std::fs::read(&p).unwrap();
+        assert_eq!(&after[..4], &QCOW2_MAGIC, "{name}: the header was overwritten");
+        assert!(
+            after[..72] == b[..72] || name.starts_with("size") || patches.iter().any(|(o, _)| *o < 72),
+            "{name}: header fields changed"
+        );
+    }
+}
