@@ -378,7 +378,9 @@ fn malformed_images_are_errors_never_crashes() {
     let (l1, reftable) = (be64(40) as usize, be64(48) as usize);
     let l2 = (be64(l1) & 0x00ff_ffff_ffff_fe00) as usize;
     let past_end = (bytes.len() as u64 + (1 << 30)) | (1 << 63);
-    let cases: Vec<(&str, Vec<(usize, Vec<u8>)>, Option<usize>)> = vec![
+    // (name, byte patches, truncate to)
+    type Case = (&'static str, Vec<(usize, Vec<u8>)>, Option<usize>);
+    let cases: Vec<Case> = vec![
         ("size-huge", vec![(24, u64::MAX.to_be_bytes().to_vec())], None),
         ("l1-size-huge", vec![(36, u32::MAX.to_be_bytes().to_vec())], None),
         ("l1-offset-unaligned", vec![(40, 12345u64.to_be_bytes().to_vec())], None),
@@ -387,7 +389,7 @@ fn malformed_images_are_errors_never_crashes() {
         ("l2-past-end", vec![(l2, past_end.to_be_bytes().to_vec())], None),
         ("l2-at-header", vec![(l2, (1u64 << 63).to_be_bytes().to_vec())], None),
         ("reftable-past-end", vec![(reftable, (bytes.len() as u64 + (1 << 30)).to_be_bytes().to_vec())], None),
-        ("reftable-offset-huge", vec![(48, (u64::MAX & !0xffff).to_be_bytes().to_vec())], None),
+        ("reftable-offset-huge", vec![(48, 0xffff_ffff_ffff_0000u64.to_be_bytes().to_vec())], None),
         (
             "backing-name-past-end",
             vec![(8, 1_000_000u64.to_be_bytes().to_vec()), (16, 100u32.to_be_bytes().to_vec())],
