@@ -8,6 +8,7 @@
 //! - [`merge`]: request merging.
 //! - [`inflight`]: inflight regions written by a hostile frontend, attached and recovered.
 //! - [`packed`]: the packed ring's pop / used / publish path against a hostile driver.
+//! - [`qcow2`]: qcow2 images with hostile metadata, opened and served through an engine.
 //! - [`seeds`]: hand-made valid inputs for the seed corpus (`fuzz/corpus/<target>/`).
 
 pub mod encode;
@@ -16,6 +17,7 @@ pub mod chain;
 pub mod inflight;
 pub mod merge;
 pub mod packed;
+pub mod qcow2;
 pub mod seeds;
 pub mod vhost;
 
