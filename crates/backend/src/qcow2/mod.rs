@@ -29,7 +29,7 @@ mod ordered;
 pub(crate) mod service;
 
 use std::fs::File as StdFile;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -137,6 +137,27 @@ pub fn check_header(path: &Path) -> Result<HeaderInfo, FormatError> {
         if offset.checked_add(len).is_none_or(|end| end > file_len) {
             return Err(FormatError::Table { path: path.to_owned(), what, offset, len, file_len });
         }
+    }
+    // The refcount table must exist and refcount at least the header's cluster, and every
+    // refcount block it names must lie in the file: with an empty or dangling table imago
+    // allocates refcount blocks recursively without end at the first write.
+    let mut table = vec![0u8; reftable.1 as usize];
+    f.seek(std::io::SeekFrom::Start(reftable.0)).map_err(io_err)?;
+    f.read_exact(&mut table).map_err(io_err)?;
+    let entries: Vec<u64> = table.chunks_exact(8).map(|e| u64::from_be_bytes(e.try_into().expect("8 bytes"))).collect();
+    let cluster_mask = (1u64 << cluster_bits) - 1;
+    let bad = entries.first().is_none_or(|&e| e == 0)
+        || entries.iter().any(|&e| {
+            e != 0 && (e & cluster_mask != 0 || e.checked_add(1 << cluster_bits).is_none_or(|end| end > file_len))
+        });
+    if bad {
+        return Err(FormatError::Table {
+            path: path.to_owned(),
+            what: "refcount table (empty, or naming a refcount block outside the file)",
+            offset: reftable.0,
+            len: reftable.1,
+            file_len,
+        });
     }
     Ok(HeaderInfo { version, cluster_bits, size })
 }
