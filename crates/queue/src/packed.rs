@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use vblk_virtio::{GuestArea, GuestMemory, MemoryError};
+use vblk_virtio::{GuestArea, GuestMemory};
 
 use crate::chain::{Chain, StatusByte, StatusSearch};
 use crate::inflight_packed::{AttachedPacked, InflightPacked, ResubmitChain};
@@ -32,7 +32,7 @@ use crate::layout::{packed_avail_flags, packed_is_avail, packed_need_event, pack
 use crate::layout::{PackedDescriptor, RingPos, DESC_SIZE, MAX_PACKED_SIZE};
 use crate::layout::{EVENT_FLAGS, EVENT_FLAG_DESC, EVENT_FLAG_DISABLE, EVENT_FLAG_ENABLE, EVENT_OFF_WRAP};
 use crate::layout::{PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN, PACKED_EVENT_LEN};
-use crate::split::{AddrSpace, Popped, RingAddrs, RingFeatures, MAX_INDIRECT_ENTRIES};
+use crate::split::{AddrSpace, IndirectTable, Popped, RingAddrs, RingFeatures};
 use crate::{ChainError, QueueError};
 
 /// The device's two positions in a packed ring, as vhost-user carries them in
@@ -111,12 +111,7 @@ impl PackedQueue {
         if size == 0 || size > MAX_PACKED_SIZE as u32 {
             return Err(QueueError::InvalidPackedSize(size));
         }
-        let area = |addr, len, align| -> Result<GuestArea, MemoryError> {
-            match space {
-                AddrSpace::GuestPhysical => mem.area_at_gpa(addr, len, align),
-                AddrSpace::FrontendVirtual => mem.area_at_uva(addr, len, align),
-            }
-        };
+        let area = |addr, len, align| space.area(&mem, addr, len, align);
         let ring = area(addrs.desc, DESC_SIZE as u64 * size as u64, PACKED_DESC_ALIGN)?;
         let driver_event = area(addrs.avail, PACKED_EVENT_LEN, PACKED_EVENT_ALIGN)?;
         let device_event = area(addrs.used, PACKED_EVENT_LEN, PACKED_EVENT_ALIGN)?;
@@ -311,25 +306,9 @@ impl PackedQueue {
         table: &PackedDescriptor,
         mut f: impl FnMut(&PackedDescriptor) -> Result<(), ChainError>,
     ) -> Result<(), ChainError> {
-        if table.len == 0 || !(table.len as usize).is_multiple_of(DESC_SIZE) {
-            return Err(ChainError::IndirectBadLength(table.len));
-        }
-        let entries = table.len / DESC_SIZE as u32;
-        let limit = (self.size as u32).max(MAX_INDIRECT_ENTRIES);
-        if entries > limit {
-            return Err(ChainError::TooLong { limit });
-        }
-        // The whole table must be guest memory (possibly across adjacent regions).
-        self.mem.for_each_iov(table.addr, table.len, |_| {})?;
-        let one_region = self.mem.iov(table.addr, table.len).ok();
-        for i in 0..entries {
-            let mut b = [0u8; DESC_SIZE];
-            let off = i * DESC_SIZE as u32;
-            match one_region {
-                Some(iov) => self.mem.read_iov(iov, off, &mut b)?,
-                None => self.mem.read_at(table.addr + off as u64, &mut b)?,
-            }
-            let d = PackedDescriptor::from_bytes(&b);
+        let table = IndirectTable::new(&self.mem, table.addr, table.len, self.size)?;
+        for i in 0..table.entries {
+            let d = PackedDescriptor::from_bytes(&table.entry(i)?);
             if d.is_indirect() {
                 return Err(ChainError::NestedIndirect);
             }
@@ -460,11 +439,6 @@ impl PackedQueue {
         let n = resubmit.len();
         self.resubmit = resubmit.into();
         Ok(n)
-    }
-
-    /// The flags a slot holds while the driver offers it in lap `wrap` (tests, recovery).
-    pub fn avail_flags(wrap: bool) -> u16 {
-        packed_avail_flags(wrap)
     }
 }
 

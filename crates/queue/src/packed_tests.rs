@@ -5,7 +5,7 @@
 use super::*;
 use crate::layout::{packed_is_used, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT_FLAG_DESC};
 use vblk_virtio::memory::memfd;
-use vblk_virtio::RegionSpec;
+use vblk_virtio::{MemoryError, RegionSpec};
 
 const MEM_SIZE: u64 = 1 << 20;
 const DATA: u64 = 0x80000;

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use vblk_virtio::{GuestArea, GuestMemory, MemoryError};
+use vblk_virtio::{GuestArea, GuestMemory, Iov, MemoryError};
 
 use crate::chain::{Chain, StatusByte, StatusSearch};
 use crate::inflight::{Attached, InflightSplit};
@@ -46,6 +46,64 @@ pub enum AddrSpace {
     GuestPhysical,
     /// The frontend's virtual addresses (vhost-user `SET_VRING_ADDR`).
     FrontendVirtual,
+}
+
+impl AddrSpace {
+    /// The area of `len` bytes at `addr` (in this address space) of `mem`, `align`-aligned:
+    /// where a ring part lives, for either ring layout.
+    pub(crate) fn area(
+        self,
+        mem: &Arc<GuestMemory>,
+        addr: u64,
+        len: u64,
+        align: u64,
+    ) -> Result<GuestArea, MemoryError> {
+        match self {
+            AddrSpace::GuestPhysical => mem.area_at_gpa(addr, len, align),
+            AddrSpace::FrontendVirtual => mem.area_at_uva(addr, len, align),
+        }
+    }
+}
+
+/// An indirect table (§2.7.5.3.1, §2.8.7), checked once for both ring layouts: a length
+/// that is a non-zero multiple of 16, at most `max(ring size, MAX_INDIRECT_ENTRIES)` entries,
+/// inside guest memory. A table crossing into an adjacent region is read entry by entry.
+pub(crate) struct IndirectTable<'a> {
+    mem: &'a GuestMemory,
+    addr: u64,
+    one_region: Option<Iov>,
+    pub(crate) entries: u32,
+}
+
+impl<'a> IndirectTable<'a> {
+    pub(crate) fn new(mem: &'a GuestMemory, addr: u64, len: u32, ring_size: u16) -> Result<Self, ChainError> {
+        if len == 0 || !(len as usize).is_multiple_of(DESC_SIZE) {
+            return Err(ChainError::IndirectBadLength(len));
+        }
+        let entries = len / DESC_SIZE as u32;
+        // Linux sizes indirect tables by `seg_max`, not by the ring size, so a small ring
+        // may carry tables longer than itself; QEMU allows up to 1024 entries too.
+        let limit = (ring_size as u32).max(MAX_INDIRECT_ENTRIES);
+        if entries > limit {
+            return Err(ChainError::TooLong { limit });
+        }
+        let one_region = mem.iov(addr, len).ok();
+        if one_region.is_none() {
+            mem.for_each_iov(addr, len, |_| {})?;
+        }
+        Ok(IndirectTable { mem, addr, one_region, entries })
+    }
+
+    /// The raw bytes of entry `i` (`i < entries`).
+    pub(crate) fn entry(&self, i: u32) -> Result<[u8; DESC_SIZE], ChainError> {
+        let mut b = [0u8; DESC_SIZE];
+        let off = i * DESC_SIZE as u32;
+        match self.one_region {
+            Some(iov) => self.mem.read_iov(iov, off, &mut b)?,
+            None => self.mem.read_at(self.addr + off as u64, &mut b)?,
+        }
+        Ok(b)
+    }
 }
 
 /// Ring features the queue needs to know about.
@@ -106,12 +164,7 @@ impl SplitQueue {
         features: RingFeatures,
     ) -> Result<Self, QueueError> {
         let layout = SplitLayout::new(size).ok_or(QueueError::InvalidSize(size))?;
-        let area = |addr, len, align| -> Result<GuestArea, MemoryError> {
-            match space {
-                AddrSpace::GuestPhysical => mem.area_at_gpa(addr, len, align),
-                AddrSpace::FrontendVirtual => mem.area_at_uva(addr, len, align),
-            }
-        };
+        let area = |addr, len, align| space.area(&mem, addr, len, align);
         let desc = area(addrs.desc, layout.desc_table_len(), DESC_ALIGN)?;
         let avail = area(addrs.avail, layout.avail_len(), AVAIL_ALIGN)?;
         let used = area(addrs.used, layout.used_len(), USED_ALIGN)?;
@@ -322,40 +375,18 @@ impl SplitQueue {
         }
     }
 
-    /// The entries of an indirect table (§2.7.5.3.1): a length that is a non-zero multiple
-    /// of 16, at most `max(size, MAX_INDIRECT_ENTRIES)` entries, inside guest memory, no
-    /// nested tables.
+    /// The entries of an indirect table (checked by [`IndirectTable`]), linked by `next`,
+    /// no nested tables.
     fn for_each_indirect(
         &self,
         table: Descriptor,
         mut f: impl FnMut(&Descriptor) -> Result<(), ChainError>,
     ) -> Result<(), ChainError> {
-        if table.len == 0 || !(table.len as usize).is_multiple_of(DESC_SIZE) {
-            return Err(ChainError::IndirectBadLength(table.len));
-        }
-        let entries = table.len / DESC_SIZE as u32;
-        // Linux sizes indirect tables by `seg_max`, not by the ring size, so a small ring
-        // may carry tables longer than itself; QEMU allows up to 1024 entries too.
-        let limit = (self.layout.size as u32).max(MAX_INDIRECT_ENTRIES);
-        if entries > limit {
-            return Err(ChainError::TooLong { limit });
-        }
-        // Validated once; a table crossing into an adjacent region is read entry by entry.
-        let one_region = self.mem.iov(table.addr, table.len).ok();
-        if one_region.is_none() {
-            self.mem.for_each_iov(table.addr, table.len, |_| {})?;
-        }
-        let read = |i: u32| -> Result<Descriptor, ChainError> {
-            let mut b = [0u8; DESC_SIZE];
-            match one_region {
-                Some(iov) => self.mem.read_iov(iov, i * DESC_SIZE as u32, &mut b)?,
-                None => self.mem.read_at(table.addr + (i * DESC_SIZE as u32) as u64, &mut b)?,
-            }
-            Ok(Descriptor::from_bytes(&b))
-        };
+        let table = IndirectTable::new(&self.mem, table.addr, table.len, self.layout.size)?;
+        let entries = table.entries;
         let mut i = 0u32;
         for _ in 0..entries {
-            let d = read(i)?;
+            let d = Descriptor::from_bytes(&table.entry(i)?);
             if d.is_indirect() {
                 return Err(ChainError::NestedIndirect);
             }
