@@ -177,3 +177,21 @@ pub(crate) fn truncate_iovecs(iovs: &mut Vec<libc::iovec>, mut n: usize) {
     }
     iovs.truncate(keep);
 }
+
+/// Append to `out` the iovecs covering bytes `start..start + len` of `iovs` (pointers
+/// only; nothing is read). Fewer bytes if `iovs` is shorter.
+pub(crate) fn slice_iovecs(iovs: &[libc::iovec], mut start: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
+    for v in iovs {
+        if len == 0 {
+            break;
+        }
+        if start >= v.iov_len {
+            start -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - start).min(len);
+        out.push(libc::iovec { iov_base: v.iov_base.cast::<u8>().wrapping_add(start).cast(), iov_len: n });
+        start = 0;
+        len -= n;
+    }
+}

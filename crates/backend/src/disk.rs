@@ -79,6 +79,9 @@ pub(crate) enum FdChoice {
     /// The buffered fd: same file, no `O_DIRECT`. Equals the main fd when the
     /// disk is not direct.
     Buffered,
+    /// A file of a qcow2 image's chain ([`crate::qcow2::Extent::Data`]), which the disk
+    /// keeps open as long as it lives.
+    Image(std::os::fd::RawFd),
 }
 
 /// What actually stores the data.
@@ -410,7 +413,9 @@ impl Disk {
     /// One of the file descriptors; `EBADF` for the null backend.
     pub(crate) fn fd(&self, which: FdChoice) -> Result<BorrowedFd<'_>, BackendError> {
         match (&self.backing, which) {
-            (Backing::Null | Backing::Qcow2 { .. }, _) => Err(BackendError::errno("fd", libc::EBADF)),
+            (Backing::Null | Backing::Qcow2 { .. }, _) | (_, FdChoice::Image(_)) => {
+                Err(BackendError::errno("fd", libc::EBADF))
+            }
             (Backing::File { file, .. }, FdChoice::Main) => Ok(file.as_fd()),
             (Backing::File { file, buffered }, FdChoice::Buffered) => Ok(buffered.as_ref().unwrap_or(file).as_fd()),
         }

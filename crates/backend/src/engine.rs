@@ -17,13 +17,14 @@
 //!   injected errors and short transfers complete through `ready`, delayed ops
 //!   wait in a [`DelayQueue`] until their deadline.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::disk::Disk;
 use crate::inject::delay::DelayQueue;
 use crate::inject::{self, Outcome};
+use crate::qcow2::fast::Qcow2Engine;
 use crate::qcow2::service::Qcow2Queue;
 use crate::sync::SyncEngine;
 use crate::uring::UringEngine;
@@ -51,8 +52,9 @@ enum Flavour {
     Null,
     Sync(SyncEngine),
     Uring(Box<UringEngine>),
-    /// A qcow2 image: ops go to its service threads (`qcow2/service.rs`).
-    Qcow2(Qcow2Queue),
+    /// A qcow2 image: allocated data on an io_uring, the rest on the image's service
+    /// threads (`qcow2/fast.rs`).
+    Qcow2(Box<Qcow2Engine>),
 }
 
 /// Executes [`IoOp`]s for one worker thread. See the crate docs for the
@@ -88,9 +90,7 @@ impl Engine {
         // Each engine flushes through its own open file description (see `disk.rs`).
         let flavour = match kind {
             _ if disk.is_null() => Flavour::Null,
-            _ if disk.qcow2().is_some() => Flavour::Qcow2(
-                Qcow2Queue::new(eventfd.as_fd()).map_err(|source| BackendError::Io { op: "dup eventfd", source })?,
-            ),
+            _ if disk.qcow2().is_some() => Flavour::Qcow2(Box::new(qcow2_engine(&disk, kind, depth, eventfd.as_fd())?)),
             EngineKind::Sync => Flavour::Sync(SyncEngine::new(depth, disk.flusher()?)),
             EngineKind::Uring => Flavour::Uring(Box::new(UringEngine::new(depth, eventfd.as_fd(), disk.flusher()?)?)),
             EngineKind::Auto if disk.is_memory_backed() => Flavour::Sync(SyncEngine::new(depth, disk.flusher()?)),
@@ -111,11 +111,20 @@ impl Engine {
 
     /// `"io_uring"`, `"sync"` or `"null"`.
     pub fn kind_name(&self) -> &'static str {
-        match self.flavour {
+        match &self.flavour {
             Flavour::Null => "null",
             Flavour::Sync(_) => "sync",
             Flavour::Uring(_) => "io_uring",
-            Flavour::Qcow2(_) => "qcow2",
+            Flavour::Qcow2(q) => q.name(),
+        }
+    }
+
+    /// On a qcow2 image: how many requests ran on the io_uring (allocated data, zeros) and
+    /// how many on the image's service threads.
+    pub fn qcow2_routes(&self) -> Option<crate::qcow2::Routes> {
+        match &self.flavour {
+            Flavour::Qcow2(q) => Some(q.routes()),
+            _ => None,
         }
     }
 
@@ -186,7 +195,11 @@ impl Engine {
             Flavour::Uring(u) => unsafe { u.push(&self.disk, op, &mut self.ready) }?,
             // The service threads keep to the caller's contract: the op's completion is
             // handed back only after they are done with its buffers.
-            Flavour::Qcow2(q) => q.push(op),
+            Flavour::Qcow2(q) => match self.disk.qcow2() {
+                // SAFETY: forwarded caller contract.
+                Some((image, _)) => unsafe { q.push(&self.disk, image, op, &mut self.ready) },
+                None => self.ready.push(Completion { op, result: Err(BackendError::errno("qcow2", libc::EBADF)) }),
+            },
         }
         Ok(())
     }
@@ -257,12 +270,7 @@ impl Engine {
                 }
                 Ok(())
             }
-            Flavour::Qcow2(q) => {
-                if let Some((_, service)) = self.disk.qcow2() {
-                    q.submit(service);
-                }
-                Ok(())
-            }
+            Flavour::Qcow2(q) => q.submit(&self.disk),
         }
     }
 
@@ -293,7 +301,7 @@ impl Engine {
             }
             Flavour::Qcow2(q) => {
                 sys::eventfd_clear(self.eventfd.as_fd());
-                q.reap(out);
+                q.reap(&self.disk, out);
             }
             _ => {}
         }
@@ -309,7 +317,7 @@ impl Engine {
         self.release_due();
         match &mut self.flavour {
             Flavour::Uring(u) => u.reap(&self.disk, out),
-            Flavour::Qcow2(q) => q.reap(out),
+            Flavour::Qcow2(q) => q.reap(&self.disk, out),
             _ => {}
         }
         out.append(&mut self.ready); // one memcpy, not an element-wise extend
@@ -326,11 +334,11 @@ impl Engine {
             if out.len() > before || self.in_flight == 0 {
                 return Ok(());
             }
+            let unsubmitted = self.unsubmitted();
             match &mut self.flavour {
                 Flavour::Uring(u) if u.busy() > 0 => u.wait_cqe()?,
-                Flavour::Sync(s) if s.pending() > 0 => self.submit()?,
-                Flavour::Qcow2(q) if q.unsubmitted() > 0 => self.submit()?,
-                Flavour::Qcow2(q) => sys::wait_readable(q.eventfd()),
+                Flavour::Sync(_) | Flavour::Qcow2(_) if unsubmitted > 0 => self.submit()?,
+                Flavour::Qcow2(q) if q.busy() > 0 => sys::wait_readable(q.eventfd()),
                 _ => match self.delays.as_ref().and_then(DelayQueue::next_deadline) {
                     // Held by an injected delay: sleep until the first one is due.
                     Some(t) => std::thread::sleep(t.saturating_duration_since(Instant::now())),
@@ -345,6 +353,27 @@ impl Engine {
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
+}
+
+/// The engine of a qcow2 image: io_uring for allocated data (unless `kind` says
+/// synchronous, or the kernel refuses io_uring), the image's service threads for the rest.
+fn qcow2_engine(
+    disk: &Disk,
+    kind: EngineKind,
+    depth: usize,
+    eventfd: BorrowedFd<'_>,
+) -> Result<Qcow2Engine, BackendError> {
+    let Some((image, _)) = disk.qcow2() else { return Err(BackendError::errno("qcow2", libc::EBADF)) };
+    let service = Qcow2Queue::new(eventfd).map_err(|source| BackendError::Io { op: "dup eventfd", source })?;
+    // A request split at mapping boundaries takes several io_uring slots.
+    let uring = match kind {
+        EngineKind::Sync => None,
+        EngineKind::Uring => Some(UringEngine::new(depth * 2, eventfd, None)?),
+        EngineKind::Auto => UringEngine::new(depth * 2, eventfd, None)
+            .inspect_err(|e| tracing::warn!(error = %e, "io_uring unavailable, qcow2 data I/O on its service threads"))
+            .ok(),
+    };
+    Ok(Qcow2Engine::new(image, uring, service, depth))
 }
 
 /// Checks common to every flavour. `Some(result)` means "complete now with

@@ -25,7 +25,7 @@
 //! it for each CQE; the worker `poll()`s it.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring, Probe};
 
@@ -215,17 +215,49 @@ impl UringEngine {
         Ok(())
     }
 
+    /// Slots free for [`UringEngine::push_at`].
+    pub(crate) fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Queue a read or write of `op` through `fd` (a file of a qcow2 chain, at the
+    /// op's offset in that file), with no bounce buffer. `Err(op)` if no slot is free.
+    ///
+    /// # Safety
+    /// As for [`UringEngine::push`]; and `fd` stays open until the completion is reaped.
+    pub(crate) unsafe fn push_at(&mut self, disk: &Disk, fd: RawFd, op: IoOp) -> Result<(), IoOp> {
+        debug_assert!(matches!(op.kind, OpKind::Read | OpKind::Write));
+        let Some(idx) = self.free.pop() else {
+            return Err(op);
+        };
+        let slot = &mut self.slots[idx];
+        slot.done = 0;
+        slot.retries = 0;
+        slot.use_work = false;
+        slot.fd = FdChoice::Image(fd);
+        slot.stage = Stage::Rw;
+        slot.op = Some(op);
+        if let Err(e) = self.queue_sqe(disk, idx) {
+            // Only a full SQ; the slot's op is handed back with the error.
+            if let Some(c) = self.finish(idx, Err(e)) {
+                return Err(c.op);
+            }
+        }
+        Ok(())
+    }
+
     /// Build the SQE for slot `idx`'s current stage and put it in the SQ.
     fn queue_sqe(&mut self, disk: &Disk, idx: usize) -> Result<(), BackendError> {
         let slot = &self.slots[idx];
         let Some(op) = slot.op.as_ref() else {
             return Err(BackendError::InvalidRequest("empty slot"));
         };
-        let fd = match slot.stage {
-            Stage::FuaSync | Stage::Flush => sync::flush_fd(disk, self.flusher.as_ref())?,
-            Stage::Rw | Stage::Fallocate => disk.fd(slot.fd)?,
+        let fd = match (slot.stage, slot.fd) {
+            (Stage::FuaSync | Stage::Flush, _) => sync::flush_fd(disk, self.flusher.as_ref())?.as_raw_fd(),
+            (Stage::Rw, FdChoice::Image(fd)) => fd,
+            (Stage::Rw | Stage::Fallocate, which) => disk.fd(which)?.as_raw_fd(),
         };
-        let fd = types::Fd(fd.as_raw_fd());
+        let fd = types::Fd(fd);
         let entry = match slot.stage {
             Stage::Rw => {
                 let iovs = if slot.use_work { &slot.work } else { &op.iovs };

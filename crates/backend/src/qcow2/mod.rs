@@ -12,34 +12,46 @@
 //!   an encrypted image (imago 0.2 does not check `crypt_method` itself), a cluster size
 //!   outside 4 KiB..2 MiB; unknown incompatible features, extended L2 entries and images
 //!   marked dirty or corrupt are refused by imago.
-//! - **How requests run** ([`service`]): imago's API blocks (its `sync` build), and a vblk
-//!   worker never blocks, so a worker hands each op to the image's service threads (a small
-//!   fixed pool, not a thread per request) and reaps the completion through its engine's
-//!   eventfd, exactly like an io_uring completion.
+//! - **How requests run** ([`fast`], [`service`]): a worker looks each read and write up in
+//!   imago's cached mapping tables without doing any I/O ([`Qcow2Image::map`]); data that
+//!   is already allocated is read and written on the worker's own io_uring, straight from
+//!   and into guest memory, like a raw image; unallocated and zero ranges read as zeros.
+//!   Everything else (allocating writes, compressed clusters, a table not in the cache,
+//!   flush, discard, write-zeroes, FUA) goes to the image's service threads, which run
+//!   imago's blocking API (a small fixed pool, not a thread per request) and complete
+//!   through the engine's eventfd, exactly like an io_uring completion.
 //!
 //! - **Crash safety** ([`ordered`]): the image's roots (header, L1 table, refcount table)
 //!   reach the disk only at flush, after the tables they point to.
 //!
-//! Flush is imago's metadata write-back and an `fdatasync`; discard sets zero clusters on
-//! v3 (no space is freed: freeing a cluster while another worker's I/O may still target it
-//! needs a pause of every queue) and is ignored on v2, where the format has no zero flag.
+//! - **Freeing space** ([`quiesce`]): a discard (or a write-zeroes that may unmap) frees the
+//!   range's clusters on v3 images, so a guest's `fstrim` gives the space back to the host;
+//!   it first waits until no worker has I/O in flight to a mapping it looked up, since a
+//!   freed cluster may be reused at once. On v2, which has no zero flag, discard does
+//!   nothing (it is a hint) and write-zeroes writes zeros.
+//!
+//! Flush is imago's metadata write-back and an `fdatasync`.
 
+pub(crate) mod fast;
 pub mod gate;
 mod ordered;
+pub(crate) mod quiesce;
 pub(crate) mod service;
 
 use std::fs::File as StdFile;
 use std::io::{self, Read, Seek};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::{
-    FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Storage, StorageCreateOptions, StorageOpenOptions,
+    FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, Storage, StorageCreateOptions, StorageOpenOptions,
 };
-use ordered::OrderedFile;
+use ordered::{NonBlocking, OrderedFile};
 
+pub use fast::Routes;
 pub use gate::{ChainGate, MAX_CHAIN_DEPTH};
 
 /// The first four bytes of every qcow2 image.
@@ -162,6 +174,19 @@ pub fn check_header(path: &Path) -> Result<HeaderInfo, FormatError> {
     Ok(HeaderInfo { version, cluster_bits, size })
 }
 
+/// What a guest range maps to, as far as a worker can tell without I/O ([`Qcow2Image::map`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Extent {
+    /// Allocated data at `offset` in the file behind `fd` (a layer of the chain); a write
+    /// may go there only if `writable` (the top image's own cluster, not shared).
+    Data { fd: RawFd, offset: u64, writable: bool },
+    /// Reads as zeros: unallocated in the whole chain, a zero cluster, or past the end of
+    /// a shorter backing file.
+    Zero,
+    /// Needs the format code: a compressed cluster, or a table that is not cached.
+    Slow,
+}
+
 /// How to open a qcow2 image.
 #[derive(Debug, Clone, Default)]
 pub struct Qcow2Options {
@@ -190,6 +215,8 @@ pub struct Qcow2Image {
     readonly: bool,
     /// The sticky flush failure of this image (see `disk.rs`).
     flush_failed: AtomicBool,
+    /// Exclusion between freeing clusters and I/O to mapped clusters.
+    pub(crate) quiesce: quiesce::Quiesce,
 }
 
 impl Qcow2Image {
@@ -219,6 +246,7 @@ impl Qcow2Image {
             path: path.to_owned(),
             readonly: opts.readonly,
             flush_failed: AtomicBool::new(false),
+            quiesce: quiesce::Quiesce::default(),
         })
     }
 
@@ -268,6 +296,23 @@ impl Qcow2Image {
         self.flush_failed.store(true, Ordering::Release);
     }
 
+    /// What the `len` bytes at guest `offset` map to, and for how many bytes the answer
+    /// holds (at least 1 unless `Slow`). Never does I/O: a lookup that would have to read
+    /// (or write back) a table answers `Slow`. A worker may still wait briefly on imago's
+    /// cache lock while a service thread loads a table.
+    pub(crate) fn map(&self, offset: u64, len: u64) -> (Extent, u64) {
+        let _no_io = NonBlocking::enter();
+        match self.access.get_mapping(offset, len) {
+            Ok((Mapping::Raw { storage, offset, writable, .. }, n)) if n > 0 => {
+                (Extent::Data { fd: storage.data_fd(), offset, writable }, n.min(len))
+            }
+            Ok((Mapping::Zero { .. }, n)) if n > 0 => (Extent::Zero, n.min(len)),
+            // The top image ends here (the virtual size was checked before): zeros.
+            Ok((Mapping::Eof { .. }, _)) => (Extent::Zero, len),
+            _ => (Extent::Slow, 0),
+        }
+    }
+
     /// Read into `iovs` at `offset` (blocking; service threads only).
     ///
     /// # Safety
@@ -279,6 +324,7 @@ impl Qcow2Image {
             // SAFETY: the caller's contract; the slice lives only for this call.
             v.push(unsafe { std::slice::from_raw_parts_mut(iov.iov_base as *mut u8, iov.iov_len) });
         }
+        let _shared = self.quiesce.shared();
         self.access.readv(v, offset)
     }
 
@@ -292,19 +338,36 @@ impl Qcow2Image {
             // SAFETY: the caller's contract; the slice lives only for this call.
             v.push(unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) });
         }
+        let _shared = self.quiesce.shared();
         self.access.writev(v, offset)
     }
 
-    /// Make the range read as zeros (v3: zero clusters; v2: zeros written).
+    /// Make the range read as zeros (v3: zero clusters, allocation kept; v2: zeros
+    /// written). Service threads only.
     pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _shared = self.quiesce.shared();
         self.access.write_zeroes(offset, len)
     }
 
-    /// Discard: zero clusters on v3 (space is not freed, see the module docs); nothing on
-    /// v2 (discard is a hint: the guest may read old data or zeros).
+    /// Make the range read as zeros and free its clusters (v3; see the module docs).
+    /// Service threads only.
+    pub(crate) fn discard_to_zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.header.version < 3 {
+            return self.write_zeroes(offset, len);
+        }
+        let _exclusive = self.quiesce.exclusive();
+        // SAFETY: imago's contract: no data mapping of this image may be in use
+        // concurrently. `Quiesce::exclusive` waited until no worker has I/O in flight to a
+        // mapping (new ones go to the service) and holds the lock every other service op
+        // takes, so nothing else uses a mapping until it is dropped.
+        unsafe { self.access.discard_to_zero_unsafe(offset, len) }
+    }
+
+    /// Discard: free the clusters on v3 (they read as zeros afterwards); nothing on v2
+    /// (discard is a hint: the guest may read old data or zeros).
     pub(crate) fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.header.version >= 3 {
-            self.access.write_zeroes(offset, len)
+            self.discard_to_zero(offset, len)
         } else {
             Ok(())
         }
@@ -312,6 +375,7 @@ impl Qcow2Image {
 
     /// Write back imago's metadata caches and `fdatasync` the image.
     pub(crate) fn flush(&self) -> io::Result<()> {
+        let _shared = self.quiesce.shared();
         self.access.flush()?;
         self.access.sync()
     }

@@ -19,9 +19,20 @@
 //! since the last flush, which leaves the clusters allocated since then unreferenced
 //! (leaked: `qemu-img check` reports them, harmless). What the guest wrote since its last
 //! FLUSH may be lost, as it may on any disk with a write cache; what it flushed never is.
+//!
+//! Two more things live here because every layer of a chain is an `OrderedFile`:
+//! - a second descriptor of the same file ([`OrderedFile::data_fd`]) that a worker's
+//!   io_uring reads and writes data clusters through (`fast.rs`);
+//! - [`NonBlocking`]: while a worker looks a mapping up, any I/O imago would do (loading an
+//!   L2 table that is not cached, writing one back to make room) fails with `WouldBlock`
+//!   instead of blocking the worker; the request then goes to the service threads, which
+//!   load the table for the next one.
 
+use std::cell::Cell;
 use std::fmt;
+use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -81,9 +92,43 @@ struct Held {
     writes: Vec<(u64, Vec<u8>)>,
 }
 
+thread_local! {
+    /// Set while this thread must not do storage I/O (see [`NonBlocking`]).
+    static NO_BLOCKING_IO: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While a `NonBlocking` lives, every storage call that would read or write the file on
+/// this thread fails with [`io::ErrorKind::WouldBlock`]. imago propagates such an error
+/// without caching anything (a table whose load failed is not inserted; an entry whose
+/// write-back failed stays cached and dirty), so the attempt leaves no trace.
+pub(crate) struct NonBlocking(());
+
+impl NonBlocking {
+    pub(crate) fn enter() -> NonBlocking {
+        NO_BLOCKING_IO.set(true);
+        NonBlocking(())
+    }
+}
+
+impl Drop for NonBlocking {
+    fn drop(&mut self) {
+        NO_BLOCKING_IO.set(false);
+    }
+}
+
+fn would_block() -> io::Result<()> {
+    if NO_BLOCKING_IO.get() {
+        return Err(io::Error::new(io::ErrorKind::WouldBlock, "qcow2 metadata I/O on a worker thread"));
+    }
+    Ok(())
+}
+
 /// See the module docs.
 pub struct OrderedFile {
     inner: ImagoFile,
+    /// The same file, for data I/O on a worker's io_uring (a `dup`: same open file
+    /// description, so the same page cache and the same write-back errors at `fdatasync`).
+    data: fs::File,
     held: Mutex<Held>,
 }
 
@@ -100,8 +145,8 @@ impl fmt::Display for OrderedFile {
 }
 
 impl OrderedFile {
-    fn wrap(inner: ImagoFile) -> io::Result<OrderedFile> {
-        let f = OrderedFile { inner, held: Mutex::new(Held::default()) };
+    fn wrap(inner: ImagoFile, data: fs::File) -> io::Result<OrderedFile> {
+        let f = OrderedFile { inner, data, held: Mutex::new(Held::default()) };
         if f.inner.size()? >= 64 {
             let mut head = vec![0u8; 4096.min(f.inner.size()? as usize)];
             let mut v = IoVectorMut::with_capacity(1);
@@ -121,6 +166,11 @@ impl OrderedFile {
             }
         }
         Ok(f)
+    }
+
+    /// The descriptor data clusters are read and written through (valid while `self` is).
+    pub(crate) fn data_fd(&self) -> RawFd {
+        self.data.as_raw_fd()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -152,11 +202,23 @@ impl OrderedFile {
 
 impl Storage for OrderedFile {
     fn open(opts: StorageOpenOptions) -> io::Result<Self> {
-        OrderedFile::wrap(ImagoFile::open(opts)?)
+        let path = opts
+            .get_filename()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a storage object without a file name"))?;
+        if opts.get_direct() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "O_DIRECT qcow2 storage"));
+        }
+        let file = fs::OpenOptions::new().read(true).write(opts.get_writable()).open(path)?;
+        let data = file.try_clone()?;
+        OrderedFile::wrap(ImagoFile::from_open_file(file, opts)?, data)
     }
 
     fn create_open(opts: StorageCreateOptions) -> io::Result<Self> {
-        OrderedFile::wrap(ImagoFile::create_open(opts)?)
+        let path = opts.get_filename().map(Path::to_owned);
+        let inner = ImagoFile::create_open(opts)?;
+        let path = path.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+        let data = fs::OpenOptions::new().read(true).write(true).open(path)?;
+        OrderedFile::wrap(inner, data)
     }
 
     fn mem_align(&self) -> usize {
@@ -180,6 +242,7 @@ impl Storage for OrderedFile {
     }
 
     unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        would_block()?;
         // The buffers, to lay held root writes over what the file has.
         // SAFETY: the iovecs describe `bufv`'s buffers, alive for this call.
         let iovs: Vec<libc::iovec> = unsafe { bufv.as_iovec() }.to_vec();
@@ -211,6 +274,7 @@ impl Storage for OrderedFile {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        would_block()?;
         {
             let mut held = self.lock();
             if let Some(roots) = &held.roots {
@@ -251,12 +315,14 @@ impl Storage for OrderedFile {
     }
 
     fn flush(&self) -> io::Result<()> {
+        would_block()?;
         // imago has written back its caches: now the roots may point at them.
         self.write_roots()?;
         self.inner.flush()
     }
 
     fn sync(&self) -> io::Result<()> {
+        would_block()?;
         self.write_roots()?;
         self.inner.sync()
     }

@@ -8,6 +8,7 @@
 //! in parallel and allocations serialise where they must.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,12 +23,17 @@ pub(crate) const SERVICE_THREADS: usize = 2;
 #[derive(Debug)]
 pub(crate) struct Reply {
     done: Mutex<Vec<Completion>>,
+    /// How many completions `done` holds: lets a polling worker skip the lock.
+    count: AtomicUsize,
     eventfd: OwnedFd,
 }
 
 impl Reply {
     fn deliver(&self, c: Completion) {
-        self.done.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        done.push(c);
+        self.count.store(done.len(), Ordering::Release);
+        drop(done);
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live local to an eventfd this struct owns.
         let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
@@ -126,8 +132,10 @@ fn run(image: &Qcow2Image, op: &IoOp) -> Result<u64, BackendError> {
             }
             Ok(0)
         }
-        OpKind::WriteZeroes { .. } => {
-            image.write_zeroes(op.offset, op.len).map_err(io("qcow2 write-zeroes"))?;
+        OpKind::WriteZeroes { unmap } => {
+            let r =
+                if unmap { image.discard_to_zero(op.offset, op.len) } else { image.write_zeroes(op.offset, op.len) };
+            r.map_err(io("qcow2 write-zeroes"))?;
             if op.fua {
                 flush(image)?;
             }
@@ -159,7 +167,10 @@ impl Qcow2Queue {
     /// A queue completing into `out` and signalling `eventfd` (the engine's; duplicated).
     pub(crate) fn new(eventfd: BorrowedFd<'_>) -> std::io::Result<Qcow2Queue> {
         let eventfd = eventfd.try_clone_to_owned()?;
-        Ok(Qcow2Queue { pending: Vec::new(), reply: Arc::new(Reply { done: Mutex::new(Vec::new()), eventfd }) })
+        Ok(Qcow2Queue {
+            pending: Vec::new(),
+            reply: Arc::new(Reply { done: Mutex::new(Vec::new()), count: AtomicUsize::new(0), eventfd }),
+        })
     }
 
     pub(crate) fn push(&mut self, op: IoOp) {
@@ -179,11 +190,16 @@ impl Qcow2Queue {
 
     /// Move finished ops to `out`.
     pub(crate) fn reap(&self, out: &mut Vec<Completion>) {
-        out.append(&mut self.reply.done.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.reply.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut done = self.reply.done.lock().unwrap_or_else(|p| p.into_inner());
+        out.append(&mut done);
+        self.reply.count.store(0, Ordering::Release);
     }
 
     /// Ops handed to the service and not yet completed into the reply.
-    fn outstanding(&self) -> usize {
+    pub(crate) fn outstanding(&self) -> usize {
         Arc::strong_count(&self.reply) - 1
     }
 
