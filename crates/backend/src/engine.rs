@@ -368,12 +368,16 @@ fn qcow2_engine(
     // A request split at mapping boundaries takes several io_uring slots.
     let uring = match kind {
         EngineKind::Sync => None,
+        EngineKind::Auto if image.memory_backed() => None,
         EngineKind::Uring => Some(UringEngine::new(depth * 2, eventfd, None)?),
         EngineKind::Auto => UringEngine::new(depth * 2, eventfd, None)
             .inspect_err(|e| tracing::warn!(error = %e, "io_uring unavailable, qcow2 data I/O on its service threads"))
             .ok(),
     };
-    Ok(Qcow2Engine::new(image, uring, service, depth))
+    // In memory, reads and writes of mapped data are memory copies: done at once, as the
+    // raw engine does (see `EngineKind::Auto`).
+    let inline = kind == EngineKind::Auto && image.memory_backed();
+    Ok(Qcow2Engine::new(image, uring, inline, service, depth))
 }
 
 /// Checks common to every flavour. `Some(result)` means "complete now with

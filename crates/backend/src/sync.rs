@@ -145,7 +145,7 @@ pub(crate) unsafe fn read_write(disk: &Disk, op: &IoOp, work: &mut Vec<libc::iov
 /// `iovs` must be valid for writes (read) or reads (write) and describe at
 /// least `len` bytes.
 #[allow(clippy::too_many_arguments)]
-unsafe fn transfer(
+pub(crate) unsafe fn transfer(
     fd: BorrowedFd<'_>,
     write: bool,
     iovs: &[libc::iovec],

@@ -28,6 +28,7 @@ use super::service::Qcow2Queue;
 use super::{Extent, Qcow2Image};
 use crate::bounce::{slice_iovecs, IOV_MAX};
 use crate::disk::Disk;
+use crate::sync::transfer;
 use crate::uring::UringEngine;
 use crate::{BackendError, Completion, IoOp, OpKind};
 
@@ -54,10 +55,14 @@ struct Parent {
     error: Option<BackendError>,
 }
 
-/// See the module docs. `uring` is `None` when the worker runs without io_uring: then
-/// every op goes to the service threads.
+/// See the module docs. Without `uring`, the fast path runs its reads and writes at once
+/// with plain syscalls if `inline` (an image in memory: tmpfs, where io_uring would hand
+/// every op to a kernel thread; see `EngineKind::Auto`), else every op goes to the service.
 pub(crate) struct Qcow2Engine {
     uring: Option<UringEngine>,
+    inline: bool,
+    /// Scratch iovecs for inline transfers.
+    work: Vec<libc::iovec>,
     service: Qcow2Queue,
     parents: Vec<Option<Parent>>,
     free: Vec<usize>,
@@ -89,10 +94,13 @@ impl Qcow2Engine {
     pub(crate) fn new(
         image: &Qcow2Image,
         uring: Option<UringEngine>,
+        inline: bool,
         service: Qcow2Queue,
         depth: usize,
     ) -> Qcow2Engine {
         Qcow2Engine {
+            inline: inline && uring.is_none(),
+            work: Vec::new(),
             mapped: image.quiesce.register(),
             uring,
             service,
@@ -109,12 +117,12 @@ impl Qcow2Engine {
         self.routed
     }
 
-    /// `"qcow2+io_uring"` or `"qcow2"` (service threads only).
+    /// `"qcow2+io_uring"`, `"qcow2+sync"` or `"qcow2"` (service threads only).
     pub(crate) fn name(&self) -> &'static str {
-        if self.uring.is_some() {
-            "qcow2+io_uring"
-        } else {
-            "qcow2"
+        match (&self.uring, self.inline) {
+            (Some(_), _) => "qcow2+io_uring",
+            (None, true) => "qcow2+sync",
+            (None, false) => "qcow2",
         }
     }
 
@@ -124,7 +132,7 @@ impl Qcow2Engine {
     /// # Safety
     /// As for [`crate::Engine::push`].
     pub(crate) unsafe fn push(&mut self, disk: &Disk, image: &Qcow2Image, op: IoOp, ready: &mut Vec<Completion>) {
-        let op = if self.uring.is_some() && image.quiesce.enter(&self.mapped) {
+        let op = if (self.uring.is_some() || self.inline) && image.quiesce.enter(&self.mapped) {
             let started = match self.plan(image, &op) {
                 // SAFETY: forwarded caller contract.
                 true => unsafe { self.start(disk, op, ready) },
@@ -150,7 +158,9 @@ impl Qcow2Engine {
     /// Fill `self.pieces` with where `op` goes; `false` if it must go to the service.
     fn plan(&mut self, image: &Qcow2Image, op: &IoOp) -> bool {
         self.pieces.clear();
-        let Some(uring) = &self.uring else { return false };
+        if self.uring.is_none() && !self.inline {
+            return false;
+        }
         let write = match op.kind {
             OpKind::Read => false,
             // A FUA write's cluster may have been allocated since the last flush: its
@@ -174,7 +184,40 @@ impl Qcow2Engine {
             start += n;
         }
         let files = self.pieces.iter().filter(|p| p.file.is_some()).count();
-        files <= uring.free_slots() && !self.free.is_empty() && op.iovs.len() <= IOV_MAX
+        let room = self.uring.as_ref().is_none_or(|u| files <= u.free_slots() && !self.free.is_empty());
+        room && op.iovs.len() <= IOV_MAX
+    }
+
+    /// Carry out the plan in `self.pieces` now, with plain syscalls (`inline`).
+    ///
+    /// # Safety
+    /// As for [`crate::Engine::push`].
+    unsafe fn run_inline(&mut self, op: IoOp, ready: &mut Vec<Completion>) {
+        let mut result = Ok(op.len);
+        let mut part = self.spare.pop().unwrap_or_default();
+        for p in &self.pieces {
+            part.clear();
+            slice_iovecs(&op.iovs, p.start as usize, p.len as usize, &mut part);
+            let Some((fd, host)) = p.file else {
+                // SAFETY: the caller's contract: a read's iovecs are writable.
+                unsafe { zero_iovecs(&part, 0, p.len as usize) };
+                continue;
+            };
+            // SAFETY: `fd` belongs to the image, which the disk (and so the engine) keeps
+            // open for this whole call.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let write = op.kind == OpKind::Write;
+            // SAFETY: `part` is a part of the request's iovecs (the caller's contract).
+            let r = unsafe { transfer(fd, write, &part, host, p.len, 0, op.kind, &mut self.work) };
+            if let Err(e) = r {
+                result = Err(e);
+                break;
+            }
+        }
+        part.clear();
+        self.spare.push(part);
+        Quiesce::leave(&self.mapped);
+        ready.push(Completion { op, result });
     }
 
     /// Carry out the plan in `self.pieces`. `Err(op)` if the io_uring took nothing.
@@ -182,6 +225,11 @@ impl Qcow2Engine {
     /// # Safety
     /// As for [`crate::Engine::push`].
     unsafe fn start(&mut self, disk: &Disk, mut op: IoOp, ready: &mut Vec<Completion>) -> Result<(), IoOp> {
+        if self.uring.is_none() {
+            // SAFETY: forwarded caller contract.
+            unsafe { self.run_inline(op, ready) };
+            return Ok(());
+        }
         let Qcow2Engine { uring, parents, free, pieces, spare, .. } = self;
         let (Some(uring), Some(idx)) = (uring.as_mut(), free.pop()) else { return Err(op) };
         let (tag, offset) = (op.tag, op.offset);

@@ -57,6 +57,16 @@ pub struct ChainGate {
     chain: Vec<PathBuf>,
     /// The first refusal, kept apart because imago wraps the error it travels in.
     refused: Arc<Mutex<Option<GateRefusal>>>,
+    /// The layers opened below the top, in the order they were opened (top down).
+    opened: Arc<Mutex<Vec<Layer>>>,
+}
+
+/// A backing layer the gate let imago open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    pub path: PathBuf,
+    /// imago's name of its format (`qcow2`, `raw`, ...).
+    pub format: String,
 }
 
 impl ChainGate {
@@ -67,12 +77,17 @@ impl ChainGate {
         for dir in extra {
             allowed.push(dir.canonicalize().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?);
         }
-        Ok(ChainGate { allowed: Arc::new(allowed), chain: vec![top], refused: Arc::default() })
+        Ok(ChainGate { allowed: Arc::new(allowed), chain: vec![top], refused: Arc::default(), opened: Arc::default() })
     }
 
     /// Why the gate refused a file, if it did.
     pub(crate) fn refusal(&self) -> Option<GateRefusal> {
         self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The backing layers opened so far, top down.
+    pub fn opened(&self) -> Vec<Layer> {
+        self.opened.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn refuse(&self, r: GateRefusal) -> io::Error {
@@ -107,6 +122,8 @@ impl ImplicitOpenGate<OrderedFile> for ChainGate {
         if self.chain.len() >= MAX_CHAIN_DEPTH {
             return Err(self.refuse(GateRefusal::TooDeep { max: MAX_CHAIN_DEPTH }));
         }
+        let format = format!("{:?}", F::FORMAT).to_lowercase();
+        self.opened.lock().unwrap_or_else(|p| p.into_inner()).push(Layer { path: canon.clone(), format });
         let mut below = self.clone();
         below.chain.push(canon);
         Ok(FormatAccess::new(builder.open(below)?))

@@ -52,7 +52,12 @@ use imago::{
 use ordered::{NonBlocking, OrderedFile};
 
 pub use fast::Routes;
-pub use gate::{ChainGate, MAX_CHAIN_DEPTH};
+pub use gate::{ChainGate, Layer, MAX_CHAIN_DEPTH};
+
+/// imago's metadata caches, per qcow2 layer (fixed in imago 0.2): L2 tables and refcount
+/// blocks, one cluster each. Refcount blocks are only loaded to allocate, in the top layer.
+pub const L2_CACHE_TABLES: u64 = 128;
+pub const REFBLOCK_CACHE_BLOCKS: u64 = 32;
 
 /// The first four bytes of every qcow2 image.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -217,6 +222,11 @@ pub struct Qcow2Image {
     flush_failed: AtomicBool,
     /// Exclusion between freeing clusters and I/O to mapped clusters.
     pub(crate) quiesce: quiesce::Quiesce,
+    /// The backing layers, top down.
+    layers: Vec<Layer>,
+    memory_backed: bool,
+    /// The most memory imago's metadata caches of the whole chain can hold.
+    cache_max: u64,
 }
 
 impl Qcow2Image {
@@ -240,7 +250,17 @@ impl Qcow2Image {
             }
         })?;
         let access = FormatAccess::new(qcow2);
+        let layers = gate.opened();
+        let mut cache_max = (L2_CACHE_TABLES + REFBLOCK_CACHE_BLOCKS) << header.cluster_bits;
+        for layer in layers.iter().filter(|l| l.format == "qcow2") {
+            cache_max += L2_CACHE_TABLES << check_header(&layer.path)?.cluster_bits;
+        }
+        let memory_backed =
+            StdFile::open(path).map(|f| crate::sys::memory_backed(std::os::fd::AsFd::as_fd(&f))).unwrap_or(false);
         Ok(Qcow2Image {
+            layers,
+            cache_max,
+            memory_backed,
             header: HeaderInfo { size: access.size(), ..header },
             access,
             path: path.to_owned(),
@@ -269,6 +289,11 @@ impl Qcow2Image {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Does the image live in memory (tmpfs)? Decided by the top image's file.
+    pub(crate) fn memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     /// Virtual size in bytes.
@@ -380,15 +405,28 @@ impl Qcow2Image {
         self.access.sync()
     }
 
+    /// The backing layers, top down (the top image itself not included).
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The most memory the chain's metadata caches can take (see [`L2_CACHE_TABLES`]).
+    pub fn metadata_cache_max(&self) -> u64 {
+        self.cache_max
+    }
+
     /// A description for the startup log.
     pub fn describe(&self) -> String {
+        let backing: String =
+            self.layers.iter().map(|l| format!(", backed by {} ({})", l.path.display(), l.format)).collect();
         format!(
-            "qcow2 v{} {}, {} bytes, {} KiB clusters{}",
+            "qcow2 v{} {}, {} bytes, {} KiB clusters{}{backing}, metadata cache at most {} MiB",
             self.header.version,
             self.path.display(),
             self.header.size,
             self.cluster_size() >> 10,
-            if self.readonly { ", read-only" } else { "" }
+            if self.readonly { ", read-only" } else { "" },
+            self.cache_max.div_ceil(1 << 20),
         )
     }
 }

@@ -22,6 +22,9 @@ struct Dir(PathBuf);
 impl Dir {
     fn new(tag: &str) -> Dir {
         let base = std::env::var_os("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        Dir::under(&base, tag)
+    }
+    fn under(base: &Path, tag: &str) -> Dir {
         let d = base.join(format!("vblk-qcow2-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
@@ -161,6 +164,13 @@ fn qemu_io_patterns_read_back_through_a_backing_chain() {
 
     let disk = Arc::new(Disk::open_qcow2(&top, &Qcow2Options::default()).unwrap());
     assert_eq!(disk.size(), 4 << 20);
+    let image = disk.qcow2().unwrap().0;
+    let layers: Vec<_> =
+        image.layers().iter().map(|l| (l.path.file_name().unwrap().to_owned(), l.format.as_str())).collect();
+    assert_eq!(layers, [("mid.qcow2".into(), "qcow2"), ("base.raw".into(), "raw")]);
+    // 160 clusters of 64 KiB for the top, 128 of 4 KiB for the middle image.
+    assert_eq!(image.metadata_cache_max(), 160 * 65536 + 128 * 4096);
+    assert!(image.describe().contains("metadata cache at most 11 MiB"), "{}", image.describe());
     let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 8).unwrap();
     assert!(e.kind_name().starts_with("qcow2"), "{}", e.kind_name());
     let mut buf = vec![0u8; 4096];
@@ -196,11 +206,12 @@ fn qemu_io_patterns_read_back_through_a_backing_chain() {
     assert!(whole[..4096] == [0x11; 4096][..] && whole[520 << 10..(520 << 10) + 4096] == [0x33; 4096][..]);
 }
 
-/// A qcow2 disk's engine on io_uring, or `None` (with a message) where io_uring is refused.
-fn uring_engine(disk: &Arc<Disk>, depth: u32) -> Option<Engine> {
+/// A qcow2 disk's engine with a fast path named `kind`, or `None` (with a message) where
+/// it is not available (io_uring refused, no tmpfs).
+fn fast_engine(disk: &Arc<Disk>, depth: u32, kind: &str) -> Option<Engine> {
     let e = Engine::new(Arc::clone(disk), EngineKind::Auto, depth).unwrap();
-    if e.kind_name() != "qcow2+io_uring" {
-        eprintln!("io_uring unavailable: skipping the fast-path checks");
+    if e.kind_name() != kind {
+        eprintln!("{} instead of {kind}: skipping the fast-path checks", e.kind_name());
         return None;
     }
     Some(e)
@@ -208,10 +219,20 @@ fn uring_engine(disk: &Arc<Disk>, depth: u32) -> Option<Engine> {
 
 #[test]
 fn allocated_data_runs_on_the_io_uring_and_the_rest_on_the_service() {
-    if !have_qemu_img() {
-        return;
+    if have_qemu_img() {
+        fast_path_routes(Dir::new("fast"), "qcow2+io_uring");
     }
-    let d = Dir::new("fast");
+}
+
+/// The same with the image in memory (tmpfs): the fast path runs with plain syscalls.
+#[test]
+fn in_memory_the_fast_path_runs_inline() {
+    if have_qemu_img() && Path::new("/dev/shm").is_dir() {
+        fast_path_routes(Dir::under(Path::new("/dev/shm"), "fast-shm"), "qcow2+sync");
+    }
+}
+
+fn fast_path_routes(d: Dir, kind: &str) {
     let (base, mid, top) = (d.join("base.raw"), d.join("mid.qcow2"), d.join("top.qcow2"));
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "4M"]);
     qemu_io(&base, "raw", "write -P 0x11 0 1M");
@@ -229,7 +250,7 @@ fn allocated_data_runs_on_the_io_uring_and_the_rest_on_the_service() {
     let whole = expect(&d);
 
     let disk = Arc::new(Disk::open_qcow2(&top, &Qcow2Options::default()).unwrap());
-    let Some(mut e) = uring_engine(&disk, 8) else { return };
+    let Some(mut e) = fast_engine(&disk, 8, kind) else { return };
     let routes = |e: &Engine| e.qcow2_routes().unwrap();
     // One read across every kind of piece: the raw base, the middle image's 4 KiB
     // clusters, the top's cluster, a zero cluster, unallocated space. The first time the
