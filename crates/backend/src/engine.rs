@@ -270,7 +270,7 @@ impl Engine {
                 }
                 Ok(())
             }
-            Flavour::Qcow2(q) => q.submit(&self.disk),
+            Flavour::Qcow2(q) => q.submit(&self.disk, &mut self.ready),
         }
     }
 

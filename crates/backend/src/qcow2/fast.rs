@@ -61,6 +61,10 @@ struct Parent {
 pub(crate) struct Qcow2Engine {
     uring: Option<UringEngine>,
     inline: bool,
+    /// Inline requests pushed and not yet run (they run at submit, after the whole batch
+    /// has been parsed, as on the synchronous raw engine), with their pieces.
+    deferred: Vec<(IoOp, std::ops::Range<usize>)>,
+    deferred_pieces: Vec<Piece>,
     /// Scratch iovecs for inline transfers.
     work: Vec<libc::iovec>,
     service: Qcow2Queue,
@@ -100,6 +104,8 @@ impl Qcow2Engine {
     ) -> Qcow2Engine {
         Qcow2Engine {
             inline: inline && uring.is_none(),
+            deferred: Vec::new(),
+            deferred_pieces: Vec::new(),
             work: Vec::new(),
             mapped: image.quiesce.register(),
             uring,
@@ -132,7 +138,25 @@ impl Qcow2Engine {
     /// # Safety
     /// As for [`crate::Engine::push`].
     pub(crate) unsafe fn push(&mut self, disk: &Disk, image: &Qcow2Image, op: IoOp, ready: &mut Vec<Completion>) {
-        let op = if (self.uring.is_some() || self.inline) && image.quiesce.enter(&self.mapped) {
+        let op = if self.inline {
+            // One count for the whole batch of deferred requests: raised by the first,
+            // lowered when the batch has run; the later ones only check `draining` (their
+            // lookups come after the raise, so a discard either sees the count or they see
+            // `draining`).
+            let batch_open = !self.deferred.is_empty();
+            let admitted = if batch_open { !image.quiesce.draining() } else { image.quiesce.enter(&self.mapped) };
+            if admitted && self.plan(image, &op) {
+                let at = self.deferred_pieces.len();
+                self.deferred_pieces.extend_from_slice(&self.pieces);
+                self.deferred.push((op, at..self.deferred_pieces.len()));
+                self.routed.fast += 1;
+                return;
+            }
+            if admitted && !batch_open {
+                Quiesce::leave(&self.mapped);
+            }
+            op
+        } else if self.uring.is_some() && image.quiesce.enter(&self.mapped) {
             let started = match self.plan(image, &op) {
                 // SAFETY: forwarded caller contract.
                 true => unsafe { self.start(disk, op, ready) },
@@ -188,36 +212,45 @@ impl Qcow2Engine {
         room && op.iovs.len() <= IOV_MAX
     }
 
-    /// Carry out the plan in `self.pieces` now, with plain syscalls (`inline`).
+    /// Run the deferred inline requests with plain syscalls.
     ///
     /// # Safety
-    /// As for [`crate::Engine::push`].
-    unsafe fn run_inline(&mut self, op: IoOp, ready: &mut Vec<Completion>) {
-        let mut result = Ok(op.len);
+    /// As for [`crate::Engine::push`] (each request came through it).
+    unsafe fn run_deferred(&mut self, ready: &mut Vec<Completion>) {
         let mut part = self.spare.pop().unwrap_or_default();
-        for p in &self.pieces {
-            part.clear();
-            slice_iovecs(&op.iovs, p.start as usize, p.len as usize, &mut part);
-            let Some((fd, host)) = p.file else {
-                // SAFETY: the caller's contract: a read's iovecs are writable.
-                unsafe { zero_iovecs(&part, 0, p.len as usize) };
-                continue;
-            };
-            // SAFETY: `fd` belongs to the image, which the disk (and so the engine) keeps
-            // open for this whole call.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        for (op, range) in self.deferred.drain(..) {
             let write = op.kind == OpKind::Write;
-            // SAFETY: `part` is a part of the request's iovecs (the caller's contract).
-            let r = unsafe { transfer(fd, write, &part, host, p.len, 0, op.kind, &mut self.work) };
-            if let Err(e) = r {
-                result = Err(e);
-                break;
+            let mut result = Ok(op.len);
+            for p in &self.deferred_pieces[range] {
+                // One piece (the common case): the request's own iovecs.
+                let iovs = if p.len == op.len {
+                    &op.iovs[..]
+                } else {
+                    part.clear();
+                    slice_iovecs(&op.iovs, p.start as usize, p.len as usize, &mut part);
+                    &part[..]
+                };
+                let Some((fd, host)) = p.file else {
+                    // SAFETY: the caller's contract: a read's iovecs are writable.
+                    unsafe { zero_iovecs(iovs, 0, p.len as usize) };
+                    continue;
+                };
+                // SAFETY: `fd` belongs to the image, which the disk (and so the engine)
+                // keeps open for this whole call.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                // SAFETY: `iovs` is (a part of) the request's iovecs: the caller's contract.
+                if let Err(e) = unsafe { transfer(fd, write, iovs, host, p.len, 0, op.kind, &mut self.work) } {
+                    result = Err(e);
+                    break;
+                }
             }
+            ready.push(Completion { op, result });
         }
+        // The batch's one count (see `push`).
+        Quiesce::leave(&self.mapped);
+        self.deferred_pieces.clear();
         part.clear();
         self.spare.push(part);
-        Quiesce::leave(&self.mapped);
-        ready.push(Completion { op, result });
     }
 
     /// Carry out the plan in `self.pieces`. `Err(op)` if the io_uring took nothing.
@@ -225,11 +258,6 @@ impl Qcow2Engine {
     /// # Safety
     /// As for [`crate::Engine::push`].
     unsafe fn start(&mut self, disk: &Disk, mut op: IoOp, ready: &mut Vec<Completion>) -> Result<(), IoOp> {
-        if self.uring.is_none() {
-            // SAFETY: forwarded caller contract.
-            unsafe { self.run_inline(op, ready) };
-            return Ok(());
-        }
         let Qcow2Engine { uring, parents, free, pieces, spare, .. } = self;
         let (Some(uring), Some(idx)) = (uring.as_mut(), free.pop()) else { return Err(op) };
         let (tag, offset) = (op.tag, op.offset);
@@ -282,9 +310,16 @@ impl Qcow2Engine {
         Ok(())
     }
 
-    pub(crate) fn submit(&mut self, disk: &Disk) -> Result<(), BackendError> {
+    /// Hand the pushed requests over: to the service threads, to the io_uring, or (inline)
+    /// run them now, completing into `ready`.
+    pub(crate) fn submit(&mut self, disk: &Disk, ready: &mut Vec<Completion>) -> Result<(), BackendError> {
         if let Some((_, service)) = disk.qcow2() {
             self.service.submit(service);
+        }
+        if !self.deferred.is_empty() {
+            // SAFETY: every deferred request came through `push`, whose caller's contract
+            // holds until its completion is handed back.
+            unsafe { self.run_deferred(ready) };
         }
         match &mut self.uring {
             Some(u) => u.submit(),
@@ -293,7 +328,7 @@ impl Qcow2Engine {
     }
 
     pub(crate) fn unsubmitted(&mut self) -> usize {
-        self.service.unsubmitted() + self.uring.as_mut().map_or(0, |u| u.unsubmitted())
+        self.service.unsubmitted() + self.deferred.len() + self.uring.as_mut().map_or(0, |u| u.unsubmitted())
     }
 
     /// Move finished requests to `out`.

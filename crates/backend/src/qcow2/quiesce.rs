@@ -54,6 +54,12 @@ impl Quiesce {
         counter.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Is a discard draining? For a worker whose count is already raised (it need not be
+    /// raised again): its later lookups are ordered after that raise.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// For every service op but a discard.
     pub(crate) fn shared(&self) -> RwLockReadGuard<'_, ()> {
         self.exclusive.read().unwrap_or_else(|p| p.into_inner())

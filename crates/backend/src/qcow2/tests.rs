@@ -295,12 +295,47 @@ fn fast_path_routes(d: Dir, kind: &str) {
     }
     assert!(done[0].result.is_ok() && done[0].op.tag == 9 && done[0].op.offset == 3 << 20);
     assert_eq!(routes(&e).service, 4, "FUA write");
+    // A discard waits for a queue's fast-path request until that request is done with its
+    // mapping: reaped (io_uring, which may have finished it long before) or run (inline).
+    const BLOCK: usize = 4096;
+    let mut a2 = pattern(BLOCK, 1);
+    let before = e.qcow2_routes().unwrap().fast;
+    let op = IoOp {
+        kind: OpKind::Write,
+        offset: 520 << 10,
+        len: BLOCK as u64,
+        iovs: vec![libc::iovec { iov_base: a2.as_mut_ptr().cast(), iov_len: BLOCK }],
+        fua: false,
+        tag: 1,
+    };
+    // SAFETY: `a2` outlives the op: it is reaped below.
+    unsafe { e.push(op) }.unwrap();
+    if kind.ends_with("io_uring") {
+        e.submit().unwrap();
+    }
+    assert_eq!(e.qcow2_routes().unwrap().fast, before + 1, "an overwrite on the fast path");
+    let discard = {
+        let disk = Arc::clone(&disk);
+        std::thread::spawn(move || {
+            let mut e = Engine::new(disk, EngineKind::Auto, 1).unwrap();
+            io(&mut e, OpKind::Discard, 1 << 20, &mut vec![0u8; 64 << 10]).unwrap();
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!discard.is_finished(), "the discard waits for the unreaped request");
+    let mut done = Vec::new();
+    while done.is_empty() {
+        e.wait(&mut done).unwrap();
+    }
+    assert!(done[0].result.is_ok());
+    discard.join().unwrap();
     io(&mut e, OpKind::Flush, 0, &mut []).unwrap();
     drop(e);
     drop(disk);
     check_clean(&top);
     let after = expect(&d);
-    assert!(after[520 << 10..(520 << 10) + 4096] == a[..]);
+    assert!(after[520 << 10..(520 << 10) + 4096] == a2[..]);
+    assert!(after[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&x| x == 0), "discarded");
     assert!(after[..8192] == b[..]);
     assert!(after[3 << 20..(3 << 20) + 4096] == f[..]);
     assert!(after[8192..64 << 10] == whole[8192..64 << 10], "the rest of the copied cluster");
@@ -405,39 +440,6 @@ fn discard_frees_clusters_even_while_other_queues_write() {
     io(&mut e, OpKind::Read, 4 << 20, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0), "discarded data reads as zeros");
     const BLOCK: usize = 4096;
-
-    // A discard waits for a queue's fast-path request until that request is reaped (the
-    // io_uring may have finished it long before: only the reap ends its use of the mapping).
-    let mut a = pattern(BLOCK, 1);
-    io(&mut e, OpKind::Write, 0, &mut a).unwrap(); // allocates
-    let before = e.qcow2_routes().unwrap().fast;
-    let op = IoOp {
-        kind: OpKind::Write,
-        offset: 0,
-        len: BLOCK as u64,
-        iovs: vec![libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: BLOCK }],
-        fua: false,
-        tag: 1,
-    };
-    // SAFETY: `a` outlives the op: it is reaped below.
-    unsafe { e.push(op) }.unwrap();
-    e.submit().unwrap();
-    assert_eq!(e.qcow2_routes().unwrap().fast, before + 1, "an overwrite on the io_uring");
-    let discard = {
-        let disk = Arc::clone(&disk);
-        std::thread::spawn(move || {
-            let mut e = Engine::new(disk, EngineKind::Auto, 1).unwrap();
-            io(&mut e, OpKind::Discard, 8 << 20, &mut vec![0u8; 1 << 20]).unwrap();
-        })
-    };
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(!discard.is_finished(), "the discard waits for the unreaped request");
-    let mut done = Vec::new();
-    while done.is_empty() {
-        e.wait(&mut done).unwrap();
-    }
-    assert!(done[0].result.is_ok());
-    discard.join().unwrap();
 
     // Three queues write (allocating, then overwriting on the io_uring) while a fourth
     // discards the second half again and again: freed clusters are reused at once, so a
