@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the tests need: QEMU 10 (bookworm-backports), a Debian kernel,
-# busybox-static, fio, e2fsprogs, util-linux. Idempotent; safe to re-run.
+# Installs what the tests need: QEMU 10 (bookworm-backports) with its rbd block driver, a
+# Debian kernel, busybox-static, fio, e2fsprogs, util-linux, and Ceph for the RBD tests
+# (scripts/ceph-micro.sh install: ceph-mon, ceph-osd, ceph-common, librbd-dev, libclang for
+# bindgen). Idempotent; safe to re-run.
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -16,6 +18,9 @@ command -v blkdiscard >/dev/null || need+=(util-linux)
 command -v cpio >/dev/null || need+=(cpio)
 command -v dmsetup >/dev/null || need+=(dmsetup)
 command -v setpriv >/dev/null || need+=(util-linux)
+compgen -G '/usr/lib/*/qemu/block-rbd.so' >/dev/null || need+=(qemu-block-extra)
+command -v ceph-osd >/dev/null && command -v rbd >/dev/null && [ -e /usr/include/rbd/librbd.h ] \
+    && compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null || need+=(ceph)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "setup: everything already installed"
@@ -32,7 +37,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports \
-    qemu-system-x86 qemu-system-common qemu-utils >/dev/null
+    qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra >/dev/null
 $SUDO apt-get install -y -qq --no-install-recommends \
     linux-image-amd64 busybox-static fio e2fsprogs util-linux cpio kmod dmsetup >/dev/null
+bash "$(dirname "$0")/ceph-micro.sh" install
 qemu-system-x86_64 --version | head -n1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of vblk: installs what the tests need (QEMU 10, a Debian kernel,
-# busybox, fio, ...), builds the test guest, checks formatting and clippy, then runs
+# busybox, fio, Ceph, ...), builds the test guest, checks formatting and clippy, then runs
 # the unit, integration and real-guest tests.
 #
 #   scripts/test.sh            # everything
@@ -24,7 +24,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests"
 # Guest tests share the CPUs under TCG, so they serialize themselves; the rest run in parallel.
-cargo test --workspace --locked 2>&1 | tee target/test.log
+# vblk-rbd's tests need a Ceph cluster: test-rbd.sh starts one, runs them, and stops it.
+cargo test --workspace --exclude vblk-rbd --locked 2>&1 | tee target/test.log
+VBLK_SKIP_SETUP=1 bash scripts/test-rbd.sh --locked 2>&1 | tee target/test-rbd.log
 echo "== fuzz (60 s per target, regression inputs first)"
 bash scripts/fuzz.sh 60 2>&1 | tee target/fuzz.log | grep -E '^(==|!!)|Done [0-9]+ runs|ERROR|panicked'
 echo "== all tests passed"
