@@ -499,6 +499,40 @@ fn discard_frees_clusters_even_while_other_queues_write() {
 }
 
 #[test]
+fn an_external_data_file_is_read_and_written() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("datafile");
+    let (top, data) = (d.join("top.qcow2"), d.join("data.raw"));
+    // A relative name, resolved against the image's directory (created there by qemu-img).
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "data_file=data.raw,data_file_raw=on", "top.qcow2", "4M"])
+        .current_dir(&d.0));
+    // QEMU resolves a relative data file name against its working directory (vblk: the
+    // image's directory): run it from there.
+    let qemu_io_here =
+        |cmd: &str| run(Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd, "top.qcow2"]).current_dir(&d.0));
+    qemu_io_here("write -P 0x66 64k 128k");
+    let disk = Arc::new(Disk::open_qcow2(&top, &Qcow2Options::default()).unwrap());
+    let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 4).unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    io(&mut e, OpKind::Read, 0, &mut buf).unwrap();
+    assert!(buf[..64 << 10].iter().all(|&b| b == 0) && buf[64 << 10..192 << 10].iter().all(|&b| b == 0x66));
+    // A write lands in the data file, at the same offset (data_file_raw).
+    let mut w = pattern(64 << 10, 3);
+    io(&mut e, OpKind::Write, 1 << 20, &mut w).unwrap();
+    io(&mut e, OpKind::Flush, 0, &mut []).unwrap();
+    drop(e);
+    drop(disk);
+    run(Command::new("qemu-img").args(["check", "-q", "-f", "qcow2", "top.qcow2"]).current_dir(&d.0));
+    let raw = std::fs::read(&data).unwrap();
+    assert!(raw[1 << 20..(1 << 20) + w.len()] == w[..], "the data file holds the write");
+    let out = qemu_io_here("read -P 0x66 64k 128k");
+    assert!(out.contains("read 131072/131072"), "{out}");
+}
+
+#[test]
 fn backing_files_outside_the_allowed_directories_loops_and_deep_chains_are_refused() {
     if !have_qemu_img() {
         return;
