@@ -20,6 +20,7 @@ const FUNCTIONS: &[&str] = &[
     "rbd_open_read_only",
     "rbd_close",
     "rbd_get_size",
+    "rbd_flush",
     "rbd_set_image_notification",
     "rbd_poll_io_events",
     "rbd_aio_create_completion",

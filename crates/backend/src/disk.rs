@@ -47,6 +47,7 @@ use std::sync::{Arc, Mutex};
 use crate::inject::{FaultSpec, Faults};
 use crate::qcow2::service::Service;
 use crate::qcow2::{FormatError, Qcow2Image, Qcow2Options};
+use crate::rbd::{RbdImage, RbdOptions, RbdSpec};
 use crate::sys;
 use crate::BackendError;
 
@@ -91,6 +92,8 @@ enum Backing {
     Null,
     /// A qcow2 image (and its backing chain), served by its service threads.
     Qcow2 { image: Arc<Qcow2Image>, service: Service },
+    /// A Ceph RBD image, one librbd handle shared by the engines.
+    Rbd(Arc<RbdImage>),
     /// A raw image file or a block device.
     File {
         /// Main descriptor.
@@ -250,6 +253,21 @@ impl Disk {
         })
     }
 
+    /// Open a Ceph RBD image (see [`crate::rbd`]). Connecting waits for the cluster for at
+    /// most `opts.timeout`.
+    pub fn open_rbd(spec: &RbdSpec, opts: &RbdOptions) -> Result<Disk, crate::RbdError> {
+        let (image, size) = RbdImage::open(spec, opts)?;
+        Ok(Disk { size, readonly: image.readonly(), backing: Backing::Rbd(Arc::new(image)), ..Disk::null(0) })
+    }
+
+    /// The RBD image, if this disk is one.
+    pub(crate) fn rbd(&self) -> Option<&Arc<RbdImage>> {
+        match &self.backing {
+            Backing::Rbd(image) => Some(image),
+            _ => None,
+        }
+    }
+
     /// The qcow2 image and its service, if this disk is one.
     pub(crate) fn qcow2(&self) -> Option<(&Arc<Qcow2Image>, &Service)> {
         match &self.backing {
@@ -351,7 +369,9 @@ impl Disk {
     /// Whether a flush has failed on this disk (see the module docs); once
     /// true, it stays true.
     pub fn flush_failed(&self) -> bool {
-        self.flush_failed.load(Ordering::Acquire) || self.qcow2().is_some_and(|(i, _)| i.flush_failed())
+        self.flush_failed.load(Ordering::Acquire)
+            || self.qcow2().is_some_and(|(i, _)| i.flush_failed())
+            || self.rbd().is_some_and(|i| i.flush_failed())
     }
 
     /// Record a failed flush: every later flush on this disk fails.
@@ -367,6 +387,9 @@ impl Disk {
         if let Some((image, _)) = self.qcow2() {
             return crate::qcow2::service::flush(image);
         }
+        if let Some(image) = self.rbd() {
+            return image.flush_blocking();
+        }
         let Ok(fd) = self.fd(FdChoice::Main) else {
             return Ok(());
         };
@@ -375,9 +398,13 @@ impl Disk {
 
     /// One human-readable line, e.g. `vblk.img (raw file, 1 GiB, O_DIRECT)`.
     pub fn describe(&self) -> String {
+        let faults = if self.faults.is_some() { ", faults injected" } else { "" };
         if let Some((image, _)) = self.qcow2() {
-            let faults = if self.faults.is_some() { ", faults injected" } else { "" };
             return format!("{}{faults}", image.describe());
+        }
+        if let Some(image) = self.rbd() {
+            let ro = if self.readonly { ", read-only" } else { "" };
+            return format!("{} (Ceph RBD, {}{ro}{faults})", image.spec(), human_size(self.size));
         }
         let mut s = match &self.path {
             Some(p) => p.display().to_string(),
@@ -413,7 +440,7 @@ impl Disk {
     /// One of the file descriptors; `EBADF` for the null backend.
     pub(crate) fn fd(&self, which: FdChoice) -> Result<BorrowedFd<'_>, BackendError> {
         match (&self.backing, which) {
-            (Backing::Null | Backing::Qcow2 { .. }, _) | (_, FdChoice::Image(_)) => {
+            (Backing::Null | Backing::Qcow2 { .. } | Backing::Rbd(_), _) | (_, FdChoice::Image(_)) => {
                 Err(BackendError::errno("fd", libc::EBADF))
             }
             (Backing::File { file, .. }, FdChoice::Main) => Ok(file.as_fd()),

@@ -26,6 +26,7 @@ use crate::inject::delay::DelayQueue;
 use crate::inject::{self, Outcome};
 use crate::qcow2::fast::Qcow2Engine;
 use crate::qcow2::service::Qcow2Queue;
+use crate::rbd::RbdEngine;
 use crate::sync::SyncEngine;
 use crate::uring::UringEngine;
 use crate::{sys, BackendError, Completion, IoOp, OpKind};
@@ -55,6 +56,8 @@ enum Flavour {
     /// A qcow2 image: allocated data on an io_uring, the rest on the image's service
     /// threads (`qcow2/fast.rs`).
     Qcow2(Box<Qcow2Engine>),
+    /// A Ceph RBD image: librbd's asynchronous I/O (`rbd.rs`).
+    Rbd(Box<RbdEngine>),
 }
 
 /// Executes [`IoOp`]s for one worker thread. See the crate docs for the
@@ -91,6 +94,10 @@ impl Engine {
         let flavour = match kind {
             _ if disk.is_null() => Flavour::Null,
             _ if disk.qcow2().is_some() => Flavour::Qcow2(Box::new(qcow2_engine(&disk, kind, depth, eventfd.as_fd())?)),
+            _ if disk.rbd().is_some() => match disk.rbd() {
+                Some(image) => Flavour::Rbd(Box::new(RbdEngine::new(Arc::clone(image), depth, eventfd.as_fd())?)),
+                None => Flavour::Null,
+            },
             EngineKind::Sync => Flavour::Sync(SyncEngine::new(depth, disk.flusher()?)),
             EngineKind::Uring => Flavour::Uring(Box::new(UringEngine::new(depth, eventfd.as_fd(), disk.flusher()?)?)),
             EngineKind::Auto if disk.is_memory_backed() => Flavour::Sync(SyncEngine::new(depth, disk.flusher()?)),
@@ -102,8 +109,11 @@ impl Engine {
                 }
             },
         };
-        let delays = match disk.faults() {
-            Some(f) if f.spec().has_delays() => Some(DelayQueue::new(eventfd.as_fd())?),
+        // What signals completions: the eventfd, or for RBD an epoll set over it and the
+        // image's eventfd.
+        let delays = match (disk.faults(), &flavour) {
+            (Some(f), Flavour::Rbd(r)) if f.spec().has_delays() => Some(DelayQueue::new(r.wake_fd())?),
+            (Some(f), _) if f.spec().has_delays() => Some(DelayQueue::new(eventfd.as_fd())?),
             _ => None,
         };
         Ok(Engine { disk, flavour, depth, in_flight: 0, ready: Vec::with_capacity(depth), delays, eventfd })
@@ -116,6 +126,7 @@ impl Engine {
             Flavour::Sync(_) => "sync",
             Flavour::Uring(_) => "io_uring",
             Flavour::Qcow2(q) => q.name(),
+            Flavour::Rbd(_) => "rbd",
         }
     }
 
@@ -143,9 +154,10 @@ impl Engine {
     /// the completion eventfd, or, when injected faults delay ops, an epoll fd
     /// that also reports the delay timer.
     pub fn completion_fd(&self) -> RawFd {
-        match &self.delays {
-            Some(d) => d.poll_fd().as_raw_fd(),
-            None => self.eventfd.as_raw_fd(),
+        match (&self.delays, &self.flavour) {
+            (Some(d), _) => d.poll_fd().as_raw_fd(),
+            (None, Flavour::Rbd(r)) => r.wake_fd().as_raw_fd(),
+            (None, _) => self.eventfd.as_raw_fd(),
         }
     }
 
@@ -200,6 +212,9 @@ impl Engine {
                 Some((image, _)) => unsafe { q.push(&self.disk, image, op, &mut self.ready) },
                 None => self.ready.push(Completion { op, result: Err(BackendError::errno("qcow2", libc::EBADF)) }),
             },
+            // SAFETY: forwarded caller contract (librbd's ops hold the buffers until their
+            // completion is collected, which happens before it is handed back).
+            Flavour::Rbd(r) => unsafe { r.push(op, &mut self.ready) }?,
         }
         Ok(())
     }
@@ -271,6 +286,8 @@ impl Engine {
                 Ok(())
             }
             Flavour::Qcow2(q) => q.submit(&self.disk, &mut self.ready),
+            // librbd takes each op when it is pushed.
+            Flavour::Rbd(_) => Ok(()),
         }
     }
 
@@ -281,7 +298,7 @@ impl Engine {
             Flavour::Uring(u) => u.unsubmitted(),
             Flavour::Sync(s) => s.pending(),
             Flavour::Qcow2(q) => q.unsubmitted(),
-            Flavour::Null => 0,
+            Flavour::Null | Flavour::Rbd(_) => 0,
         }
     }
 
@@ -303,6 +320,10 @@ impl Engine {
                 sys::eventfd_clear(self.eventfd.as_fd());
                 q.reap(&self.disk, out);
             }
+            Flavour::Rbd(r) => {
+                sys::eventfd_clear(self.eventfd.as_fd());
+                r.reap(out, true);
+            }
             _ => {}
         }
         out.append(&mut self.ready); // one memcpy, not an element-wise extend
@@ -318,6 +339,7 @@ impl Engine {
         match &mut self.flavour {
             Flavour::Uring(u) => u.reap(&self.disk, out),
             Flavour::Qcow2(q) => q.reap(&self.disk, out),
+            Flavour::Rbd(r) => r.reap(out, false),
             _ => {}
         }
         out.append(&mut self.ready); // one memcpy, not an element-wise extend
@@ -339,6 +361,7 @@ impl Engine {
                 Flavour::Uring(u) if u.busy() > 0 => u.wait_cqe()?,
                 Flavour::Sync(_) | Flavour::Qcow2(_) if unsubmitted > 0 => self.submit()?,
                 Flavour::Qcow2(q) if q.busy() > 0 => sys::wait_readable(q.eventfd()),
+                Flavour::Rbd(r) if r.busy() > 0 => sys::wait_readable(r.wake_fd()),
                 _ => match self.delays.as_ref().and_then(DelayQueue::next_deadline) {
                     // Held by an injected delay: sleep until the first one is due.
                     Some(t) => std::thread::sleep(t.saturating_duration_since(Instant::now())),

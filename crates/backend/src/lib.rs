@@ -25,6 +25,8 @@
 //!   * null: completes everything immediately.
 //! * `inject.rs`: fault injection for tests ([`FaultSpec`], [`Disk::with_faults`]):
 //!   chosen ops fail (EIO, ENOSPC), transfer short, or start late.
+//! * `qcow2/`: qcow2 images and backing chains (imago); `rbd.rs`: Ceph RBD images
+//!   (librbd, through `crates/rbd`), each behind the same [`Engine`].
 //! * `bounce.rs`: aligned bounce buffers and iovec helpers for the rare case
 //!   where guest buffers do not satisfy O_DIRECT's alignment rules.
 //!
@@ -48,6 +50,7 @@ mod disk;
 mod engine;
 mod inject;
 pub mod qcow2;
+pub mod rbd;
 mod sync;
 mod sys;
 mod uring;
@@ -61,6 +64,7 @@ use std::path::PathBuf;
 pub use disk::{Disk, DiskOptions, Flusher};
 pub use engine::{Engine, EngineKind, MAX_DEPTH};
 pub use inject::{FaultSpec, FaultSpecError, Faults};
+pub use vblk_rbd::RbdError;
 
 /// What an [`IoOp`] asks the backend to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

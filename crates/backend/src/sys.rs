@@ -248,6 +248,14 @@ pub(crate) fn eventfd_clear(fd: BorrowedFd<'_>) {
     let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut val as *mut u64).cast(), 8) };
 }
 
+/// Block until `fd` is readable or `timeout` has passed; interrupted waits just return.
+pub(crate) fn wait_readable_for(fd: BorrowedFd<'_>, timeout: std::time::Duration) {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    let _ = unsafe { libc::poll(&mut p, 1, ms) };
+}
+
 /// Block until `fd` is readable (an eventfd signalled); interrupted waits just return.
 pub(crate) fn wait_readable(fd: BorrowedFd<'_>) {
     let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };

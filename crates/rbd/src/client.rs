@@ -5,11 +5,11 @@
 //! before its I/O context is destroyed, and the cluster is shut down after the
 //! last I/O context (an [`Image`] keeps its [`Cluster`] alive through an `Arc`).
 
-use std::cell::Cell;
 use std::ffi::{c_int, c_void, CString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -195,7 +195,14 @@ impl Cluster {
         let ret = unsafe { ffi::rbd_set_image_notification(raw, fd, ffi::EVENT_TYPE_EVENTFD as c_int) };
         RbdError::check(ret.into(), "rbd_set_image_notification", || spec.clone()).map_err(close_on_error)?;
 
-        Ok(Image { raw, event_fd, in_flight: Cell::new(0), read_only: readonly || snap.is_some(), spec, _ioctx: ioctx })
+        Ok(Image {
+            raw,
+            event_fd,
+            in_flight: AtomicUsize::new(0),
+            read_only: readonly || snap.is_some(),
+            spec,
+            _ioctx: ioctx,
+        })
     }
 }
 
@@ -221,13 +228,14 @@ impl Drop for IoCtx {
 /// [`Image::wait_completions`]). Dropping the image waits for every op still in
 /// flight, then closes it.
 ///
-/// `Send` (it can be built on one thread and moved to a worker) but not `Sync`:
-/// one owner submits and reaps.
+/// `Send` and `Sync`: several threads may submit and collect on one image (librbd
+/// locks internally); a thread may then collect another's completions, so the tags
+/// must tell their owner apart (vblk's workers route them, `vblk-backend`'s `rbd.rs`).
 pub struct Image {
     raw: ffi::rbd_image_t,
     event_fd: OwnedFd,
     /// Ops submitted and not yet returned by `poll_completions`.
-    in_flight: Cell<usize>,
+    in_flight: AtomicUsize,
     read_only: bool,
     /// `pool/image[@snap]`, for errors and logs.
     spec: String,
@@ -240,13 +248,17 @@ pub struct Image {
 // The raw iovec pointers of in-flight ops are the submitter's promise (see `aio_readv`),
 // which is about lifetime, not about threads.
 unsafe impl Send for Image {}
+// SAFETY: every librbd call used here may be made concurrently on one image (librbd's
+// ImageCtx takes its own locks; its queue of finished ops is a concurrent queue), and the
+// wrapper's own state is an atomic counter and an eventfd.
+unsafe impl Sync for Image {}
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Image")
             .field("spec", &self.spec)
             .field("read_only", &self.read_only)
-            .field("in_flight", &self.in_flight.get())
+            .field("in_flight", &self.in_flight.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -290,7 +302,14 @@ impl Image {
 
     /// Ops submitted and not yet returned by [`Image::poll_completions`].
     pub fn in_flight(&self) -> usize {
-        self.in_flight.get()
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Writes back librbd's cache and waits for it (`rbd_flush`, blocking): for shutdown.
+    pub fn flush_blocking(&self) -> Result<(), RbdError> {
+        // SAFETY: an open image.
+        let ret = unsafe { ffi::rbd_flush(self.raw) };
+        RbdError::check(ret.into(), "rbd_flush", || self.spec.clone()).map(drop)
     }
 
     /// Reads `offset..offset + total length of iovs` into `iovs` (`rbd_aio_readv`).
@@ -381,7 +400,7 @@ impl Image {
             unsafe { ffi::rbd_aio_release(comp) };
             return RbdError::check(ret.into(), call, || format!("{} offset {offset}", self.spec)).map(drop);
         }
-        self.in_flight.set(self.in_flight.get() + 1);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -392,8 +411,13 @@ impl Image {
     /// librbd queues a finished op before it signals the eventfd, so the fd can turn
     /// readable after this call already returned that op: a wake-up may yield nothing.
     pub fn poll_completions(&self, out: &mut Vec<(u64, i64)>) -> Result<usize, RbdError> {
-        // Reset the eventfd before collecting: an op that finishes after the collection
-        // below signals it again, so a wake-up is never lost.
+        self.reset_completion_fd()?;
+        self.collect(out)
+    }
+
+    /// Clears the eventfd (non-blocking). Call before [`Image::collect`]: an op that
+    /// finishes after the collection signals it again, so a wake-up is never lost.
+    pub fn reset_completion_fd(&self) -> Result<(), RbdError> {
         let mut counter = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from the eventfd we own (non-blocking).
         let n = unsafe { libc::read(self.event_fd.as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
@@ -403,7 +427,12 @@ impl Image {
                 return Err(RbdError::Os { call: "read(eventfd)", source: err });
             }
         }
+        Ok(())
+    }
 
+    /// Appends the finished ops to `out` like [`Image::poll_completions`], without
+    /// touching the eventfd (no system call: for a caller that is busy-polling).
+    pub fn collect(&self, out: &mut Vec<(u64, i64)>) -> Result<usize, RbdError> {
         let mut total = 0;
         let mut comps: [ffi::rbd_completion_t; POLL_BATCH] = [ptr::null_mut(); POLL_BATCH];
         loop {
@@ -422,7 +451,7 @@ impl Image {
                 out.push((tag, result));
             }
             total += n;
-            self.in_flight.set(self.in_flight.get().saturating_sub(n));
+            self.in_flight.fetch_sub(n, Ordering::AcqRel);
             if n < POLL_BATCH {
                 return Ok(total);
             }
@@ -436,7 +465,7 @@ impl Image {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let n = self.poll_completions(out)?;
-            if n > 0 || self.in_flight.get() == 0 {
+            if n > 0 || self.in_flight() == 0 {
                 return Ok(n);
             }
             let ms = match deadline {
@@ -467,11 +496,11 @@ impl Drop for Image {
     fn drop(&mut self) {
         // librbd would still write into (or read from) the buffers of ops in flight, and
         // their completions would leak: wait for them all first.
-        if self.in_flight.get() > 0 {
-            tracing::debug!(image = %self.spec, in_flight = self.in_flight.get(), "close: waiting for I/O in flight");
+        if self.in_flight() > 0 {
+            tracing::debug!(image = %self.spec, in_flight = self.in_flight(), "close: waiting for I/O in flight");
         }
         let mut done = Vec::new();
-        while self.in_flight.get() > 0 {
+        while self.in_flight() > 0 {
             done.clear();
             if let Err(e) = self.wait_completions(&mut done, None) {
                 // Cannot happen with a valid eventfd; closing waits for librbd's ops anyway.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use vblk_backend::qcow2::{check_header, has_qcow2_magic, CreateOptions, Qcow2Image, Qcow2Options};
+use vblk_backend::rbd::{RbdOptions, RbdSpec};
 use vblk_backend::{Disk, DiskOptions, EngineKind, FaultSpec};
 use vblk_blk::DeviceParams;
 use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
@@ -45,9 +46,20 @@ pub enum EngineArg {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Image file or block device; created (at --size) if absent: sparse if raw.
+    /// Image file or block device; created (at --size) if absent: sparse if raw. Or a Ceph
+    /// RBD image: rbd:POOL/IMAGE[@SNAP] (a snapshot is served read-only).
     #[arg(default_value = "vblk.img")]
     pub image: PathBuf,
+    /// RBD: the cluster's ceph.conf [default: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf].
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+    /// RBD: the client name, without "client." [default: admin].
+    #[arg(long, value_name = "NAME")]
+    pub ceph_id: Option<String>,
+    /// RBD: seconds an I/O (or connecting) may wait for the cluster before it fails with
+    /// an I/O error (rados_osd_op_timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub rbd_timeout: u64,
     /// Image format. An image with a qcow2 header is refused as raw: say --format qcow2 (or
     /// raw, for a raw disk whose guest wrote that header) explicitly.
     #[arg(long, value_enum)]
@@ -152,6 +164,12 @@ fn open_backend(args: &ServeArgs) -> Result<Disk> {
     if args.backend == BackendKind::Null {
         return Ok(Disk::null(args.size.unwrap_or(DEFAULT_SIZE)));
     }
+    if let Some(spec) = RbdSpec::parse(&args.image.to_string_lossy()) {
+        return open_rbd(args, spec.map_err(anyhow::Error::msg)?);
+    }
+    if args.ceph_conf.is_some() || args.ceph_id.is_some() {
+        bail!("--ceph-conf and --ceph-id apply to RBD images (rbd:POOL/IMAGE)");
+    }
     let exists = args.image.exists();
     if args.format == Some(FormatArg::Qcow2) {
         return open_qcow2(args, exists);
@@ -230,6 +248,26 @@ fn open_qcow2(args: &ServeArgs, exists: bool) -> Result<Disk> {
     Ok(Disk::open_qcow2(path, &opts)?)
 }
 
+fn open_rbd(args: &ServeArgs, spec: RbdSpec) -> Result<Disk> {
+    if args.format == Some(FormatArg::Qcow2) || args.backing.is_some() {
+        bail!("{spec}: an RBD image is served as it is (no --format qcow2, no --backing)");
+    }
+    if args.size.is_some() {
+        bail!(
+            "{spec}: --size does not create RBD images; create it with `rbd create {}/{} --size SIZE`",
+            spec.pool,
+            spec.image
+        );
+    }
+    let opts = RbdOptions {
+        conf: args.ceph_conf.clone(),
+        id: args.ceph_id.clone(),
+        readonly: args.readonly,
+        timeout: std::time::Duration::from_secs(args.rbd_timeout),
+    };
+    Disk::open_rbd(&spec, &opts).with_context(|| format!("cannot open {spec}"))
+}
+
 /// The QEMU arguments that attach this daemon's disk.
 fn qemu_command(socket: &Path, num_queues: u16) -> String {
     format!(
@@ -247,14 +285,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         args.num_queues.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16));
     let threads = args.threads.unwrap_or(num_queues) as usize;
     let disk = Arc::new(open_disk(&args)?);
-    let mut params = DeviceParams::new(
-        disk.size(),
-        args.readonly,
-        disk.logical_block_size(),
-        &args.serial,
-        num_queues,
-        args.queue_size,
-    );
+    // A snapshot is read-only whatever --readonly says: the guest is told so.
+    let readonly = args.readonly || disk.readonly();
+    let mut params =
+        DeviceParams::new(disk.size(), readonly, disk.logical_block_size(), &args.serial, num_queues, args.queue_size);
     params.merge = !args.no_merge;
     let params = Arc::new(params);
     let engine = match args.engine {
@@ -287,13 +321,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if num_queues == 1 { "" } else { "s" },
         threads.min(num_queues as usize),
         if threads.min(num_queues as usize) == 1 { "" } else { "s" },
-        if args.readonly { ", read-only" } else { "" },
+        if readonly { ", read-only" } else { "" },
     );
     eprintln!("vblk: attach it with:\n{}", qemu_command(&socket, num_queues));
 
     server.run(shutdown_rx.as_raw_fd())?;
     tracing::info!("shutting down: flushing the disk");
-    if !args.readonly {
+    if !readonly {
         disk.flush_sync().context("final flush failed")?;
     }
     drop(server);
