@@ -18,7 +18,7 @@ SECONDS_PER_TARGET=${1:-60}
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(chain_request vhost_user merge inflight packed)
+    TARGETS=(chain_request vhost_user merge inflight packed qcow2)
 fi
 export RUSTC_BOOTSTRAP=1
 

@@ -22,11 +22,16 @@ cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== a one-node Ceph cluster for the RBD tests (scripts/ceph-micro.sh)"
+ceph_dir=$(mktemp -d "${TMPDIR:-/tmp}/vblk-ceph.XXXXXX")
+stop_ceph() { bash scripts/ceph-micro.sh stop "$ceph_dir" >/dev/null 2>&1 || true; rm -rf "$ceph_dir"; }
+trap stop_ceph EXIT
+conf_line=$(bash scripts/ceph-micro.sh start "$ceph_dir")
+export VBLK_CEPH_CONF=${conf_line#CEPH_CONF=}
+
 echo "== tests"
 # Guest tests share the CPUs under TCG, so they serialize themselves; the rest run in parallel.
-# vblk-rbd's tests need a Ceph cluster: test-rbd.sh starts one, runs them, and stops it.
-cargo test --workspace --exclude vblk-rbd --locked 2>&1 | tee target/test.log
-VBLK_SKIP_SETUP=1 bash scripts/test-rbd.sh --locked 2>&1 | tee target/test-rbd.log
+cargo test --workspace --locked 2>&1 | tee target/test.log
 echo "== fuzz (60 s per target, regression inputs first)"
 bash scripts/fuzz.sh 60 2>&1 | tee target/fuzz.log | grep -E '^(==|!!)|Done [0-9]+ runs|ERROR|panicked'
 echo "== all tests passed"

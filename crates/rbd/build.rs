@@ -21,6 +21,7 @@ const FUNCTIONS: &[&str] = &[
     "rbd_close",
     "rbd_get_size",
     "rbd_flush",
+    "rbd_lock_acquire",
     "rbd_set_image_notification",
     "rbd_poll_io_events",
     "rbd_aio_create_completion",
@@ -49,6 +50,7 @@ fn main() {
         .blocklist_type("iovec")
         .raw_line("use libc::iovec;")
         .allowlist_var("EVENT_TYPE_EVENTFD")
+        .allowlist_type("rbd_lock_mode_t")
         .layout_tests(false)
         .generate_comments(false);
     for f in FUNCTIONS {

@@ -79,11 +79,16 @@ pub struct RbdOptions {
     /// How long an op may wait for the cluster before it fails (`rados_osd_op_timeout`,
     /// and the same for monitors and for connecting).
     pub timeout: Duration,
+    /// Take the image's exclusive lock at open and keep it: a second client (another
+    /// `vblk serve`, QEMU) cannot write while this one runs, and opening fails if another
+    /// client keeps it. Without it librbd's lock moves to whichever client writes (what
+    /// QEMU does; needed for live migration, where both hosts open the image).
+    pub exclusive: bool,
 }
 
 impl Default for RbdOptions {
     fn default() -> Self {
-        RbdOptions { conf: None, id: None, readonly: false, timeout: Duration::from_secs(30) }
+        RbdOptions { conf: None, id: None, readonly: false, timeout: Duration::from_secs(30), exclusive: false }
     }
 }
 
@@ -111,6 +116,9 @@ impl RbdImage {
         ];
         let cluster = Cluster::connect_with_options(opts.conf.as_deref(), opts.id.as_deref(), &settings)?;
         let image = cluster.open_image(&spec.pool, &spec.image, spec.snap.as_deref(), opts.readonly)?;
+        if opts.exclusive && !image.is_read_only() {
+            image.lock_exclusive()?;
+        }
         let size = image.size()?;
         let image = RbdImage {
             image,

@@ -305,6 +305,17 @@ impl Image {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// Takes the image's exclusive lock and keeps it (`rbd_lock_acquire`): librbd then no
+    /// longer hands it over when another client asks, so that client's writes fail
+    /// (`EROFS`) and its own `lock_exclusive` fails. Fails (`EROFS`, `EBUSY`) if another
+    /// client holds the lock and will not release it; `EINVAL` if the image has no
+    /// exclusive-lock feature.
+    pub fn lock_exclusive(&self) -> Result<(), RbdError> {
+        // SAFETY: an open image.
+        let ret = unsafe { ffi::rbd_lock_acquire(self.raw, ffi::rbd_lock_mode_t_RBD_LOCK_MODE_EXCLUSIVE) };
+        RbdError::check(ret.into(), "rbd_lock_acquire", || self.spec.clone()).map(drop)
+    }
+
     /// Writes back librbd's cache and waits for it (`rbd_flush`, blocking): for shutdown.
     pub fn flush_blocking(&self) -> Result<(), RbdError> {
         // SAFETY: an open image.

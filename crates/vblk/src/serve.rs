@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use vblk_backend::qcow2::{check_header, has_qcow2_magic, CreateOptions, Qcow2Image, Qcow2Options};
 use vblk_backend::rbd::{RbdOptions, RbdSpec};
+use vblk_backend::RbdError;
 use vblk_backend::{Disk, DiskOptions, EngineKind, FaultSpec};
 use vblk_blk::DeviceParams;
 use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
@@ -60,6 +61,11 @@ pub struct ServeArgs {
     /// an I/O error (rados_osd_op_timeout).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub rbd_timeout: u64,
+    /// RBD: take the image's exclusive lock and keep it while serving: another client cannot
+    /// write it (and cannot take it), and start-up fails if another client keeps it. Off by
+    /// default, as in QEMU: a live migration opens the image on both hosts.
+    #[arg(long)]
+    pub rbd_exclusive: bool,
     /// Image format. An image with a qcow2 header is refused as raw: say --format qcow2 (or
     /// raw, for a raw disk whose guest wrote that header) explicitly.
     #[arg(long, value_enum)]
@@ -264,8 +270,16 @@ fn open_rbd(args: &ServeArgs, spec: RbdSpec) -> Result<Disk> {
         id: args.ceph_id.clone(),
         readonly: args.readonly,
         timeout: std::time::Duration::from_secs(args.rbd_timeout),
+        exclusive: args.rbd_exclusive,
     };
-    Disk::open_rbd(&spec, &opts).with_context(|| format!("cannot open {spec}"))
+    match Disk::open_rbd(&spec, &opts) {
+        Ok(disk) => Ok(disk),
+        Err(e @ RbdError::Ceph { call: "rbd_lock_acquire", .. }) => Err(anyhow::Error::new(e).context(format!(
+            "cannot take the exclusive lock of {spec}: another client (a vblk serve, QEMU) keeps it; stop that one, \
+             or serve without --rbd-exclusive"
+        ))),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot open {spec}"))),
+    }
 }
 
 /// The QEMU arguments that attach this daemon's disk.
