@@ -8,6 +8,9 @@
 #   scripts/ceph-micro.sh start DIR   # creates DIR, starts the cluster, creates pool `rbd`,
 #                                     # prints CEPH_CONF=DIR/ceph.conf
 #   scripts/ceph-micro.sh stop DIR    # stops the OSD, then the monitor (by pid), and waits
+#   scripts/ceph-micro.sh stop-osd DIR   # stops only the OSD (by pid) and waits: clients stall
+#   scripts/ceph-micro.sh start-osd DIR  # starts that OSD again (same command line as start)
+#                                        # and waits until the cluster takes writes again
 #
 # Environment:
 #   CEPH_MON_PORT   the monitor's msgr2 port (its msgr1 port is CEPH_MON_PORT+1); default: a free
@@ -16,8 +19,10 @@
 #   CEPH_START_TIMEOUT  seconds to wait for the cluster to take writes (default 60).
 #
 # The daemons run in the foreground (`-f`) as background children of this script, detached
-# with setsid so they outlive it; their pids are in DIR/mon.pid and DIR/osd.pid, their logs in
-# DIR/log/. Ceph 16.2 (Debian 12) is what this was written and measured against.
+# with setsid so they outlive it; their pids are in DIR/mon.pid and DIR/osd.pid (the OSD's id in
+# DIR/osd.id), their logs in DIR/log/. The memstore OSD saves its objects to DIR/osd when it
+# stops (`osd fast shutdown = false`), so stop-osd/start-osd keep the data. Ceph 16.2
+# (Debian 12) is what this was written and measured against.
 set -euo pipefail
 
 die() {
@@ -107,6 +112,29 @@ stop_pidfile() {
     rm -f "$file"
 }
 
+# Runs the OSD of the cluster in DIR (its id in DIR/osd.id) in the background, detached, and
+# records its pid: the one command line for `start` and `start-osd`.
+run_osd() {
+    local dir=$1 id
+    id=$(cat "$dir/osd.id")
+    setsid ceph-osd -c "$dir/ceph.conf" -i "$id" -f --setuser root --setgroup root \
+        </dev/null >>"$dir/log/osd.out" 2>&1 &
+    echo $! >"$dir/osd.pid"
+}
+
+# Waits (up to CEPH_START_TIMEOUT s) until an object write to pool rbd goes through (health
+# may still say HEALTH_WARN on a node whose disk is nearly full, and that does not matter).
+wait_writable() {
+    local dir=$1 deadline C=(-c "$1/ceph.conf")
+    deadline=$(($(date +%s) + ${CEPH_START_TIMEOUT:-60}))
+    until echo ready | timeout 10 rados "${C[@]}" -p rbd put ceph-micro-ready - 2>/dev/null; do
+        live_pid "$dir/osd.pid" >/dev/null || die "ceph-osd exited; see $dir/log/"
+        [ "$(date +%s)" -lt "$deadline" ] || die "the cluster took no write in ${CEPH_START_TIMEOUT:-60} s"
+        sleep 0.2
+    done
+    rados "${C[@]}" -p rbd rm ceph-micro-ready 2>/dev/null || true
+}
+
 cmd_start() {
     local dir=$1
     command -v ceph-mon >/dev/null && command -v ceph-osd >/dev/null && command -v monmaptool >/dev/null \
@@ -125,7 +153,7 @@ cmd_start() {
     fsid=$(cat /proc/sys/kernel/random/uuid)
     conf=$dir/ceph.conf
     # A fresh cluster each time: state left in DIR by an earlier run is removed.
-    rm -rf "$dir/mon" "$dir/osd" "$dir/log" "$dir/run" "$dir/monmap"
+    rm -rf "$dir/mon" "$dir/osd" "$dir/log" "$dir/run" "$dir/monmap" "$dir/osd.id"
     mkdir -p "$dir/mon" "$dir/osd" "$dir/log" "$dir/run"
 
     # Daemon-only settings (log file, admin socket, run dir) stay in [mon]/[osd]: in [global],
@@ -183,6 +211,9 @@ osd min pg log entries = 100
 osd max pg log entries = 500
 osd pg log dups tracked = 500
 osd pg log trim min = 50
+# A fast shutdown exits without unmounting the store, and memstore only saves its objects to
+# osd data on unmount: stop-osd/start-osd would come back to an empty OSD.
+osd fast shutdown = false
 CONF
 
     local C=(-c "$conf")
@@ -202,9 +233,8 @@ CONF
         || die "ceph osd crush add failed"
     ceph-osd "${C[@]}" -i "$id" --mkfs --osd-uuid "$uuid" >"$dir/log/osd-mkfs.log" 2>&1 \
         || die "ceph-osd --mkfs failed: $(cat "$dir/log/osd-mkfs.log")"
-    setsid ceph-osd "${C[@]}" -i "$id" -f --setuser root --setgroup root \
-        </dev/null >"$dir/log/osd.out" 2>&1 &
-    echo $! >"$dir/osd.pid"
+    echo "$id" >"$dir/osd.id"
+    run_osd "$dir"
 
     # Size 1 from `osd pool default size`; 8 placement groups (no manager, so no autoscaler).
     ceph "${C[@]}" osd pool create rbd 8 8 >/dev/null 2>&1 || die "ceph osd pool create rbd failed"
@@ -212,16 +242,8 @@ CONF
     timeout "${CEPH_START_TIMEOUT:-60}" rbd "${C[@]}" pool init rbd >"$dir/log/rbd-pool-init.log" 2>&1 \
         || die "rbd pool init failed: $(cat "$dir/log/rbd-pool-init.log")"
 
-    # Ready when an object write goes through (health may still say HEALTH_WARN on a node
-    # whose disk is nearly full, and that does not matter here).
-    local deadline
-    deadline=$(($(date +%s) + ${CEPH_START_TIMEOUT:-60}))
-    until echo ready | timeout 10 rados "${C[@]}" -p rbd put ceph-micro-ready - 2>/dev/null; do
-        live_pid "$dir/osd.pid" >/dev/null || die "ceph-osd exited; see $dir/log/"
-        [ "$(date +%s)" -lt "$deadline" ] || die "the cluster took no write in ${CEPH_START_TIMEOUT:-60} s"
-        sleep 0.2
-    done
-    rados "${C[@]}" -p rbd rm ceph-micro-ready 2>/dev/null || true
+    # Ready when an object write goes through.
+    wait_writable "$dir"
     echo "ceph-micro: up in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }') s," \
         "health: $(timeout 10 ceph "${C[@]}" health 2>/dev/null | head -n1)" >&2
     start_ok=1
@@ -244,6 +266,28 @@ cmd_stop() {
     stop_pidfile "$dir/mon.pid" ceph-mon
 }
 
+# Stops only the OSD (the monitor stays up: clients see the OSD vanish, as on a host's loss).
+cmd_stop_osd() {
+    local dir=$1
+    live_pid "$dir/osd.pid" >/dev/null || die "no running OSD in $dir"
+    stop_pidfile "$dir/osd.pid" ceph-osd
+}
+
+# Starts the OSD stopped by stop-osd again and waits until the cluster takes writes.
+cmd_start_osd() {
+    local dir t0
+    dir=$(cd "$1" && pwd) || die "no cluster in $1"
+    [ -s "$dir/osd.id" ] && [ -e "$dir/ceph.conf" ] || die "no $dir/osd.id: not a cluster this script started"
+    live_pid "$dir/mon.pid" >/dev/null || die "the monitor of $dir is not running"
+    if live_pid "$dir/osd.pid" >/dev/null; then
+        die "the OSD of $dir is already running"
+    fi
+    t0=$EPOCHREALTIME
+    run_osd "$dir"
+    wait_writable "$dir"
+    echo "ceph-micro: OSD up again in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }') s" >&2
+}
+
 case "${1:-}" in
 install) cmd_install ;;
 start)
@@ -253,6 +297,14 @@ start)
 stop)
     [ $# -eq 2 ] || usage
     cmd_stop "$2"
+    ;;
+stop-osd)
+    [ $# -eq 2 ] || usage
+    cmd_stop_osd "$2"
+    ;;
+start-osd)
+    [ $# -eq 2 ] || usage
+    cmd_start_osd "$2"
     ;;
 *) usage ;;
 esac

@@ -84,11 +84,24 @@ pub struct RbdOptions {
     /// client keeps it. Without it librbd's lock moves to whichever client writes (what
     /// QEMU does; needed for live migration, where both hosts open the image).
     pub exclusive: bool,
+    /// librbd's write-back cache (`rbd_cache`). Off: every write completes when the
+    /// cluster has it, and a cluster outage fails the writes it hits and nothing later.
+    /// On: writes complete from the cache, and one that cannot be written back fails the
+    /// next flush, and every flush after it (the sticky rule, as for a file's page cache),
+    /// until the daemon restarts.
+    pub cache: bool,
 }
 
 impl Default for RbdOptions {
     fn default() -> Self {
-        RbdOptions { conf: None, id: None, readonly: false, timeout: Duration::from_secs(30), exclusive: false }
+        RbdOptions {
+            conf: None,
+            id: None,
+            readonly: false,
+            timeout: Duration::from_secs(30),
+            exclusive: false,
+            cache: false,
+        }
     }
 }
 
@@ -107,6 +120,7 @@ impl RbdImage {
     pub(crate) fn open(spec: &RbdSpec, opts: &RbdOptions) -> Result<(RbdImage, u64), RbdError> {
         let t = opts.timeout.as_secs().max(1).to_string();
         let settings = [
+            ("rbd_cache", if opts.cache { "true" } else { "false" }),
             ("rados_osd_op_timeout", t.as_str()),
             ("rados_mon_op_timeout", t.as_str()),
             ("client_mount_timeout", t.as_str()),

@@ -84,6 +84,28 @@ pub struct BlkQueue {
     /// Reads and writes of the current batch, waiting to be merged and submitted.
     merge: MergeBuffer,
     stats: QueueStats,
+    backend_errors: ErrorLog,
+}
+
+/// Backend failures (the storage, not the guest's request) are logged at `warn`, at most
+/// one line per second per queue, saying how many were not shown: a failing disk or a
+/// cluster that is down is visible in the log without flooding it.
+#[derive(Debug, Default)]
+struct ErrorLog {
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl ErrorLog {
+    fn note(&mut self, head: u16, e: &RequestError) {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(head, error = %e, not_shown_before = self.unlogged, "I/O failed (IOERR to the guest)");
+        (self.last, self.unlogged) = (Some(now), 0);
+    }
 }
 
 impl BlkQueue {
@@ -100,6 +122,7 @@ impl BlkQueue {
             scratch: Vec::new(),
             merge: MergeBuffer::default(),
             stats: QueueStats::default(),
+            backend_errors: ErrorLog::default(),
         }
     }
 
@@ -337,7 +360,11 @@ impl BlkQueue {
             Ok(()) => Status::Ok,
             Err(e) => {
                 self.stats.errors += 1;
-                tracing::debug!(head, error = %e, "request failed");
+                match e {
+                    RequestError::Backend(_) | RequestError::ShortTransfer { .. } => self.backend_errors.note(head, e),
+                    // The guest's own malformed request: its business, not the operator's.
+                    _ => tracing::debug!(head, error = %e, "request failed"),
+                }
                 e.status()
             }
         };

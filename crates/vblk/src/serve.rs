@@ -66,6 +66,12 @@ pub struct ServeArgs {
     /// default, as in QEMU: a live migration opens the image on both hosts.
     #[arg(long)]
     pub rbd_exclusive: bool,
+    /// RBD: use librbd's write-back cache. Writes then complete from the cache, and a
+    /// write-back that fails (the cluster down for longer than --rbd-timeout) fails the
+    /// guest's next flush and every flush after it, until the daemon restarts. Off: a write
+    /// completes when the cluster has it.
+    #[arg(long)]
+    pub rbd_cache: bool,
     /// Image format. An image with a qcow2 header is refused as raw: say --format qcow2 (or
     /// raw, for a raw disk whose guest wrote that header) explicitly.
     #[arg(long, value_enum)]
@@ -271,6 +277,7 @@ fn open_rbd(args: &ServeArgs, spec: RbdSpec) -> Result<Disk> {
         readonly: args.readonly,
         timeout: std::time::Duration::from_secs(args.rbd_timeout),
         exclusive: args.rbd_exclusive,
+        cache: args.rbd_cache,
     };
     match Disk::open_rbd(&spec, &opts) {
         Ok(disk) => Ok(disk),

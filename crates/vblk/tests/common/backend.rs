@@ -119,6 +119,21 @@ impl BackendProcess {
         }
     }
 
+    /// Starts `kind`'s program (`vblk`, or qemu-storage-daemon) with `args`, a command line
+    /// the test builds itself (e.g. `vblk serve rbd:POOL/IMAGE`, or QSD with an rbd
+    /// blockdev), and waits (up to 20 s) for `socket` to appear. [`restart`](Self::restart)
+    /// does not apply to such a backend.
+    pub fn start_with_args<S: AsRef<std::ffi::OsStr>>(
+        kind: Backend,
+        args: &[S],
+        socket: &Path,
+        log: &Path,
+    ) -> Result<Self, String> {
+        let mut cmd = guarded_command(&backend_program(kind)?);
+        cmd.args(args);
+        Self::spawn(kind, cmd, socket, log)
+    }
+
     fn start_once(
         kind: Backend,
         image: &Path,
@@ -127,8 +142,12 @@ impl BackendProcess {
         log: &Path,
         aio: &str,
     ) -> Result<Self, String> {
+        let cmd = backend_command(kind, image, socket, cfg, aio)?;
+        Self::spawn(kind, cmd, socket, log)
+    }
+
+    fn spawn(kind: Backend, mut cmd: Command, socket: &Path, log: &Path) -> Result<Self, String> {
         let _ = fs::remove_file(socket);
-        let mut cmd = backend_command(kind, image, socket, cfg, aio)?;
         let command = describe(&cmd);
         let logf = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
         cmd.stdin(Stdio::null()).stdout(logf.try_clone().unwrap()).stderr(logf);
