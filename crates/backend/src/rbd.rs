@@ -398,3 +398,26 @@ impl Drop for RbdEngine {
 fn rbd_error(op: &'static str, e: &RbdError) -> BackendError {
     BackendError::errno(op, e.errno().unwrap_or(libc::EIO))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        let s = RbdSpec::parse("rbd:rbd/vm1@snap").unwrap().unwrap();
+        assert_eq!(s, RbdSpec { pool: "rbd".into(), image: "vm1".into(), snap: Some("snap".into()) });
+        assert_eq!(s.to_string(), "rbd:rbd/vm1@snap");
+        assert_eq!(RbdSpec::parse("rbd:p/i").unwrap().unwrap().snap, None);
+        assert!(RbdSpec::parse("disk.img").is_none(), "a file is not an RBD spec");
+        for bad in ["rbd:", "rbd:pool", "rbd:/img", "rbd:pool/", "rbd:p/i/j", "rbd:p/i@"] {
+            assert!(RbdSpec::parse(bad).unwrap().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tags_name_the_engine_and_the_slot() {
+        let t = tag(7, 1234);
+        assert_eq!(((t >> 32) as u32, (t & 0xffff_ffff) as usize), (7, 1234));
+    }
+}
