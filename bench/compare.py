@@ -17,6 +17,15 @@ base (a new overlay for every run, so each run allocates clusters), 12 vblk on t
 against vblk on the raw file holding the same data. The images are on tmpfs (--qcow2-disk ext4:
 under --disk-dir instead).
 
+Case 13 (not in the default list: it needs Ceph, `scripts/ceph-micro.sh install`) serves a Ceph
+RBD image: `vblk serve rbd:rbd/IMG` against QSD's rbd driver on the same image, 13a 4k random
+reads QD32, 13b 4k random writes QD32, 13c 4k random reads QD1. The script starts a one-node
+cluster (scripts/ceph-micro.sh: a monitor and a memstore OSD) in its temp directory, makes and
+fills the image (--rbd-size, `rbd bench` sequential 4 MiB writes) and stops the cluster at the
+end. The backends are pinned as in the other cases, but the cluster's daemons are not: they run
+on both CPUs, beside the client and the backend. Backend CPU is the whole backend process
+(librbd's threads included); the cluster's CPU (OSD + monitor) is reported per I/O too.
+
 Standard library only. See bench/README.md.
 """
 
@@ -58,6 +67,7 @@ METRICS = {
     "mean": ("mean latency", "µs"),
     "backend_cpu_us_per_io": ("backend CPU/IO", "µs"),
     "client_cpu_us_per_io": ("client CPU/IO", "µs"),
+    "cluster_cpu_us_per_io": ("Ceph OSD+mon CPU/IO", "µs"),
     "syscalls_per_io": ("client syscalls/IO", ""),
 }
 
@@ -89,7 +99,8 @@ class Workload:
         self.case, self.id, self.title, self.disk = case, wid, title, disk
         # The image format the backends serve: "raw" (the disk file itself), "qcow2" (a fully
         # allocated qcow2 image made from the disk file, same data) or "overlay" (a fresh,
-        # empty qcow2 overlay on the raw disk file for every run: writes allocate clusters).
+        # empty qcow2 overlay on the raw disk file for every run: writes allocate clusters),
+        # or "rbd" (case 13: an RBD image of the script's own one-node Ceph cluster; disk "rbd").
         self.image = image
         self.bench = bench  # dict: rw, bs, iodepth, poll, batch
         self.checks = checks
@@ -101,6 +112,9 @@ class Workload:
         # "raw" (case 12: `vblk serve` on the qcow2 image vs `vblk serve` on the raw file).
         self.peer = peer
         self.info = list(info)  # extra sides measured for information only
+        # Environment of `vblk serve` (case 13: CEPH_ARGS=--rbd_cache=false when QSD's chosen
+        # configuration has librbd's cache off, so that both sides run librbd alike).
+        self.vblk_env = {}
 
     @property
     def sides(self):
@@ -198,7 +212,26 @@ def workloads():
                  ("mib_s", HIGHER), image="qcow2"),
         Workload(12, "12", "vblk: qcow2 allocated vs raw, same data, tmpfs, randread 4k QD32", "tmpfs",
                  rr4k32, [Check("iops", HIGHER, 0.95)], ("iops", HIGHER), peer="raw", image="qcow2"),
+        # Case 13: Ceph RBD, vblk serve rbd:... vs QSD's rbd driver (librbd both) on one image of
+        # a one-node cluster whose OSD and monitor share both CPUs with the client and the
+        # backend. Targets from issue 13: 1.3x QSD's IOPS at QD32, 0.7x its backend CPU per I/O.
+        Workload(13, "13a", f"rbd, randread 4k QD32 {RBD_NOTE}", "rbd", rr4k32,
+                 [Check("iops", HIGHER, 1.3), Check("backend_cpu_us_per_io", LOWER, 0.7),
+                  Check("cluster_cpu_us_per_io", LOWER, None)], ("iops", HIGHER), image="rbd"),
+        Workload(13, "13b", f"rbd, randwrite 4k QD32 {RBD_NOTE}", "rbd", dict(rr4k32, rw="randwrite"),
+                 [Check("iops", HIGHER, 1.3), Check("backend_cpu_us_per_io", LOWER, 0.7),
+                  Check("cluster_cpu_us_per_io", LOWER, None)], ("iops", HIGHER), image="rbd"),
+        Workload(13, "13c", f"rbd, randread 4k QD1 {RBD_NOTE}", "rbd", dict(qd1, poll=False),
+                 [Check("p50", LOWER, None), Check("backend_cpu_us_per_io", LOWER, None)],
+                 ("p50", LOWER), image="rbd"),
     ]
+
+
+RBD_NOTE = "(one-node Ceph, memstore OSD; the OSD and monitor run unpinned on both CPUs)"
+RBD_POOL = "rbd"
+CEPH_MICRO = os.path.join(ROOT, "scripts", "ceph-micro.sh")
+RBD = shutil.which("rbd") or "rbd"
+DEFAULT_CASES = "1,2,3,4,5,6,7,8,9,10,11,12"  # 13 (RBD) needs Ceph: --cases 13
 
 
 # Rows for the cases this script does not measure.
@@ -236,7 +269,14 @@ def run_idle(a):
 def qsd_configs(disk):
     """QSD configurations to probe for a disk kind: (label, blockdev args, iothread poll-max-ns)."""
     polls = [32768, 0]
-    if disk == "null":
+    if disk == "rbd":
+        # No aio= for rbd (librbd's own threads do the I/O). cache.direct picks librbd's cache:
+        # QEMU sets rbd_cache=true unless the node has cache.direct=on (BDRV_O_NOCACHE), and
+        # cache.direct is off by default, so QSD's default is rbd_cache=true, which is also
+        # librbd's own default and what `vblk serve` gets (it sets no rbd_cache).
+        files = [("rbd_cache=true (default)", "cache.direct=off"),
+                 ("rbd_cache=false (cache.direct=on)", "cache.direct=on")]
+    elif disk == "null":
         files = [("null-co", None)]
     elif disk == "tmpfs":
         # tmpfs accepts O_DIRECT since Linux 6.6 (it is buffered underneath); older kernels
@@ -262,9 +302,10 @@ class Procs:
     def __init__(self):
         self.live = []
 
-    def start(self, argv, log_path):
+    def start(self, argv, log_path, env=None):
         log = open(log_path, "wb")
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, **env) if env else None)
         log.close()
         self.live.append(p)
         return p
@@ -377,6 +418,51 @@ class Env:
         self.qcow2 = {}  # disk kind -> path of the allocated qcow2 copy of files[disk]
         self.scratch = []  # overlays made for the current run, removed after it
         self.counter = 0
+        self.ceph_dir = None  # case 13: the one-node cluster's directory, once started
+        self.ceph_conf = None
+        self.ceph_pids = []  # its ceph-mon and ceph-osd
+        self.rbd_name = None  # the image both sides serve
+
+    def rbd_image(self):
+        """`pool/image` of case 13's RBD image, in a one-node cluster started on first use
+        (scripts/ceph-micro.sh in the temp directory; `cleanup` stops it) and filled once with
+        sequential 4 MiB writes so that reads hit objects that exist."""
+        if self.rbd_name:
+            return f"{RBD_POOL}/{self.rbd_name}"
+        self.ceph_dir = os.path.join(self.tmp, "ceph")
+        size = self.args.rbd_size
+        # memstore keeps the objects in RAM: room for the image and some slack.
+        envv = dict(os.environ, CEPH_MEM_BYTES=str(size + GIB))
+        print(f"starting a one-node Ceph cluster in {self.ceph_dir} (scripts/ceph-micro.sh) ...", flush=True)
+        r = subprocess.run(["bash", CEPH_MICRO, "start", self.ceph_dir], capture_output=True, text=True,
+                           timeout=180, env=envv)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("CEPH_CONF=")), None)
+        if r.returncode != 0 or line is None:
+            raise RuntimeError(f"ceph-micro.sh start failed ({r.returncode}): {(r.stdout + r.stderr).strip()[-600:]}")
+        self.ceph_conf = line.split("=", 1)[1]
+        if "," in self.ceph_conf:
+            raise RuntimeError(f"{self.ceph_conf}: QSD options cannot hold a ','")
+        for name in ("mon.pid", "osd.pid"):
+            with open(os.path.join(self.ceph_dir, name)) as f:
+                self.ceph_pids.append(int(f.read().strip()))
+        name = f"vblk-bench-{os.getpid()}"
+        rbd(self, ["create", f"{RBD_POOL}/{name}", "--size", f"{size >> 20}M"])
+        self.rbd_name = name
+        t0 = time.monotonic()
+        rbd(self, ["bench", "--io-type", "write", "--io-size", "4M", "--io-threads", "4", "--io-total",
+                   str(size), "--io-pattern", "seq", f"{RBD_POOL}/{name}"])
+        print(f"    {RBD_POOL}/{name}: {size >> 20} MiB, written in {time.monotonic() - t0:.1f} s "
+              f"({sh('ceph-osd --version')})", flush=True)
+        return f"{RBD_POOL}/{name}"
+
+    def cluster_cpu_us(self):
+        """CPU time of the cluster's daemons (all their threads), µs; None without a cluster."""
+        if not self.ceph_pids:
+            return None
+        try:
+            return sum(proc_cpu_us(p) for p in self.ceph_pids)
+        except OSError:
+            return None
 
     def sock(self):
         self.counter += 1
@@ -451,11 +537,22 @@ class Env:
 
     def cleanup(self):
         self.drop_scratch()
+        if self.ceph_dir:
+            # By the pids in the directory (OSD first); also after a half-done start.
+            subprocess.run(["bash", CEPH_MICRO, "stop", self.ceph_dir], capture_output=True, timeout=120)
+            self.ceph_dir, self.ceph_pids = None, []
         for path in list(self.files.values()) + list(self.qcow2.values()):
             try:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def rbd(env, args):
+    r = subprocess.run([RBD, "-c", env.ceph_conf] + args, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"rbd {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()[-400:]}")
+    return r.stdout
 
 
 def qemu_img(args):
@@ -484,6 +581,8 @@ def vblk_argv(env, wl, sock, side="vblk"):
         argv += [os.path.join(env.tmp, "null.img"), "--backend", "null", "--size", "1G"]
     elif wl.image == "raw":
         argv += [env.disk_file(wl.disk)]
+    elif wl.image == "rbd":
+        argv += [f"rbd:{env.rbd_image()}", "--ceph-conf", env.ceph_conf]
     else:
         # qcow2 cases: the format always explicit (also for case 12's raw side).
         path, fmt_ = env.image(wl, side)
@@ -512,6 +611,9 @@ def qsd_argv(env, wl, sock, cfg):
         path = env.disk_file(wl.disk)
         argv += ["--blockdev", f"driver=file,node-name=file0,filename={path},{opts}",
                  "--blockdev", "driver=raw,node-name=disk0,file=file0"]
+    elif wl.image == "rbd":
+        pool, image = env.rbd_image().split("/")
+        argv += ["--blockdev", f"driver=rbd,node-name=disk0,pool={pool},image={image},conf={env.ceph_conf},{opts}"]
     else:
         # qcow2 over file, the file node with the same options as in the raw cases. An
         # overlay's backing file is given as a node of its own with those options too (left to
@@ -580,22 +682,28 @@ def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
     """Start a backend, run `vblk bench` against it, stop the backend. Returns the run record."""
     sock = env.sock()
     log = sock + ".log"
+    penv = None
     if wl.backend_of(side) == "vblk":
         argv = vblk_argv(env, wl, sock, side)
+        penv = wl.vblk_env
     else:
         argv = qsd_argv(env, wl, sock, qsd_cfg)
     rec = {"side": side, "config": qsd_cfg[0] if qsd_cfg else " ".join(argv[4:]),
-           "backend_cmd": argv}
-    proc = PROCS.start(argv, log)
+           "backend_cmd": argv, "backend_env": penv or {}}
+    proc = PROCS.start(argv, log, penv)
     try:
         wait_socket(sock, proc, log)
         client = bench_argv(env, wl, sock, seconds, "blkio" if side == "blkio" else "vblk", side)
         rec["client_cmd"] = client
         procs0 = proc_table()
+        # proc_cpu_us counts the whole process: every thread of the backend (librbd's too).
         sys0, cpu0, t0 = sys_cpu_us(), proc_cpu_us(proc.pid), time.monotonic()
+        ceph0 = env.cluster_cpu_us() if wl.disk == "rbd" else None
         r, cpid, procs1 = run_client(client, seconds + 60)
         wall = time.monotonic() - t0
         cpu1, sys1 = proc_cpu_us(proc.pid), sys_cpu_us()
+        ceph1 = env.cluster_cpu_us() if ceph0 is not None else None
+        ceph_us = ceph1 - ceph0 if ceph0 is not None and ceph1 is not None else None
         if r.returncode != 0:
             raise RuntimeError(f"vblk bench exited with {r.returncode}: {r.stderr.strip()[-500:]}"
                                f" (backend log: {tail(log)})")
@@ -607,8 +715,10 @@ def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
         rec["backend_cpu_us"] = cpu1 - cpu0
         rec["client_wall_s"] = wall
         ios = js.get("ios") or 0
-        rec["noise"] = noise(sys0, sys1, wall, cpu1 - cpu0 + js["cpu_us_per_io"] * ios,
-                             procs0, procs1, (proc.pid, cpid))
+        # The cluster's daemons work for this run: theirs, not other processes' CPU.
+        rec["cluster_cpu_us"] = ceph_us
+        rec["noise"] = noise(sys0, sys1, wall, cpu1 - cpu0 + js["cpu_us_per_io"] * ios + (ceph_us or 0),
+                             procs0, procs1, (proc.pid, cpid, *env.ceph_pids))
         lat = js.get("lat_us", {})  # blkio_bench reports no latencies
         syscalls = perf_syscalls(sock + ".perf")
         rec["metrics"] = {
@@ -619,6 +729,7 @@ def run_backend_side(env, side, wl, seconds, qsd_cfg=None):
             "mean": lat.get("mean"),
             "client_cpu_us_per_io": js["cpu_us_per_io"],
             "backend_cpu_us_per_io": (cpu1 - cpu0) / ios if ios else None,
+            "cluster_cpu_us_per_io": ceph_us / ios if ceph_us is not None and ios else None,
             "syscalls_per_io": syscalls / ios if syscalls is not None and ios else None,
             "errors": js["errors"],
         }
@@ -679,6 +790,7 @@ def run_fio(env, wl, seconds, cfg):
             "client_cpu_us_per_io": (job["usr_cpu"] + job["sys_cpu"]) / 100 * runtime_s * 1e6 / ios
             if ios else None,
             "backend_cpu_us_per_io": None,
+            "cluster_cpu_us_per_io": None,
             "syscalls_per_io": None,
             "errors": job["error"],
         }
@@ -775,6 +887,12 @@ def run_workload(env, wl):
         out[f"{side}_config"] = cfg[0] if cfg else None
         print(f"    {side} config for the pairs: {cfg[0] if cfg else 'NONE (every config failed)'}",
               flush=True)
+        if wl.image == "rbd" and side == "qsd" and cfg and "cache.direct=on" in cfg[1]:
+            # QSD runs librbd with rbd_cache=false: vblk too (it reads CEPH_ARGS), or the
+            # comparison would be of librbd's cache settings rather than of the backends.
+            wl.vblk_env = {"CEPH_ARGS": "--rbd_cache=false"}
+            print("    vblk serve with CEPH_ARGS=--rbd_cache=false, as QSD's config", flush=True)
+    out["vblk_env"] = wl.vblk_env
     out["discarded"] = []
     retries, i = a.retries, 0
     while i < a.pairs:
@@ -797,6 +915,8 @@ def run_workload(env, wl):
                       f"{fmt('mib_s', m['mib_s']):>6} MiB/s  p50 {fmt('p50', m['p50']):>6} µs "
                       f"p99 {fmt('p99', m['p99']):>6} µs  client {fmt('x', m['client_cpu_us_per_io'])} "
                       f"backend {fmt('x', m['backend_cpu_us_per_io'])} µs/IO"
+                      + (f" (Ceph {fmt('x', m['cluster_cpu_us_per_io'])})"
+                         if m.get("cluster_cpu_us_per_io") is not None else "")
                       + (f"  {m['syscalls_per_io']:.3f} syscalls/IO" if m.get("syscalls_per_io") is not None else "")
                       + (f"  ERRORS {m['errors']}" if m["errors"] else "")
                       + noise_text(rec), flush=True)
@@ -906,7 +1026,7 @@ def detail_table(results):
             elif wr.get("peer") == "split":
                 cfg = f"vblk serve, {'packed' if side == 'vblk' else 'split'} ring"
             elif side in ("vblk", "raw"):
-                cfg = " ".join(wr["vblk_flags"]) or "default"
+                cfg = " ".join([f"{k}={v}" for k, v in wr.get("vblk_env", {}).items()] + wr["vblk_flags"]) or "default"
             else:
                 cfg = wr.get(f"{side}_config") or "-"
             image = wr.get("images", {}).get(side, "raw")
@@ -956,8 +1076,9 @@ def parse_size(s):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10,11,12",
-                    help="comma-separated case numbers (default: all; 9-12 are the qcow2 cases)")
+    ap.add_argument("--cases", default=DEFAULT_CASES,
+                    help=f"comma-separated case numbers (default: {DEFAULT_CASES}; 9-12 are the qcow2 cases; "
+                         "13, Ceph RBD, only when asked for: it needs Ceph installed)")
     ap.add_argument("--pairs", type=int, help="interleaved vblk/peer pairs per workload (default 5)")
     ap.add_argument("--seconds", type=float, help="seconds per run (default 5)")
     ap.add_argument("--probe-seconds", type=float, default=None,
@@ -975,6 +1096,7 @@ def main():
     ap.add_argument("--qcow2-disk", choices=("tmpfs", "ext4"), default="tmpfs",
                     help="where the qcow2 cases (9-12) keep their images: tmpfs (--tmpfs-dir, default) "
                          "or a real file system (--disk-dir)")
+    ap.add_argument("--rbd-size", type=parse_size, default=GIB, help="size of case 13's RBD image (default 1G)")
     ap.add_argument("--noise-limit", type=float, default=0.15,
                     help="CPUs other processes may use during a run before it counts as disturbed")
     ap.add_argument("--retries", type=int, default=4,
@@ -1008,11 +1130,15 @@ def main():
         print("warning: the client and the backend share a CPU", file=sys.stderr)
     selected = [w for w in workloads() if w.case in cases]
     for w in selected:
-        if w.image != "raw" and a.qcow2_disk != w.disk:
+        if w.image in ("qcow2", "overlay") and a.qcow2_disk != w.disk:
             w.title = w.title.replace(w.disk, a.qcow2_disk)
             w.disk = a.qcow2_disk
-    if any(w.image != "raw" for w in selected) and not shutil.which(QEMU_IMG):
+    if any(w.image in ("qcow2", "overlay") for w in selected) and not shutil.which(QEMU_IMG):
         sys.exit("qemu-img not found: the qcow2 cases (9-12) make their images with it (qemu-utils)")
+    if any(w.image == "rbd" for w in selected):
+        for tool in ("ceph-mon", "ceph-osd", "monmaptool", RBD):
+            if not shutil.which(tool):
+                sys.exit(f"{tool} not found: case 13 needs Ceph (bash scripts/ceph-micro.sh install)")
     if any(w.disk == "tmpfs" for w in selected) and fstype(a.tmpfs_dir) != "tmpfs":
         sys.exit(f"{a.tmpfs_dir} is not a tmpfs ({fstype(a.tmpfs_dir)}): pass --tmpfs-dir")
 
@@ -1042,8 +1168,10 @@ def main():
         print(f"warning: load average {load} before the start: other work will add noise", file=sys.stderr)
     print(f"vblk vs qemu-storage-daemon: {a.pairs} pairs x {a.seconds} s, client on CPU {a.client_cpu}, "
           f"backend on CPU {a.backend_cpu}; {meta['qsd']}; {meta['kernel']}", flush=True)
-    results, t0, interrupted = [], time.monotonic(), False
+    results, t0, interrupted, failed = [], time.monotonic(), False, None
     try:
+        if any(w.image == "rbd" for w in selected):
+            env.rbd_image()  # the cluster and the image before the first probe
         for wl in selected:
             results.append(run_workload(env, wl))
         if 6 in cases:
@@ -1052,6 +1180,9 @@ def main():
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: reporting what was measured", file=sys.stderr)
+    except RuntimeError as e:  # e.g. the Ceph cluster of case 13 did not start
+        failed = str(e)
+        print(f"\nerror: {failed}: reporting what was measured", file=sys.stderr)
     finally:
         PROCS.stop_all()
         env.cleanup()
@@ -1059,6 +1190,7 @@ def main():
     meta["duration_s"] = round(time.monotonic() - t0, 1)
     meta["loadavg_end"] = sh("cat /proc/loadavg")
     meta["interrupted"] = interrupted
+    meta["error"] = failed
     results.sort(key=lambda w: (w["case"], w["id"]))
     summary = table(results, cases)
     details = detail_table(results)
@@ -1072,7 +1204,7 @@ def main():
     with open(a.out, "w") as f:
         json.dump({"meta": meta, "table": summary, "details": details, "workloads": results}, f, indent=1)
     print(f"raw figures: {a.out}")
-    return 130 if interrupted else 0
+    return 130 if interrupted else (1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,23 @@ impl Fixture {
         Some(Fixture { backend, image, dir, name: name.to_string(), boots: Vec::new(), _lock: lock })
     }
 
+    /// Like [`new`](Self::new) for an image that is not a file of the fixture's: `image` goes
+    /// to the backend as it is (e.g. `rbd:POOL/IMAGE`, with `--ceph-conf` in `cfg.vblk_args`);
+    /// nothing is created. `fx.image` is then that string, not a path to read.
+    pub fn with_image(name: &str, kind: Backend, image: &str, cfg: BackendConfig) -> Option<Fixture> {
+        if skip_guest(name) {
+            return None;
+        }
+        let lock = serialize();
+        guest_image();
+        let dir = TempDir::new(name);
+        let image = PathBuf::from(image);
+        let socket = socket_path(&dir);
+        let backend = BackendProcess::start(kind, &image, &socket, cfg, &dir.join("backend.log"))
+            .unwrap_or_else(|e| panic!("[{name}] starting the {kind} backend failed: {e}"));
+        Some(Fixture { backend, image, dir, name: name.to_string(), boots: Vec::new(), _lock: lock })
+    }
+
     /// Boots a guest running `/tests/<test>.sh`, panics (printing the serial
     /// log, QEMU's stderr and the backend log) unless it reports PASS.
     pub fn boot_expect_pass(&mut self, test: &str, args: &str, num_queues: u16) -> GuestOutcome {
