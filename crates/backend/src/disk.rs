@@ -260,6 +260,11 @@ impl Disk {
         Ok(Disk { size, readonly: image.readonly(), backing: Backing::Rbd(Arc::new(image)), ..Disk::null(0) })
     }
 
+    /// Is this a Ceph RBD image?
+    pub fn is_rbd(&self) -> bool {
+        self.rbd().is_some()
+    }
+
     /// The RBD image, if this disk is one.
     pub(crate) fn rbd(&self) -> Option<&Arc<RbdImage>> {
         match &self.backing {

@@ -79,15 +79,16 @@ impl Cluster {
     /// Blocks until the monitors answer, for at most `client_mount_timeout`
     /// (300 s by default; see [`Cluster::connect_with_options`]).
     pub fn connect(conf: Option<&Path>, id: Option<&str>) -> Result<Cluster, RbdError> {
-        Cluster::connect_with_options(conf, id, &[])
+        Cluster::connect_with_options(conf, id, &[], &[])
     }
 
-    /// [`Cluster::connect`], then sets each `(option, value)` with `rados_conf_set`
-    /// before connecting (e.g. `("client_mount_timeout", "10")`,
-    /// `("rados_osd_op_timeout", "30")`).
+    /// [`Cluster::connect`] with settings (`rados_conf_set`): `defaults` before the
+    /// configuration file and `$CEPH_ARGS` are read (they win over them), `options` after
+    /// (e.g. `("client_mount_timeout", "10")`, `("rados_osd_op_timeout", "30")`).
     pub fn connect_with_options(
         conf: Option<&Path>,
         id: Option<&str>,
+        defaults: &[(&str, &str)],
         options: &[(&str, &str)],
     ) -> Result<Cluster, RbdError> {
         let id_c = id.map(|s| cstring("client id", s)).transpose()?;
@@ -100,10 +101,13 @@ impl Cluster {
                 cstring("ceph.conf path", s)
             })
             .transpose()?;
-        let options_c = options
-            .iter()
-            .map(|(k, v)| Ok((cstring("config option", k)?, cstring("config value", v)?)))
-            .collect::<Result<Vec<_>, RbdError>>()?;
+        let to_c = |settings: &[(&str, &str)]| {
+            settings
+                .iter()
+                .map(|(k, v)| Ok((cstring("config option", k)?, cstring("config value", v)?)))
+                .collect::<Result<Vec<_>, RbdError>>()
+        };
+        let (defaults_c, options_c) = (to_c(defaults)?, to_c(options)?);
 
         let mut raw: ffi::rados_t = ptr::null_mut();
         let id_ptr = id_c.as_ref().map_or(ptr::null(), |s| s.as_ptr());
@@ -114,6 +118,15 @@ impl Cluster {
         // From here on the handle is owned: every early return shuts it down.
         let handle = RadosHandle(raw);
 
+        let set = |settings: &[(CString, CString)], names: &[(&str, &str)]| {
+            for ((k, v), (key, _)) in settings.iter().zip(names) {
+                // SAFETY: not yet connected; both strings are NUL-terminated and alive for the call.
+                let ret = unsafe { ffi::rados_conf_set(handle.0, k.as_ptr(), v.as_ptr()) };
+                RbdError::check(ret.into(), "rados_conf_set", || key.to_string())?;
+            }
+            Ok::<(), RbdError>(())
+        };
+        set(&defaults_c, defaults)?;
         let conf_ptr = conf_c.as_ref().map_or(ptr::null(), |s| s.as_ptr());
         // SAFETY: the handle is created and not yet connected; `conf_ptr` is NULL (search
         // the default locations) or a NUL-terminated path alive for the call.
@@ -126,11 +139,7 @@ impl Cluster {
         // SAFETY: as above; NULL means the variable `CEPH_ARGS`.
         let ret = unsafe { ffi::rados_conf_parse_env(handle.0, ptr::null()) };
         RbdError::check(ret.into(), "rados_conf_parse_env", || "CEPH_ARGS".to_string())?;
-        for ((k, v), (key, _)) in options_c.iter().zip(options) {
-            // SAFETY: not yet connected; both strings are NUL-terminated and alive for the call.
-            let ret = unsafe { ffi::rados_conf_set(handle.0, k.as_ptr(), v.as_ptr()) };
-            RbdError::check(ret.into(), "rados_conf_set", || key.to_string())?;
-        }
+        set(&options_c, options)?;
         // SAFETY: a configured, not yet connected handle.
         let ret = unsafe { ffi::rados_connect(handle.0) };
         RbdError::check(ret.into(), "rados_connect", || {

@@ -111,9 +111,10 @@ pub struct ServeArgs {
     pub no_direct: bool,
     /// Adaptive polling: after work, spin on the rings for this many µs before sleeping
     /// (0: always sleep on the kick eventfds). Idle queues cost nothing: spinning stops
-    /// this long after the last request.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
-    pub poll_us: u32,
+    /// this long after the last request. [default: 50; 0 for RBD images, whose completions
+    /// come from librbd's threads, which a spinning worker would keep off the CPU]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub poll_us: Option<u32>,
     /// Do not merge contiguous requests into one backend I/O.
     #[arg(long)]
     pub no_merge: bool,
@@ -322,7 +323,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let device = VblkDevice::new(
         Arc::clone(&params),
         Arc::clone(&disk),
-        DataPlaneOptions { threads, engine, poll_us: args.poll_us },
+        DataPlaneOptions { threads, engine, poll_us: args.poll_us.unwrap_or(if disk.is_rbd() { 0 } else { 50 }) },
     )?;
     let mut server = Server::bind(&args.socket, args.socket_mode, device)?;
     server
