@@ -112,9 +112,10 @@ class Workload:
         # "raw" (case 12: `vblk serve` on the qcow2 image vs `vblk serve` on the raw file).
         self.peer = peer
         self.info = list(info)  # extra sides measured for information only
-        # Environment of `vblk serve` (case 13: CEPH_ARGS=--rbd_cache=false when QSD's chosen
-        # configuration has librbd's cache off, so that both sides run librbd alike).
+        # Environment and extra flags of `vblk serve` (case 13: --rbd-cache when QSD's chosen
+        # configuration has librbd's cache on, so that both sides run librbd alike).
         self.vblk_env = {}
+        self.vblk_more = []
 
     @property
     def sides(self):
@@ -272,8 +273,8 @@ def qsd_configs(disk):
     if disk == "rbd":
         # No aio= for rbd (librbd's own threads do the I/O). cache.direct picks librbd's cache:
         # QEMU sets rbd_cache=true unless the node has cache.direct=on (BDRV_O_NOCACHE), and
-        # cache.direct is off by default, so QSD's default is rbd_cache=true, which is also
-        # librbd's own default and what `vblk serve` gets (it sets no rbd_cache).
+        # cache.direct is off by default, so QSD's default is rbd_cache=true (librbd's own
+        # default); `vblk serve` runs with rbd_cache=false unless --rbd-cache.
         files = [("rbd_cache=true (default)", "cache.direct=off"),
                  ("rbd_cache=false (cache.direct=on)", "cache.direct=on")]
     elif disk == "null":
@@ -588,7 +589,7 @@ def vblk_argv(env, wl, sock, side="vblk"):
         path, fmt_ = env.image(wl, side)
         argv += [path, "--format", fmt_]
     argv += ["--socket", sock, "--num-queues", "1"]
-    return argv + vblk_flags(a, wl)
+    return argv + wl.vblk_more + vblk_flags(a, wl)
 
 
 def vblk_flags(a, wl):
@@ -887,12 +888,13 @@ def run_workload(env, wl):
         out[f"{side}_config"] = cfg[0] if cfg else None
         print(f"    {side} config for the pairs: {cfg[0] if cfg else 'NONE (every config failed)'}",
               flush=True)
-        if wl.image == "rbd" and side == "qsd" and cfg and "cache.direct=on" in cfg[1]:
-            # QSD runs librbd with rbd_cache=false: vblk too (it reads CEPH_ARGS), or the
-            # comparison would be of librbd's cache settings rather than of the backends.
-            wl.vblk_env = {"CEPH_ARGS": "--rbd_cache=false"}
-            print("    vblk serve with CEPH_ARGS=--rbd_cache=false, as QSD's config", flush=True)
+        if wl.image == "rbd" and side == "qsd" and cfg and "cache.direct=off" in cfg[1]:
+            # QSD runs librbd with its cache on: vblk too, or the comparison would be of
+            # librbd's cache settings rather than of the backends.
+            wl.vblk_more = ["--rbd-cache"]
+            print("    vblk serve with --rbd-cache, as QSD's config", flush=True)
     out["vblk_env"] = wl.vblk_env
+    out["vblk_more"] = wl.vblk_more
     out["discarded"] = []
     retries, i = a.retries, 0
     while i < a.pairs:
@@ -1026,7 +1028,7 @@ def detail_table(results):
             elif wr.get("peer") == "split":
                 cfg = f"vblk serve, {'packed' if side == 'vblk' else 'split'} ring"
             elif side in ("vblk", "raw"):
-                cfg = " ".join([f"{k}={v}" for k, v in wr.get("vblk_env", {}).items()] + wr["vblk_flags"]) or "default"
+                cfg = " ".join([f"{k}={v}" for k, v in wr.get("vblk_env", {}).items()] + wr.get("vblk_more", []) + wr["vblk_flags"]) or "default"
             else:
                 cfg = wr.get(f"{side}_config") or "-"
             image = wr.get("images", {}).get(side, "raw")
