@@ -178,9 +178,9 @@ pub(crate) fn truncate_iovecs(iovs: &mut Vec<libc::iovec>, mut n: usize) {
     iovs.truncate(keep);
 }
 
-/// Append to `out` the iovecs covering bytes `start..start + len` of `iovs` (pointers
-/// only; nothing is read). Fewer bytes if `iovs` is shorter.
-pub(crate) fn slice_iovecs(iovs: &[libc::iovec], mut start: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
+/// Call `f` with (pointer, length) of each part of bytes `start..start + len` of the buffers
+/// `iovs` describe, in order (fewer bytes if `iovs` is shorter). Nothing is dereferenced.
+pub(crate) fn for_each_part(iovs: &[libc::iovec], mut start: usize, mut len: usize, mut f: impl FnMut(*mut u8, usize)) {
     for v in iovs {
         if len == 0 {
             break;
@@ -190,8 +190,13 @@ pub(crate) fn slice_iovecs(iovs: &[libc::iovec], mut start: usize, mut len: usiz
             continue;
         }
         let n = (v.iov_len - start).min(len);
-        out.push(libc::iovec { iov_base: v.iov_base.cast::<u8>().wrapping_add(start).cast(), iov_len: n });
-        start = 0;
-        len -= n;
+        f(v.iov_base.cast::<u8>().wrapping_add(start), n);
+        (start, len) = (0, len - n);
     }
+}
+
+/// Append to `out` the iovecs covering bytes `start..start + len` of `iovs` (pointers
+/// only; nothing is read). Fewer bytes if `iovs` is shorter.
+pub(crate) fn slice_iovecs(iovs: &[libc::iovec], start: usize, len: usize, out: &mut Vec<libc::iovec>) {
+    for_each_part(iovs, start, len, |p, n| out.push(libc::iovec { iov_base: p.cast(), iov_len: n }));
 }

@@ -49,6 +49,7 @@ mod bounce;
 mod disk;
 mod engine;
 mod inject;
+mod mailbox;
 pub mod qcow2;
 pub mod rbd;
 mod sync;

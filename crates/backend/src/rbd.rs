@@ -17,9 +17,9 @@
 //! line per failed op from the pipeline. librbd reconnects by itself when the cluster
 //! comes back.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -207,35 +207,8 @@ impl RbdImage {
     }
 }
 
-/// Completions another engine collected for this one.
-#[derive(Debug)]
-struct Mailbox {
-    done: Mutex<Vec<(u64, i64)>>,
-    /// How many `done` holds: lets a polling worker skip the lock.
-    count: AtomicUsize,
-    /// The engine's eventfd (a duplicate).
-    eventfd: OwnedFd,
-}
-
-impl Mailbox {
-    fn deliver(&self, c: (u64, i64)) {
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        done.push(c);
-        self.count.store(done.len(), Ordering::Release);
-        drop(done);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an eventfd this struct owns.
-        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    fn take(&self, out: &mut Vec<(u64, i64)>) {
-        if self.count.load(Ordering::Acquire) > 0 {
-            let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            out.append(&mut done);
-            self.count.store(0, Ordering::Release);
-        }
-    }
-}
+/// Completions another engine collected for this one: `(tag, result)`.
+type Mailbox = crate::mailbox::Mailbox<(u64, i64)>;
 
 /// An op's tag for librbd: the engine's id and the op's slot.
 fn tag(id: u32, slot: usize) -> u64 {
@@ -267,11 +240,7 @@ pub(crate) struct RbdEngine {
 impl RbdEngine {
     pub(crate) fn new(image: Arc<RbdImage>, depth: usize, eventfd: BorrowedFd<'_>) -> Result<RbdEngine, BackendError> {
         let io = |op| move |source| BackendError::Io { op, source };
-        let mailbox = Arc::new(Mailbox {
-            done: Mutex::new(Vec::new()),
-            count: AtomicUsize::new(0),
-            eventfd: eventfd.try_clone_to_owned().map_err(io("dup eventfd"))?,
-        });
+        let mailbox = Arc::new(Mailbox::new(eventfd).map_err(io("dup eventfd"))?);
         let wake = sys::epoll_watching(&[eventfd, image.image.completion_fd()]).map_err(io("epoll"))?;
         let id = image.register(&mailbox);
         Ok(RbdEngine {

@@ -170,19 +170,15 @@ impl UringEngine {
             ready.push(Completion { op, result });
             return Ok(());
         }
-        let Some(idx) = self.free.pop() else {
-            return Err(op);
-        };
-        let slot = &mut self.slots[idx];
-        slot.done = 0;
-        slot.retries = 0;
-        slot.use_work = false;
-        slot.fd = FdChoice::Main;
-        slot.stage = match op.kind {
+        let stage = match op.kind {
             OpKind::Read | OpKind::Write => Stage::Rw,
             OpKind::Flush => Stage::Flush,
             OpKind::Discard | OpKind::WriteZeroes { .. } => Stage::Fallocate,
         };
+        let Some(idx) = self.claim(FdChoice::Main, stage) else {
+            return Err(op);
+        };
+        let slot = &mut self.slots[idx];
         if slot.stage == Stage::Rw {
             let route = bounce::route(disk, &op);
             slot.fd = route.fd;
@@ -215,6 +211,14 @@ impl UringEngine {
         Ok(())
     }
 
+    /// A free slot, reset for a new op's first `stage` on `fd`.
+    fn claim(&mut self, fd: FdChoice, stage: Stage) -> Option<usize> {
+        let idx = self.free.pop()?;
+        let slot = &mut self.slots[idx];
+        (slot.done, slot.retries, slot.use_work, slot.fd, slot.stage) = (0, 0, false, fd, stage);
+        Some(idx)
+    }
+
     /// Slots free for [`UringEngine::push_at`].
     pub(crate) fn free_slots(&self) -> usize {
         self.free.len()
@@ -227,16 +231,10 @@ impl UringEngine {
     /// As for [`UringEngine::push`]; and `fd` stays open until the completion is reaped.
     pub(crate) unsafe fn push_at(&mut self, disk: &Disk, fd: RawFd, op: IoOp) -> Result<(), IoOp> {
         debug_assert!(matches!(op.kind, OpKind::Read | OpKind::Write));
-        let Some(idx) = self.free.pop() else {
+        let Some(idx) = self.claim(FdChoice::Image(fd), Stage::Rw) else {
             return Err(op);
         };
-        let slot = &mut self.slots[idx];
-        slot.done = 0;
-        slot.retries = 0;
-        slot.use_work = false;
-        slot.fd = FdChoice::Image(fd);
-        slot.stage = Stage::Rw;
-        slot.op = Some(op);
+        self.slots[idx].op = Some(op);
         if let Err(e) = self.queue_sqe(disk, idx) {
             // Only a full SQ; the slot's op is handed back with the error.
             if let Some(c) = self.finish(idx, Err(e)) {

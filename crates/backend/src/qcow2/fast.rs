@@ -26,7 +26,7 @@ use std::sync::Arc;
 use super::quiesce::Quiesce;
 use super::service::Qcow2Queue;
 use super::{Extent, Qcow2Image};
-use crate::bounce::{slice_iovecs, IOV_MAX};
+use crate::bounce::{for_each_part, slice_iovecs, IOV_MAX};
 use crate::disk::Disk;
 use crate::sync::transfer;
 use crate::uring::UringEngine;
@@ -401,18 +401,7 @@ fn adjoins(p: &Piece, file: Option<(std::os::fd::RawFd, u64)>) -> bool {
 ///
 /// # Safety
 /// Those bytes must be valid for writes.
-unsafe fn zero_iovecs(iovs: &[libc::iovec], mut start: usize, mut len: usize) {
-    for v in iovs {
-        if len == 0 {
-            break;
-        }
-        if start >= v.iov_len {
-            start -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - start).min(len);
-        // SAFETY: the caller's contract covers these `n` bytes of this buffer.
-        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>().add(start), 0, n) };
-        (start, len) = (0, len - n);
-    }
+unsafe fn zero_iovecs(iovs: &[libc::iovec], start: usize, len: usize) {
+    // SAFETY: the caller's contract covers every part of the range.
+    for_each_part(iovs, start, len, |p, n| unsafe { std::ptr::write_bytes(p, 0, n) });
 }

@@ -7,38 +7,20 @@
 //! `FormatAccess` is `Send + Sync` and locks its allocator and caches itself, so reads run
 //! in parallel and allocations serialise where they must.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::BorrowedFd;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::Qcow2Image;
+use crate::mailbox::Mailbox;
 use crate::{BackendError, Completion, IoOp, OpKind};
 
 /// Threads per image.
 pub(crate) const SERVICE_THREADS: usize = 2;
 
-/// Where a job's completion goes: the submitting engine's queue and eventfd.
-#[derive(Debug)]
-pub(crate) struct Reply {
-    done: Mutex<Vec<Completion>>,
-    /// How many completions `done` holds: lets a polling worker skip the lock.
-    count: AtomicUsize,
-    eventfd: OwnedFd,
-}
-
-impl Reply {
-    fn deliver(&self, c: Completion) {
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        done.push(c);
-        self.count.store(done.len(), Ordering::Release);
-        drop(done);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an eventfd this struct owns.
-        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-}
+/// Where a job's completion goes: the submitting engine's mailbox.
+pub(crate) type Reply = Mailbox<Completion>;
 
 struct Job {
     op: IoOp,
@@ -166,11 +148,7 @@ pub(crate) struct Qcow2Queue {
 impl Qcow2Queue {
     /// A queue completing into `out` and signalling `eventfd` (the engine's; duplicated).
     pub(crate) fn new(eventfd: BorrowedFd<'_>) -> std::io::Result<Qcow2Queue> {
-        let eventfd = eventfd.try_clone_to_owned()?;
-        Ok(Qcow2Queue {
-            pending: Vec::new(),
-            reply: Arc::new(Reply { done: Mutex::new(Vec::new()), count: AtomicUsize::new(0), eventfd }),
-        })
+        Ok(Qcow2Queue { pending: Vec::new(), reply: Arc::new(Reply::new(eventfd)?) })
     }
 
     pub(crate) fn push(&mut self, op: IoOp) {
@@ -190,12 +168,7 @@ impl Qcow2Queue {
 
     /// Move finished ops to `out`.
     pub(crate) fn reap(&self, out: &mut Vec<Completion>) {
-        if self.reply.count.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        let mut done = self.reply.done.lock().unwrap_or_else(|p| p.into_inner());
-        out.append(&mut done);
-        self.reply.count.store(0, Ordering::Release);
+        self.reply.take(out);
     }
 
     /// Ops handed to the service and not yet completed into the reply.
@@ -205,7 +178,7 @@ impl Qcow2Queue {
 
     /// The eventfd the service signals (to block on in `Engine::wait`).
     pub(crate) fn eventfd(&self) -> BorrowedFd<'_> {
-        self.reply.eventfd.as_fd()
+        self.reply.eventfd()
     }
 }
 
