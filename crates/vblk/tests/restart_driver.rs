@@ -60,6 +60,14 @@ fn killed_under_load(ring: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start vblk verify");
+    // The first kill only once verify has connected (its reconnect covers a lost
+    // connection, not a first connect that finds no socket): a loaded machine may take
+    // longer than the first kill's delay to start it.
+    let connected = Instant::now();
+    while !backend.log_text().contains("frontend connected") {
+        assert!(connected.elapsed() < Duration::from_secs(30), "vblk verify never connected:\n{}", backend.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let t = Instant::now();
     let mut done_early = None;
