@@ -26,22 +26,6 @@ const PATTERN_TAG: &str = "rbd1";
 const PATTERN_MIB: usize = 8;
 const PATTERN_FILE: &str = "pattern";
 
-/// The cluster's `ceph.conf`, or `None` (with a message) when the test is to be skipped.
-fn ceph_conf(test: &str) -> Option<PathBuf> {
-    if std::env::var("VBLK_SKIP_CEPH").as_deref() == Ok("1") {
-        eprintln!("SKIPPED {test}: VBLK_SKIP_CEPH=1");
-        return None;
-    }
-    match std::env::var_os("VBLK_CEPH_CONF") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => panic!(
-            "VBLK_CEPH_CONF is not set: start a one-node Ceph cluster with `scripts/ceph-micro.sh start DIR` \
-             and set VBLK_CEPH_CONF=DIR/ceph.conf (scripts/test.sh does both), or set VBLK_SKIP_CEPH=1 \
-             to skip the Ceph tests"
-        ),
-    }
-}
-
 /// Runs `PROG -c CONF ARGS...`; its stdout, or Err with its output.
 fn ceph_cmd(prog: &str, conf: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
     let out = Command::new(prog)

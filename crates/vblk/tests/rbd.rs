@@ -23,23 +23,6 @@ use common::client::Client;
 use common::*;
 use vblk_driver::RequestFailure;
 
-/// The shared cluster's ceph.conf; `None` (after saying so) under `VBLK_SKIP_CEPH=1`.
-fn ceph_conf(test: &str) -> Option<PathBuf> {
-    if std::env::var("VBLK_SKIP_CEPH").as_deref() == Ok("1") {
-        eprintln!("SKIPPED {test}: VBLK_SKIP_CEPH=1");
-        return None;
-    }
-    let conf = std::env::var_os("VBLK_CEPH_CONF").filter(|c| !c.is_empty()).map(PathBuf::from).unwrap_or_else(|| {
-        panic!(
-            "{test}: VBLK_CEPH_CONF is not set. The RBD tests need a Ceph cluster: \
-             `scripts/ceph-micro.sh start DIR` and VBLK_CEPH_CONF=DIR/ceph.conf \
-             (scripts/test.sh does both), or VBLK_SKIP_CEPH=1 to skip them"
-        )
-    });
-    assert!(conf.is_file(), "VBLK_CEPH_CONF={}: no such file (is the cluster running?)", conf.display());
-    Some(conf)
-}
-
 /// A name no other test (or test run) uses.
 fn unique(what: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -277,3 +277,22 @@ pub(crate) fn describe(c: &Command) -> String {
     }
     s
 }
+
+/// The Ceph test cluster's ceph.conf (`VBLK_CEPH_CONF`; scripts/test.sh starts the cluster);
+/// `None` (after saying so) under `VBLK_SKIP_CEPH=1`. Unset: the test fails, saying how to
+/// start one.
+pub fn ceph_conf(test: &str) -> Option<PathBuf> {
+    if std::env::var("VBLK_SKIP_CEPH").as_deref() == Ok("1") {
+        eprintln!("SKIPPED {test}: VBLK_SKIP_CEPH=1");
+        return None;
+    }
+    let conf = std::env::var_os("VBLK_CEPH_CONF").filter(|c| !c.is_empty()).map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "{test}: VBLK_CEPH_CONF is not set. The RBD tests need a Ceph cluster: \
+             `scripts/ceph-micro.sh start DIR` and VBLK_CEPH_CONF=DIR/ceph.conf \
+             (scripts/test.sh does both), or VBLK_SKIP_CEPH=1 to skip them"
+        )
+    });
+    assert!(conf.is_file(), "VBLK_CEPH_CONF={}: no such file (is the cluster running?)", conf.display());
+    Some(conf)
+}
