@@ -376,7 +376,7 @@ impl<D: Driver> Rig<D> {
         for i in 0..self.w.batch as u64 {
             self.mem.write_at(STATUS + i, &[0xee]).unwrap();
         }
-        let before = self.dev.dev.stats();
+        let before = self.dev.dev.metrics().snapshot();
         self.drv.submit();
         assert_eq!(device_round(&mut self.dev), self.w.batch as usize);
         let mut used = Vec::new();
@@ -389,10 +389,10 @@ impl<D: Driver> Rig<D> {
             self.mem.read_at(STATUS + i, &mut b).unwrap();
             assert_eq!(b[0], Status::Ok as u8, "{} request {i}", self.w.name());
         }
-        let after = self.dev.dev.stats();
+        let after = self.dev.dev.metrics().snapshot();
         let merged = if self.w.write() && self.w.merge { self.w.batch as u64 - 1 } else { 0 };
         assert_eq!(after.merged - before.merged, merged, "{}", self.w.name());
-        assert_eq!(after.errors, 0);
+        assert_eq!(after.errors, [0; 2]);
         assert_eq!(self.dev.io.in_flight(), 0);
     }
 
