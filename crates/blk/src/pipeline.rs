@@ -17,15 +17,16 @@
 //!
 //! Metrics ([`QueueMetrics`], written by this queue's one thread): a request is counted as
 //! started where its `Pending` is made and as finished in [`BlkQueue::finish`], with its
-//! latency from the pop to the status write. The clock is read once per batch of pops (at
-//! the first chain) and once per batch of completions ([`BlkQueue::complete_at`]), not per
-//! request; a request finished at once (GET_ID, an invalid request) takes 0.
+//! latency from the pop to the status write ([`vblk_metrics::now_ns`]) while timing is on
+//! ([`BlkQueue::set_timing`]). The clock is read once per batch of pops (at the first chain)
+//! and once per batch of completions ([`BlkQueue::complete_at`]), not per request: a latency
+//! is exact to within the time it takes to pop or finish the rest of its batch. A request
+//! finished at once (GET_ID, an invalid request) takes 0.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use vblk_backend::{Completion, Engine, IoOp, OpKind};
-use vblk_metrics::{ErrorStatus, Op, QueueMetrics};
+use vblk_metrics::{now_ns, ErrorStatus, Op, QueueMetrics};
 use vblk_queue::{Chain, ChainError, Popped, QueueError, Ring, StatusByte};
 use vblk_virtio::blk::Status;
 use vblk_virtio::Iov;
@@ -48,14 +49,25 @@ struct Pending {
     status: Iov,
     /// Writable bytes before the status byte.
     data_in: u64,
-    /// Bytes the device writes there when the request succeeds (read data, device ID).
-    data_out: u64,
+    /// Bytes the request moves when it succeeds: read or written, discarded or zeroed, ID
+    /// bytes written (0 for a request that failed its checks).
+    bytes: u64,
+    /// When it was popped ([`now_ns`]), for its latency.
+    started: u64,
     /// The next request merged into the same backend I/O.
     next: Option<u16>,
-    /// For the metrics: the operation, the bytes it moves if it succeeds, when it was popped.
     op: Op,
-    bytes: u64,
-    started: Instant,
+}
+
+impl Pending {
+    /// Bytes the device writes before the status byte when the request succeeds (read
+    /// data, device ID).
+    fn data_out(&self) -> u64 {
+        match self.op {
+            Op::Read | Op::GetId => self.bytes,
+            _ => 0,
+        }
+    }
 }
 
 impl Request {
@@ -114,8 +126,11 @@ pub struct BlkQueue {
     /// Reads and writes of the current batch, waiting to be merged and submitted.
     merge: MergeBuffer,
     metrics: Arc<QueueMetrics>,
-    /// The clock as last read: at the first pop of a batch, at a batch of completions.
-    clock: Instant,
+    /// The clock ([`now_ns`]) as last read or given: at the first pop of a batch, at a batch
+    /// of completions.
+    clock: u64,
+    /// Measure latencies (read the clock); off: the histogram is left alone.
+    timing: bool,
 }
 
 impl BlkQueue {
@@ -143,7 +158,8 @@ impl BlkQueue {
             scratch: Vec::new(),
             merge: MergeBuffer::default(),
             metrics,
-            clock: Instant::now(),
+            clock: now_ns(),
+            timing: true,
         }
     }
 
@@ -158,6 +174,17 @@ impl BlkQueue {
     /// This queue's counters.
     pub fn metrics(&self) -> &Arc<QueueMetrics> {
         &self.metrics
+    }
+
+    /// Measure request latencies (on by default): two clock reads per batch of requests.
+    pub fn set_timing(&mut self, on: bool) {
+        self.timing = on;
+    }
+
+    /// Whether this queue measures latencies (a caller of [`complete_at`](Self::complete_at)
+    /// need not read the clock when it does not).
+    pub fn timing(&self) -> bool {
+        self.timing
     }
 
     /// Requests started and not finished.
@@ -179,9 +206,9 @@ impl BlkQueue {
                 Popped::Empty => break Ok(()),
                 Popped::Refused { head, error, status } => self.refuse(head, error, status),
                 Popped::Chain => {
-                    if !stamped {
+                    if !stamped && self.timing {
                         // Once per batch: the start time of every request popped in it.
-                        self.clock = Instant::now();
+                        self.clock = now_ns();
                         stamped = true;
                     }
                     let head = self.spare_chain.head();
@@ -239,16 +266,11 @@ impl BlkQueue {
             }
             Parsed::Answerable { status, data_in_len, request } => (status, data_in_len, request),
         };
-        let data_out = match request {
-            Ok(Request::Read { len, .. }) => len,
-            Ok(Request::GetId { len }) => len as u64,
-            _ => 0,
-        };
         let (op, bytes) = match &request {
             Ok(r) => r.metric(),
             Err(_) => (op_of_type(header_type(&slot.chain)), 0),
         };
-        slot.pending = Some(Pending { status, data_in, data_out, next: None, op, bytes, started: self.clock });
+        slot.pending = Some(Pending { status, data_in, bytes, started: self.clock, next: None, op });
         self.metrics.started();
         let request = match request {
             Ok(r) => r,
@@ -342,12 +364,13 @@ impl BlkQueue {
     /// (§5.2.6: VIRTIO_BLK_S_OK vouches for the whole data buffer, which a short read did
     /// not fill).
     pub fn complete(&mut self, c: Completion) {
-        self.complete_at(c, Instant::now());
+        let now = if self.timing { now_ns() } else { 0 };
+        self.complete_at(c, now);
     }
 
-    /// [`complete`](Self::complete) with the clock read by the caller: one read for a
-    /// batch of completions.
-    pub fn complete_at(&mut self, c: Completion, now: Instant) {
+    /// [`complete`](Self::complete) with the clock ([`now_ns`]) read by the caller: one read
+    /// for a batch of completions.
+    pub fn complete_at(&mut self, c: Completion, now: u64) {
         self.clock = now;
         let (_, head) = split_tag(c.op.tag);
         let data = matches!(c.op.kind, OpKind::Read | OpKind::Write);
@@ -374,7 +397,7 @@ impl BlkQueue {
         while let Some(h) = next {
             let p = self.slots.get(h as usize).and_then(|s| s.pending.as_ref());
             next = p.and_then(|p| p.next);
-            let written = read.min(p.map_or(0, |p| p.data_out));
+            let written = read.min(p.map_or(0, Pending::data_out));
             read -= written;
             self.finish(h, result.clone(), written);
         }
@@ -407,8 +430,8 @@ impl BlkQueue {
             Status::IoErr => Some(ErrorStatus::IoErr),
             Status::Unsupp => Some(ErrorStatus::Unsupp),
         };
-        let latency = self.clock.saturating_duration_since(p.started).as_nanos();
-        self.metrics.finished(p.op, error, p.bytes, u64::try_from(latency).unwrap_or(u64::MAX));
+        let latency = self.timing.then(|| self.clock.saturating_sub(p.started));
+        self.metrics.finished(p.op, error, p.bytes, latency);
         if let Some(mem) = slot.chain.memory() {
             // The status iov was validated with this chain's memory; a failure here would
             // be a vblk bug, and the used length then still returns the chain.

@@ -17,8 +17,7 @@
 //! **Latency**: a histogram of fixed log-scale buckets, upper bounds 1 µs, 2 µs, 4 µs, …,
 //! 2²³ µs (8.4 s), then +Inf: a sample is placed with one `leading_zeros`. The caller measures
 //! a request from the moment it was popped from the ring to the moment its status was
-//! written (the pipeline reads the clock once per batch of pops and once per batch of
-//! completions, not per request).
+//! written, with [`crate::clock`].
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -145,11 +144,14 @@ impl QueueMetrics {
     }
 
     /// A request finished: `error` is its failure status (None: OK), `bytes` the data it
-    /// moved (counted only on success), `latency_ns` the time since it was started.
+    /// moved (counted only on success), `latency_ns` the time since it was started (None
+    /// while the export is not timed: the histogram is left alone).
     #[inline]
-    pub fn finished(&self, op: Op, error: Option<ErrorStatus>, bytes: u64, latency_ns: u64) {
-        self.latency[latency_bucket(latency_ns)].add(1);
-        self.latency_sum_ns.add(latency_ns);
+    pub fn finished(&self, op: Op, error: Option<ErrorStatus>, bytes: u64, latency_ns: Option<u64>) {
+        if let Some(ns) = latency_ns {
+            self.latency[latency_bucket(ns)].add(1);
+            self.latency_sum_ns.add(ns);
+        }
         match error {
             None => self.bytes[op as usize].add(bytes),
             Some(e) => self.errors[e as usize].add(1),
@@ -236,7 +238,8 @@ impl QueueSnapshot {
     }
 
     /// Requests in the latency histogram (equals [`requests_total`](Self::requests_total)
-    /// whenever no request is finishing at the moment of the snapshot).
+    /// whenever no request is finishing at the moment of the snapshot, if the queue was
+    /// timed all along).
     pub fn latency_count(&self) -> u64 {
         self.latency.iter().sum()
     }
@@ -324,10 +327,10 @@ mod tests {
         for _ in 0..5 {
             m.started();
         }
-        m.finished(Op::Read, None, 4096, 3_000);
-        m.finished(Op::Read, Some(ErrorStatus::IoErr), 4096, 50_000);
-        m.finished(Op::Write, None, 8192, 900);
-        m.finished(Op::Other, Some(ErrorStatus::Unsupp), 0, 10);
+        m.finished(Op::Read, None, 4096, Some(3_000));
+        m.finished(Op::Read, Some(ErrorStatus::IoErr), 4096, Some(50_000));
+        m.finished(Op::Write, None, 8192, Some(900));
+        m.finished(Op::Other, Some(ErrorStatus::Unsupp), 0, Some(10));
         m.merged(3);
         m.refused();
         let s = m.snapshot();
@@ -344,13 +347,23 @@ mod tests {
     }
 
     #[test]
+    fn an_untimed_request_is_counted_outside_the_histogram() {
+        let m = QueueMetrics::default();
+        m.started();
+        m.finished(Op::Read, None, 512, None);
+        let s = m.snapshot();
+        assert_eq!((s.requests(Op::Read), s.bytes(Op::Read), s.in_flight()), (1, 512, 0));
+        assert_eq!((s.latency_count(), s.latency_sum_ns), (0, 0));
+    }
+
+    #[test]
     fn snapshots_add_up() {
         let (a, b) = (QueueMetrics::default(), QueueMetrics::default());
         a.started();
-        a.finished(Op::Flush, None, 0, 1);
+        a.finished(Op::Flush, None, 0, Some(1));
         b.started();
         b.started();
-        b.finished(Op::Discard, None, 1 << 20, 5_000_000);
+        b.finished(Op::Discard, None, 1 << 20, Some(5_000_000));
         let mut sum = a.snapshot();
         sum.add(&b.snapshot());
         assert_eq!((sum.requests(Op::Flush), sum.requests(Op::Discard)), (1, 1));
@@ -375,7 +388,7 @@ mod tests {
         };
         for _ in 0..200_000 {
             m.started();
-            m.finished(Op::Write, None, 512, 1);
+            m.finished(Op::Write, None, 512, Some(1));
             w.polled(2);
         }
         reader.join().unwrap();

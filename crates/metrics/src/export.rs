@@ -6,7 +6,14 @@
 //! goes back). The [`Registry`] names them: `vblk serve` registers its one disk; an exports
 //! layer would register each disk it adds and unregister those it removes. Its mutex is
 //! taken to register and to scrape, never by the data plane.
+//!
+//! **Timing** (the latency histogram) is off until [`ExportMetrics::set_timing`]: it costs
+//! two clock reads per batch of requests, which is what a request costs on the null backend
+//! when the worker takes them one at a time (docs/PERFORMANCE.md); the counters are always
+//! on. `vblk serve --metrics` turns it on before any worker starts; a worker takes the
+//! setting when it starts.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::counters::{QueueMetrics, QueueSnapshot, WorkerMetrics, WorkerSnapshot};
@@ -19,6 +26,7 @@ pub const MAX_NAME_LEN: usize = 128;
 pub struct ExportMetrics {
     queues: Vec<Arc<QueueMetrics>>,
     workers: Vec<Arc<WorkerMetrics>>,
+    timing: AtomicBool,
 }
 
 impl ExportMetrics {
@@ -28,7 +36,18 @@ impl ExportMetrics {
         ExportMetrics {
             queues: (0..num_queues).map(|_| Arc::default()).collect(),
             workers: (0..threads.max(1)).map(|_| Arc::default()).collect(),
+            timing: AtomicBool::new(false),
         }
+    }
+
+    /// Measure request latencies (the histogram) in workers started from now on.
+    pub fn set_timing(&self, on: bool) {
+        self.timing.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether workers starting now measure latencies.
+    pub fn timing(&self) -> bool {
+        self.timing.load(Ordering::Relaxed)
     }
 
     /// Queue `i`'s counters (None past the last queue).
@@ -166,6 +185,10 @@ mod tests {
         assert!(m.worker(1).is_some() && m.worker(2).is_none());
         // No worker count is not a division by zero.
         assert_eq!(ExportMetrics::new(1, 0).worker_of(0), 0);
+        // Latencies are measured only when asked for.
+        assert!(!m.timing());
+        m.set_timing(true);
+        assert!(m.timing());
     }
 
     #[test]
@@ -175,7 +198,7 @@ mod tests {
             let c = m.queue(q).unwrap();
             for _ in 0..=q {
                 c.started();
-                c.finished(Op::Read, None, 4096, 10_000);
+                c.finished(Op::Read, None, 4096, Some(10_000));
             }
         }
         m.worker(1).unwrap().slept(7);

@@ -262,7 +262,7 @@ mod tests {
         let (srv, m) = server();
         let q = m.queue(0).unwrap();
         q.started();
-        q.finished(Op::Flush, None, 0, 10);
+        q.finished(Op::Flush, None, 0, Some(10));
         let r = exchange(srv.local_addr(), b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n");
         assert_eq!(status(&r), "HTTP/1.1 200 OK", "{r}");
         assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");

@@ -243,8 +243,8 @@ mod tests {
         for _ in 0..3 {
             q1.started();
         }
-        q1.finished(Op::Read, None, 4096, 1_500); // bucket le=2e-06
-        q1.finished(Op::Write, Some(ErrorStatus::IoErr), 512, 3_000_000); // le=0.004096
+        q1.finished(Op::Read, None, 4096, Some(1_500)); // bucket le=2e-06
+        q1.finished(Op::Write, Some(ErrorStatus::IoErr), 512, Some(3_000_000)); // le=0.004096
         q1.merged(2);
         a.worker(0).unwrap().slept(1_500_000_000);
         let b = Arc::new(ExportMetrics::new(1, 1));

@@ -350,6 +350,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Arc::clone(&disk),
         DataPlaneOptions { threads, engine, poll_us: args.poll_us },
     )?;
+    if metrics.is_some() {
+        // The latency histogram is measured only when someone can read it.
+        device.metrics().set_timing(true);
+    }
     registry.register(&name, Arc::clone(device.metrics()))?;
     let mut server = Server::bind(&args.socket, args.socket_mode, device)?;
     server

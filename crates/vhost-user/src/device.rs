@@ -412,7 +412,9 @@ impl VblkDevice {
         tracing::debug!(worker = t, rings = ?rings.iter().map(|r| r.index).collect::<Vec<_>>(), "starting worker");
         let budget = std::time::Duration::from_micros(self.opts.poll_us as u64);
         let wm = self.metrics.worker(t).cloned().unwrap_or_default();
-        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params), budget, wm).map_err(DeviceError::Thread)?;
+        let timing = self.metrics.timing();
+        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params), budget, wm, timing)
+            .map_err(DeviceError::Thread)?;
         self.workers[t] = Some(w);
         first_err.map_or(Ok(()), Err)
     }

@@ -22,7 +22,8 @@
 //!
 //! Metrics: each ring's pipeline counts into its queue's `QueueMetrics`, and the worker
 //! adds the time it spends in `busy_poll` and asleep in `poll(2)` to its `WorkerMetrics`
-//! (two clock reads per polling stretch or sleep). Completions are stamped once per batch.
+//! (two clock reads per polling stretch or sleep). While the export is timed, completions
+//! are stamped once per batch.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use vblk_backend::{Completion, Engine};
 use vblk_blk::{split_tag, BlkQueue, DeviceParams};
-use vblk_metrics::{QueueMetrics, WorkerMetrics};
+use vblk_metrics::{now_ns, QueueMetrics, WorkerMetrics};
 use vblk_queue::Ring;
 
 /// How long a worker sleeps before retrying a submission the kernel refused.
@@ -100,6 +101,7 @@ impl Worker {
         params: Arc<DeviceParams>,
         poll_budget: Duration,
         metrics: Arc<WorkerMetrics>,
+        timing: bool,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(eventfd()?);
         let stop2 = Arc::clone(&stop);
@@ -111,7 +113,11 @@ impl Worker {
                 .enumerate()
                 .map(|(n, r)| RingWorker {
                     index: r.index,
-                    queue: BlkQueue::with_metrics(r.queue, Arc::clone(&params), n as u16, r.metrics),
+                    queue: {
+                        let mut q = BlkQueue::with_metrics(r.queue, Arc::clone(&params), n as u16, r.metrics);
+                        q.set_timing(timing);
+                        q
+                    },
                     kick: r.kick,
                     call: r.call,
                     err: r.err,
@@ -126,6 +132,7 @@ impl Worker {
                 rings,
                 completions: Vec::new(),
                 metrics,
+                timing,
             };
             w.run()
         })?;
@@ -216,6 +223,8 @@ struct WorkerLoop {
     rings: Vec<RingWorker>,
     completions: Vec<Completion>,
     metrics: Arc<WorkerMetrics>,
+    /// The rings' queues measure latencies: completions need the clock.
+    timing: bool,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -360,8 +369,10 @@ impl WorkerLoop {
         if self.completions.is_empty() {
             return;
         }
-        // One clock read for the batch: the completion time of each of its requests.
-        let now = Instant::now();
+        // One clock read for the batch, after the engine handed it over: the completion time
+        // of each of its requests. (Not shared with the pops of the same pass: a synchronous
+        // engine, or io_uring on a page-cache hit, did the I/O in between.)
+        let now = if self.timing { now_ns() } else { 0 };
         for c in self.completions.drain(..) {
             let (qid, _) = split_tag(c.op.tag);
             match self.rings.get_mut(qid as usize) {
