@@ -12,6 +12,8 @@
 #   (cd /tmp/vblk-base && CARGO_TARGET_DIR=/tmp/vblk-base/target cargo build --release -p vblk --bin vblk)
 #   cargo build --release -p vblk --bin vblk
 #   bench/metrics-overhead.sh /tmp/vblk-base/target/release/vblk target/release/vblk 5 5
+#
+# SERVE_FLAGS adds `vblk serve` flags to every side, e.g. SERVE_FLAGS='--poll-us 0'.
 set -euo pipefail
 
 BASE=${1:?usage: $0 BASE_VBLK NEW_VBLK [PAIRS] [SECONDS]}
@@ -32,8 +34,9 @@ run() {
     shift 2
     local sock=$TMP/$side.sock
     rm -f "$sock" "$TMP/serve.err"
-    taskset -c 1 "$bin" serve "$TMP/null.img" --backend null --size 1G --num-queues 1 --socket "$sock" "$@" \
-        2>"$TMP/serve.err" &
+    # shellcheck disable=SC2086 # SERVE_FLAGS is a list of flags
+    taskset -c 1 "$bin" serve "$TMP/null.img" --backend null --size 1G --num-queues 1 --socket "$sock" \
+        ${SERVE_FLAGS:-} "$@" 2>"$TMP/serve.err" &
     SERVE_PID=$!
     for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.02; done
     local scraper=

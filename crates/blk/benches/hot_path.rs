@@ -35,6 +35,9 @@
 //! `VBLK_BENCH_RING=packed` runs the `roundtrip` rig on the packed ring (`PackedQueue` and
 //! `PackedDriverQueue`; the `device/…` rig writes split descriptors and is skipped).
 //!
+//! `VBLK_BENCH_NO_TIMING=1` turns the latency histogram's clock reads off (the counters
+//! stay on), as in a daemon without `--metrics`.
+//!
 //! `VBLK_BENCH_DIRTY_LOG=1` attaches a dirty-page log to the device's memory table (a live
 //! migration in progress).
 //!
@@ -176,7 +179,7 @@ fn device_round(d: &mut Device) -> usize {
     debug_assert!(!more);
     d.io.reap(&mut d.done);
     // One clock read per batch of completions, as the worker's `dispatch` does.
-    let now = vblk_metrics::now_ns();
+    let now = if d.dev.timing() { vblk_metrics::now_ns() } else { 0 };
     for c in d.done.drain(..) {
         d.dev.complete_at(c, now);
     }
@@ -350,7 +353,10 @@ fn device(w: Workload, kind: RingKind) -> (Arc<GuestMemory>, Device) {
     let mut params = DeviceParams::new(disk.size(), false, 512, "vblk-bench", 1, QSIZE as u16);
     params.merge = w.merge;
     let io = Engine::new(disk, EngineKind::Auto, QSIZE).unwrap();
-    let dev = BlkQueue::new(q, Arc::new(params), 0);
+    let mut dev = BlkQueue::new(q, Arc::new(params), 0);
+    // VBLK_BENCH_NO_TIMING=1: count without measuring latencies (no clock reads), as a
+    // daemon without --metrics does.
+    dev.set_timing(std::env::var_os("VBLK_BENCH_NO_TIMING").is_none());
     (mem, Device { dev, io, done: Vec::with_capacity(QSIZE as usize) })
 }
 
