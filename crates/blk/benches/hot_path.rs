@@ -35,6 +35,9 @@
 //! `VBLK_BENCH_RING=packed` runs the `roundtrip` rig on the packed ring (`PackedQueue` and
 //! `PackedDriverQueue`; the `device/…` rig writes split descriptors and is skipped).
 //!
+//! `VBLK_BENCH_NO_TIMING=1` turns the latency histogram's clock reads off (the counters
+//! stay on), as in a daemon without `--metrics`.
+//!
 //! `VBLK_BENCH_DIRTY_LOG=1` attaches a dirty-page log to the device's memory table (a live
 //! migration in progress).
 //!
@@ -175,8 +178,10 @@ fn device_round(d: &mut Device) -> usize {
     let more = d.dev.enable_notification().expect("ring broken");
     debug_assert!(!more);
     d.io.reap(&mut d.done);
+    // One clock read per batch of completions, as the worker's `dispatch` does.
+    let now = if d.dev.timing() { vblk_metrics::now_ns() } else { 0 };
     for c in d.done.drain(..) {
-        d.dev.complete(c);
+        d.dev.complete_at(c, now);
     }
     black_box(d.dev.publish());
     n
@@ -348,7 +353,10 @@ fn device(w: Workload, kind: RingKind) -> (Arc<GuestMemory>, Device) {
     let mut params = DeviceParams::new(disk.size(), false, 512, "vblk-bench", 1, QSIZE as u16);
     params.merge = w.merge;
     let io = Engine::new(disk, EngineKind::Auto, QSIZE).unwrap();
-    let dev = BlkQueue::new(q, Arc::new(params), 0);
+    let mut dev = BlkQueue::new(q, Arc::new(params), 0);
+    // VBLK_BENCH_NO_TIMING=1: count without measuring latencies (no clock reads), as a
+    // daemon without --metrics does.
+    dev.set_timing(std::env::var_os("VBLK_BENCH_NO_TIMING").is_none());
     (mem, Device { dev, io, done: Vec::with_capacity(QSIZE as usize) })
 }
 
@@ -376,7 +384,7 @@ impl<D: Driver> Rig<D> {
         for i in 0..self.w.batch as u64 {
             self.mem.write_at(STATUS + i, &[0xee]).unwrap();
         }
-        let before = self.dev.dev.stats();
+        let before = self.dev.dev.metrics().snapshot();
         self.drv.submit();
         assert_eq!(device_round(&mut self.dev), self.w.batch as usize);
         let mut used = Vec::new();
@@ -389,10 +397,10 @@ impl<D: Driver> Rig<D> {
             self.mem.read_at(STATUS + i, &mut b).unwrap();
             assert_eq!(b[0], Status::Ok as u8, "{} request {i}", self.w.name());
         }
-        let after = self.dev.dev.stats();
+        let after = self.dev.dev.metrics().snapshot();
         let merged = if self.w.write() && self.w.merge { self.w.batch as u64 - 1 } else { 0 };
         assert_eq!(after.merged - before.merged, merged, "{}", self.w.name());
-        assert_eq!(after.errors, 0);
+        assert_eq!(after.errors, [0; 2]);
         assert_eq!(self.dev.io.in_flight(), 0);
     }
 

@@ -15,5 +15,5 @@ pub mod pipeline;
 pub mod request;
 
 pub use config::DeviceParams;
-pub use pipeline::{split_tag, BlkQueue, QueueStats};
+pub use pipeline::{split_tag, BlkQueue};
 pub use request::{Parsed, Request, RequestError};

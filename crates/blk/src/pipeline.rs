@@ -14,17 +14,26 @@
 //! requests are pending and slots are never allocated on the hot path. A pending slot
 //! holds its chain, and the chain holds the guest memory table, so memory stays mapped
 //! while the kernel may still write into it.
+//!
+//! Metrics ([`QueueMetrics`], written by this queue's one thread): a request is counted as
+//! started where its `Pending` is made and as finished in [`BlkQueue::finish`], with its
+//! latency from the pop to the status write ([`vblk_metrics::now_ns`]) while timing is on
+//! ([`BlkQueue::set_timing`]). The clock is read once per batch of pops (at the first chain)
+//! and once per batch of completions ([`BlkQueue::complete_at`]), not per request: a latency
+//! is exact to within the time it takes to pop or finish the rest of its batch. A request
+//! finished at once (GET_ID, an invalid request) takes 0.
 
 use std::sync::Arc;
 
 use vblk_backend::{Completion, Engine, IoOp, OpKind};
+use vblk_metrics::{now_ns, ErrorStatus, Op, QueueMetrics};
 use vblk_queue::{Chain, ChainError, Popped, QueueError, Ring, StatusByte};
 use vblk_virtio::blk::Status;
 use vblk_virtio::Iov;
 
 use crate::config::DeviceParams;
 use crate::merge::{MergeBuffer, Staged};
-use crate::request::{data_buffers, parse, Parsed, Request, RequestError};
+use crate::request::{data_buffers, header_type, parse, Parsed, Request, RequestError};
 
 /// Bits of a backend tag that carry the head index; the bits above name the queue.
 pub const TAG_HEAD_BITS: u32 = 16;
@@ -40,10 +49,53 @@ struct Pending {
     status: Iov,
     /// Writable bytes before the status byte.
     data_in: u64,
-    /// Bytes the device writes there when the request succeeds (read data, device ID).
-    data_out: u64,
+    /// Bytes the request moves when it succeeds: read or written, discarded or zeroed, ID
+    /// bytes written (0 for a request that failed its checks).
+    bytes: u64,
+    /// When it was popped ([`now_ns`]), for its latency.
+    started: u64,
     /// The next request merged into the same backend I/O.
     next: Option<u16>,
+    op: Op,
+}
+
+impl Pending {
+    /// Bytes the device writes before the status byte when the request succeeds (read
+    /// data, device ID).
+    fn data_out(&self) -> u64 {
+        match self.op {
+            Op::Read | Op::GetId => self.bytes,
+            _ => 0,
+        }
+    }
+}
+
+impl Request {
+    /// The metrics' name of this request, and the bytes it moves when it succeeds.
+    fn metric(&self) -> (Op, u64) {
+        match *self {
+            Request::Read { len, .. } => (Op::Read, len),
+            Request::Write { len, .. } => (Op::Write, len),
+            Request::Flush => (Op::Flush, 0),
+            Request::GetId { len } => (Op::GetId, len as u64),
+            Request::Discard { len, .. } => (Op::Discard, len),
+            Request::WriteZeroes { len, .. } => (Op::WriteZeroes, len),
+        }
+    }
+}
+
+/// The metrics' name of a request that failed its checks, from its header's type.
+fn op_of_type(t: Option<u32>) -> Op {
+    use vblk_virtio::blk::req_type;
+    match t {
+        Some(req_type::IN) => Op::Read,
+        Some(req_type::OUT) => Op::Write,
+        Some(req_type::FLUSH) => Op::Flush,
+        Some(req_type::GET_ID) => Op::GetId,
+        Some(req_type::DISCARD) => Op::Discard,
+        Some(req_type::WRITE_ZEROES) => Op::WriteZeroes,
+        _ => Op::Other,
+    }
 }
 
 /// The used length of a chain (§2.7.8.2: the device has written at least `len` bytes
@@ -60,16 +112,6 @@ struct Slot {
     pending: Option<Pending>,
 }
 
-/// Counters for logs and tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct QueueStats {
-    pub requests: u64,
-    pub refused_chains: u64,
-    pub errors: u64,
-    /// Requests that rode along in another request's backend I/O.
-    pub merged: u64,
-}
-
 /// The device-side pipeline of one queue.
 pub struct BlkQueue {
     queue: Ring,
@@ -83,8 +125,13 @@ pub struct BlkQueue {
     scratch: Vec<Iov>,
     /// Reads and writes of the current batch, waiting to be merged and submitted.
     merge: MergeBuffer,
-    stats: QueueStats,
     backend_errors: ErrorLog,
+    metrics: Arc<QueueMetrics>,
+    /// The clock ([`now_ns`]) as last read or given: at the first pop of a batch, at a batch
+    /// of completions.
+    clock: u64,
+    /// Measure latencies (read the clock); off: the histogram is left alone.
+    timing: bool,
 }
 
 /// Backend failures (the storage, not the guest's request) are logged at `warn`, at most
@@ -109,7 +156,18 @@ impl ErrorLog {
 }
 
 impl BlkQueue {
+    /// A queue counting into counters of its own ([`BlkQueue::metrics`]).
     pub fn new(queue: impl Into<Ring>, params: Arc<DeviceParams>, queue_id: u16) -> Self {
+        Self::with_metrics(queue, params, queue_id, Arc::default())
+    }
+
+    /// A queue counting into `metrics`, which no other thread may write while it runs.
+    pub fn with_metrics(
+        queue: impl Into<Ring>,
+        params: Arc<DeviceParams>,
+        queue_id: u16,
+        metrics: Arc<QueueMetrics>,
+    ) -> Self {
         let queue = queue.into();
         let size = queue.size() as usize;
         BlkQueue {
@@ -121,8 +179,10 @@ impl BlkQueue {
             spare_iovs: Vec::new(),
             scratch: Vec::new(),
             merge: MergeBuffer::default(),
-            stats: QueueStats::default(),
             backend_errors: ErrorLog::default(),
+            metrics,
+            clock: now_ns(),
+            timing: true,
         }
     }
 
@@ -134,8 +194,20 @@ impl BlkQueue {
         &mut self.queue
     }
 
-    pub fn stats(&self) -> QueueStats {
-        self.stats
+    /// This queue's counters.
+    pub fn metrics(&self) -> &Arc<QueueMetrics> {
+        &self.metrics
+    }
+
+    /// Measure request latencies (on by default): two clock reads per batch of requests.
+    pub fn set_timing(&mut self, on: bool) {
+        self.timing = on;
+    }
+
+    /// Whether this queue measures latencies (a caller of [`complete_at`](Self::complete_at)
+    /// need not read the clock when it does not).
+    pub fn timing(&self) -> bool {
+        self.timing
     }
 
     /// Requests started and not finished.
@@ -147,6 +219,7 @@ impl BlkQueue {
     /// An error means the ring is broken (the queue stops; the caller reports it).
     pub fn process_available(&mut self, io: &mut Engine) -> Result<usize, QueueError> {
         let mut n = 0;
+        let mut stamped = false;
         let ring = loop {
             let popped = match self.queue.pop(&mut self.spare_chain) {
                 Ok(p) => p,
@@ -156,6 +229,11 @@ impl BlkQueue {
                 Popped::Empty => break Ok(()),
                 Popped::Refused { head, error, status } => self.refuse(head, error, status),
                 Popped::Chain => {
+                    if !stamped && self.timing {
+                        // Once per batch: the start time of every request popped in it.
+                        self.clock = now_ns();
+                        stamped = true;
+                    }
                     let head = self.spare_chain.head();
                     std::mem::swap(&mut self.spare_chain, &mut self.slots[head as usize].chain);
                     self.start(head, io)
@@ -181,7 +259,7 @@ impl BlkQueue {
     /// A chain the ring refused: IOERR in its status byte, or, with no status byte to
     /// write, the queue breaks (never a silent completion).
     fn refuse(&mut self, head: u16, error: ChainError, status: Option<StatusByte>) -> Result<(), QueueError> {
-        self.stats.refused_chains += 1;
+        self.metrics.refused();
         let Some(s) = status else {
             return Err(self.no_status(head, &error));
         };
@@ -202,22 +280,21 @@ impl BlkQueue {
     /// Parse the chain in `head`'s slot and start it, or finish it at once. An error:
     /// the chain cannot be answered and the queue is now broken.
     fn start(&mut self, head: u16, io: &mut Engine) -> Result<(), QueueError> {
-        self.stats.requests += 1;
         let slot = &mut self.slots[head as usize];
         let (status, data_in, request) = match parse(&slot.chain, &self.params) {
             Parsed::Unanswerable(error) => {
-                self.stats.errors += 1;
+                self.metrics.refused();
                 slot.chain.release();
                 return Err(self.no_status(head, &error));
             }
             Parsed::Answerable { status, data_in_len, request } => (status, data_in_len, request),
         };
-        let data_out = match request {
-            Ok(Request::Read { len, .. }) => len,
-            Ok(Request::GetId { len }) => len as u64,
-            _ => 0,
+        let (op, bytes) = match &request {
+            Ok(r) => r.metric(),
+            Err(_) => (op_of_type(header_type(&slot.chain)), 0),
         };
-        slot.pending = Some(Pending { status, data_in, data_out, next: None });
+        slot.pending = Some(Pending { status, data_in, bytes, started: self.clock, next: None, op });
+        self.metrics.started();
         let request = match request {
             Ok(r) => r,
             Err(e) => {
@@ -284,7 +361,7 @@ impl BlkQueue {
             let len = run.iter().map(|s| s.len).sum();
             let kind = if first.write { OpKind::Write } else { OpKind::Read };
             if run.len() > 1 {
-                self.stats.merged += run.len() as u64 - 1;
+                self.metrics.merged(run.len() as u64 - 1);
             }
             let op = IoOp { kind, offset: first.offset, len, iovs, fua, tag: self.tag_base | first.head as u64 };
             self.push(op, io);
@@ -310,6 +387,14 @@ impl BlkQueue {
     /// (§5.2.6: VIRTIO_BLK_S_OK vouches for the whole data buffer, which a short read did
     /// not fill).
     pub fn complete(&mut self, c: Completion) {
+        let now = if self.timing { now_ns() } else { 0 };
+        self.complete_at(c, now);
+    }
+
+    /// [`complete`](Self::complete) with the clock ([`now_ns`]) read by the caller: one read
+    /// for a batch of completions.
+    pub fn complete_at(&mut self, c: Completion, now: u64) {
+        self.clock = now;
         let (_, head) = split_tag(c.op.tag);
         let data = matches!(c.op.kind, OpKind::Read | OpKind::Write);
         let (result, done) = match c.result {
@@ -335,7 +420,7 @@ impl BlkQueue {
         while let Some(h) = next {
             let p = self.slots.get(h as usize).and_then(|s| s.pending.as_ref());
             next = p.and_then(|p| p.next);
-            let written = read.min(p.map_or(0, |p| p.data_out));
+            let written = read.min(p.map_or(0, Pending::data_out));
             read -= written;
             self.finish(h, result.clone(), written);
         }
@@ -359,7 +444,6 @@ impl BlkQueue {
         let status = match &result {
             Ok(()) => Status::Ok,
             Err(e) => {
-                self.stats.errors += 1;
                 match e {
                     RequestError::Backend(_) | RequestError::ShortTransfer { .. } => self.backend_errors.note(head, e),
                     // The guest's own malformed request: its business, not the operator's.
@@ -368,6 +452,13 @@ impl BlkQueue {
                 e.status()
             }
         };
+        let error = match status {
+            Status::Ok => None,
+            Status::IoErr => Some(ErrorStatus::IoErr),
+            Status::Unsupp => Some(ErrorStatus::Unsupp),
+        };
+        let latency = self.timing.then(|| self.clock.saturating_sub(p.started));
+        self.metrics.finished(p.op, error, p.bytes, latency);
         if let Some(mem) = slot.chain.memory() {
             // The status iov was validated with this chain's memory; a failure here would
             // be a vblk bug, and the used length then still returns the chain.

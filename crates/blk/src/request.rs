@@ -114,6 +114,14 @@ pub fn status_byte(chain: &Chain) -> Option<Iov> {
     Some(last.split_at(last.len() - 1).1)
 }
 
+/// The request type in the chain's header, if it has a whole one (for the metrics of a
+/// request that failed its checks: not on the path of valid requests).
+pub fn header_type(chain: &Chain) -> Option<u32> {
+    let mut hdr = [0u8; OutHdr::SIZE];
+    chain.reader().read_exact(&mut hdr).ok()?;
+    Some(OutHdr::from_bytes(&hdr).req_type)
+}
+
 /// Parse `chain` into a request.
 pub fn parse(chain: &Chain, params: &DeviceParams) -> Parsed {
     let Some(status) = status_byte(chain) else {

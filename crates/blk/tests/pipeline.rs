@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use vblk_backend::{Disk, DiskOptions, Engine, EngineKind};
 use vblk_blk::{BlkQueue, DeviceParams};
+use vblk_metrics::{ErrorStatus, Op};
 use vblk_queue::{
     AddrSpace, Buffer, DriverRing, PackedDescriptor, PackedQueue, Ring, RingAddrs, RingFeatures, RingKind, SplitQueue,
 };
@@ -442,7 +443,7 @@ fn many_requests_in_flight_complete_out_of_order_safely() {
             let mut r = rig_full(disk, Some(TempFile(path)), false, EngineKind::Uring, merge);
             many_requests(&mut r);
             // 20 contiguous writes (and a gap-free run) merge into one backend I/O.
-            assert_eq!(r.dev.stats().merged, if merge { 19 } else { 0 });
+            assert_eq!(r.dev.metrics().snapshot().merged, if merge { 19 } else { 0 });
         }
     });
 }
@@ -459,6 +460,8 @@ fn many_requests(r: &mut Rig) {
     assert!(r.drv.needs_kick());
     r.dev.process_available(&mut r.io).unwrap();
     assert_eq!(r.dev.in_flight() as u64, n);
+    let before = r.dev.metrics().snapshot();
+    assert_eq!(before.in_flight(), n, "the metrics see the same requests in flight");
     let mut done = Vec::new();
     while r.io.in_flight() > 0 {
         r.io.wait(&mut done).unwrap();
@@ -520,5 +523,56 @@ fn requests_popped_before_a_ring_breaks_still_complete() {
         assert_eq!(r.dev.in_flight(), 0, "nothing stranded");
         assert_eq!(r.drv.pop_used().unwrap().map(|(h, _)| h), Some(head));
         assert_eq!(r.status_byte(0), OK);
+    });
+}
+
+/// The queue's metrics count every request once, when it finishes, by its header's
+/// operation (even when it fails its checks), with the bytes of the successful ones and
+/// one latency sample each; refused chains are counted apart.
+#[test]
+fn metrics_count_each_request_once_by_operation_status_and_bytes() {
+    on_both_rings(|| {
+        let mut r = file_rig(false, EngineKind::Uring);
+        let seg = |sector, num_sectors, flags| DiscardSegment { sector, num_sectors, flags };
+        assert_eq!(r.write(8, &pattern(8192, 1)), OK);
+        assert_eq!(r.read(8, 4096).0, OK);
+        assert_eq!(r.read(DISK / 512 - 1, 1024).0, IOERR, "a read past the end");
+        let bufs = [r.header(0, req_type::FLUSH, 0), r.status(0)];
+        assert_eq!(r.run(&bufs, 0).1, OK);
+        let bufs = [r.header(0, req_type::GET_ID, 0), Buffer { addr: DATA, len: 32, write: true }, r.status(0)];
+        assert_eq!(r.run(&bufs, 0).1, OK);
+        assert_eq!(r.discard_like(req_type::DISCARD, &[seg(16, 8, 0)]), OK);
+        assert_eq!(r.discard_like(req_type::DISCARD, &[seg(0, 8, DiscardSegment::FLAG_UNMAP)]), UNSUPP);
+        assert_eq!(r.discard_like(req_type::WRITE_ZEROES, &[seg(16, 16, 1)]), OK);
+        let bufs = [r.header(0, 0xff, 0), r.status(0)];
+        assert_eq!(r.run(&bufs, 0).1, UNSUPP);
+        // A header too short to have a type; a chain refused by the ring.
+        let bufs = [Buffer { addr: HDR, len: 8, write: false }, r.status(1)];
+        assert_eq!(r.run(&bufs, 1), (1, IOERR));
+        let bufs = [r.header(3, req_type::IN, 0), Buffer { addr: MEM - 512, len: 1024, write: true }, r.status(3)];
+        assert_eq!(r.run(&bufs, 3), (0, IOERR));
+
+        let s = r.dev.metrics().snapshot();
+        let by_op = |f: fn(&vblk_metrics::QueueSnapshot, Op) -> u64| Op::ALL.map(|op| (op.label(), f(&s, op)));
+        assert_eq!(
+            by_op(vblk_metrics::QueueSnapshot::requests),
+            [("read", 2), ("write", 1), ("flush", 1), ("discard", 2), ("write-zeroes", 1), ("get-id", 1), ("other", 2)]
+        );
+        assert_eq!(
+            by_op(vblk_metrics::QueueSnapshot::bytes),
+            [
+                ("read", 4096),
+                ("write", 8192),
+                ("flush", 0),
+                ("discard", 4096),
+                ("write-zeroes", 8192),
+                ("get-id", 20),
+                ("other", 0)
+            ]
+        );
+        assert_eq!((s.errors(ErrorStatus::IoErr), s.errors(ErrorStatus::Unsupp)), (2, 2));
+        assert_eq!((s.requests_total(), s.started, s.in_flight()), (10, 10, 0));
+        assert_eq!(s.latency_count(), s.requests_total(), "one latency sample per request");
+        assert_eq!((s.refused, s.merged, s.throttled_ns), (1, 0, 0));
     });
 }

@@ -1,5 +1,6 @@
-//! `vblk serve`: open (or create) the image, listen on the socket, print how to attach
-//! QEMU, serve frontends until SIGINT/SIGTERM, then drain, flush and clean up.
+//! `vblk serve`: open (or create) the image, listen on the socket (and, with `--metrics`,
+//! on a TCP address for Prometheus), print how to attach QEMU, serve frontends until
+//! SIGINT/SIGTERM, then drain, flush and clean up.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -13,6 +14,7 @@ use vblk_backend::rbd::{RbdOptions, RbdSpec};
 use vblk_backend::RbdError;
 use vblk_backend::{Disk, DiskOptions, EngineKind, FaultSpec};
 use vblk_blk::DeviceParams;
+use vblk_metrics::{MetricsServer, Registry};
 use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
 
 use crate::size::{human, parse_size};
@@ -131,6 +133,16 @@ pub struct ServeArgs {
     /// Permission bits of the socket file (octal).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// The export's name: the `export` label of its metrics [default: the image file's
+    /// stem; an RBD image's name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Serve Prometheus metrics (text format) at http://ADDR/metrics, e.g. 127.0.0.1:9184
+    /// (port 0: any free port; the address is printed). Per queue: requests and bytes by
+    /// operation, errors by status, in flight, a latency histogram, merged requests; per
+    /// worker: time polling and sleeping.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     // A testing aid: see INJECT_LONG_HELP.
     #[arg(long, value_name = "SPEC", help = INJECT_HELP, long_help = INJECT_LONG_HELP)]
     pub inject: Option<FaultSpec>,
@@ -290,6 +302,22 @@ fn open_rbd(args: &ServeArgs, spec: RbdSpec) -> Result<Disk> {
     }
 }
 
+/// The export's name: `--name`, or the image file's stem (an RBD image's name).
+fn export_name(args: &ServeArgs) -> Result<String> {
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => match RbdSpec::parse(&args.image.to_string_lossy()) {
+            Some(Ok(spec)) => match &spec.snap {
+                Some(snap) => format!("{}@{snap}", spec.image),
+                None => spec.image.clone(),
+            },
+            _ => args.image.file_stem().map_or_else(|| "vblk".into(), |s| s.to_string_lossy().into_owned()),
+        },
+    };
+    vblk_metrics::export::check_name(&name).context("--name")?;
+    Ok(name)
+}
+
 /// The QEMU arguments that attach this daemon's disk.
 fn qemu_command(socket: &Path, num_queues: u16) -> String {
     format!(
@@ -306,6 +334,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let num_queues =
         args.num_queues.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16));
     let threads = args.threads.unwrap_or(num_queues) as usize;
+    let name = export_name(&args)?;
+    // The metrics port first: when it is taken, nothing else was created. The export is
+    // registered once its device exists (a scrape before that lists none).
+    let registry = Arc::new(Registry::new());
+    let metrics = args.metrics.as_deref().map(|addr| MetricsServer::start(addr, Arc::clone(&registry))).transpose()?;
     let disk = Arc::new(open_disk(&args)?);
     // A snapshot is read-only whatever --readonly says: the guest is told so.
     let readonly = args.readonly || disk.readonly();
@@ -325,6 +358,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Arc::clone(&disk),
         DataPlaneOptions { threads, engine, poll_us: args.poll_us.unwrap_or(if disk.is_rbd() { 0 } else { 50 }) },
     )?;
+    if metrics.is_some() {
+        // The latency histogram is measured only when someone can read it.
+        device.metrics().set_timing(true);
+    }
+    registry.register(&name, Arc::clone(device.metrics()))?;
     let mut server = Server::bind(&args.socket, args.socket_mode, device)?;
     server
         .set_message_timeout(Some(std::time::Duration::from_millis(args.message_timeout_ms)).filter(|t| !t.is_zero()));
@@ -345,6 +383,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if threads.min(num_queues as usize) == 1 { "" } else { "s" },
         if readonly { ", read-only" } else { "" },
     );
+    if let Some(m) = &metrics {
+        eprintln!("vblk: metrics on http://{}/metrics (export {name:?})", m.local_addr());
+    }
     eprintln!("vblk: attach it with:\n{}", qemu_command(&socket, num_queues));
 
     server.run(shutdown_rx.as_raw_fd())?;
@@ -353,6 +394,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         disk.flush_sync().context("final flush failed")?;
     }
     drop(server);
+    drop(metrics);
     eprintln!("vblk: stopped");
     Ok(())
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use vblk_backend::{Disk, Engine, EngineKind};
 use vblk_blk::DeviceParams;
+use vblk_metrics::ExportMetrics;
 use vblk_queue::inflight::{split_region_size, InflightSplit};
 use vblk_queue::inflight_packed::{packed_region_size, InflightPacked};
 use vblk_queue::layout::{MAX_PACKED_SIZE, PACKED_EVENT_LEN};
@@ -219,6 +220,8 @@ pub struct VblkDevice {
     /// A request whose reply the vhost crate does not send on error failed: the
     /// connection must be dropped, as the frontend would wait for an answer forever.
     fatal: bool,
+    /// The counters of every queue and worker, for the device's whole life.
+    metrics: Arc<ExportMetrics>,
 }
 
 impl VblkDevice {
@@ -249,7 +252,13 @@ impl VblkDevice {
             inflight: None,
             log: None,
             fatal: false,
+            metrics: Arc::new(ExportMetrics::new(n, threads)),
         })
+    }
+
+    /// The counters of this device's queues and workers (register them to expose them).
+    pub fn metrics(&self) -> &Arc<ExportMetrics> {
+        &self.metrics
     }
 
     pub fn params(&self) -> &Arc<DeviceParams> {
@@ -392,7 +401,9 @@ impl VblkDevice {
             depth += queue.size() as u32;
             let v = &self.vrings[i];
             let kick = v.kick.clone().ok_or(DeviceError::NoKickFd)?;
-            rings.push(RingSetup { index: i, queue, kick, call: v.call.clone(), err: v.err.clone() });
+            // Every ring index is below the queue count the metrics were made with.
+            let metrics = self.metrics.queue(i).cloned().unwrap_or_default();
+            rings.push(RingSetup { index: i, queue, kick, call: v.call.clone(), err: v.err.clone(), metrics });
         }
         if rings.is_empty() {
             return first_err.map_or(Ok(()), Err);
@@ -400,7 +411,10 @@ impl VblkDevice {
         let engine = Engine::new(Arc::clone(&self.disk), self.opts.engine, depth)?;
         tracing::debug!(worker = t, rings = ?rings.iter().map(|r| r.index).collect::<Vec<_>>(), "starting worker");
         let budget = std::time::Duration::from_micros(self.opts.poll_us as u64);
-        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params), budget).map_err(DeviceError::Thread)?;
+        let wm = self.metrics.worker(t).cloned().unwrap_or_default();
+        let timing = self.metrics.timing();
+        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params), budget, wm, timing)
+            .map_err(DeviceError::Thread)?;
         self.workers[t] = Some(w);
         first_err.map_or(Ok(()), Err)
     }

@@ -19,6 +19,11 @@
 //! Stopping drains: the worker waits for every in-flight I/O to complete and be
 //! published before it returns its rings' positions, so the control plane may then
 //! change the rings or unmap memory.
+//!
+//! Metrics: each ring's pipeline counts into its queue's `QueueMetrics`, and the worker
+//! adds the time it spends in `busy_poll` and asleep in `poll(2)` to its `WorkerMetrics`
+//! (two clock reads per polling stretch or sleep). While the export is timed, completions
+//! are stamped once per batch.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -30,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use vblk_backend::{Completion, Engine};
 use vblk_blk::{split_tag, BlkQueue, DeviceParams};
+use vblk_metrics::{now_ns, QueueMetrics, WorkerMetrics};
 use vblk_queue::Ring;
 
 /// How long a worker sleeps before retrying a submission the kernel refused.
@@ -42,6 +48,8 @@ pub(crate) struct RingSetup {
     pub kick: Arc<File>,
     pub call: Option<Arc<File>>,
     pub err: Option<Arc<File>>,
+    /// The queue's counters (kept by the device across worker restarts).
+    pub metrics: Arc<QueueMetrics>,
 }
 
 /// Where a ring stopped: the vring base to report in `GET_VRING_BASE`.
@@ -92,6 +100,8 @@ impl Worker {
         engine: Engine,
         params: Arc<DeviceParams>,
         poll_budget: Duration,
+        metrics: Arc<WorkerMetrics>,
+        timing: bool,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(eventfd()?);
         let stop2 = Arc::clone(&stop);
@@ -103,15 +113,27 @@ impl Worker {
                 .enumerate()
                 .map(|(n, r)| RingWorker {
                     index: r.index,
-                    queue: BlkQueue::new(r.queue, Arc::clone(&params), n as u16),
+                    queue: {
+                        let mut q = BlkQueue::with_metrics(r.queue, Arc::clone(&params), n as u16, r.metrics);
+                        q.set_timing(timing);
+                        q
+                    },
                     kick: r.kick,
                     call: r.call,
                     err: r.err,
                     broken: false,
                 })
                 .collect();
-            let mut w =
-                WorkerLoop { stop: stop2, stopping: stopping2, poll_budget, engine, rings, completions: Vec::new() };
+            let mut w = WorkerLoop {
+                stop: stop2,
+                stopping: stopping2,
+                poll_budget,
+                engine,
+                rings,
+                completions: Vec::new(),
+                metrics,
+                timing,
+            };
             w.run()
         })?;
         Ok(Worker { stop, stopping, handle })
@@ -200,6 +222,13 @@ struct WorkerLoop {
     engine: Engine,
     rings: Vec<RingWorker>,
     completions: Vec<Completion>,
+    metrics: Arc<WorkerMetrics>,
+    /// The rings' queues measure latencies: completions need the clock.
+    timing: bool,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl WorkerLoop {
@@ -216,12 +245,19 @@ impl WorkerLoop {
         self.reap();
         self.publish_all();
         loop {
-            if !self.poll_budget.is_zero() && self.busy_poll() {
-                break;
+            if !self.poll_budget.is_zero() {
+                let t = Instant::now();
+                let stop = self.busy_poll();
+                self.metrics.polled(nanos(t.elapsed()));
+                if stop {
+                    break;
+                }
             }
             let timeout = self.retry_submit();
+            let t = Instant::now();
             // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            self.metrics.slept(nanos(t.elapsed()));
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -330,10 +366,17 @@ impl WorkerLoop {
     }
 
     fn dispatch(&mut self) {
+        if self.completions.is_empty() {
+            return;
+        }
+        // One clock read for the batch, after the engine handed it over: the completion time
+        // of each of its requests. (Not shared with the pops of the same pass: a synchronous
+        // engine, or io_uring on a page-cache hit, did the I/O in between.)
+        let now = if self.timing { now_ns() } else { 0 };
         for c in self.completions.drain(..) {
             let (qid, _) = split_tag(c.op.tag);
             match self.rings.get_mut(qid as usize) {
-                Some(r) => r.queue.complete(c),
+                Some(r) => r.queue.complete_at(c, now),
                 None => tracing::error!(tag = c.op.tag, "completion for an unknown queue"),
             }
         }
