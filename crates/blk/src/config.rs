@@ -1,6 +1,6 @@
 //! What the device offers (§5.2.3) and what its config space says (§5.2.4).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vblk_virtio::blk::{features as blkf, BlkConfig, ID_BYTES, SECTOR_SHIFT};
 use vblk_virtio::features as vf;
@@ -19,8 +19,9 @@ pub const MAX_DATA_SEGMENTS: u32 = 1022;
 /// Everything about the exported disk that request handling needs. Shared by all queues.
 #[derive(Debug)]
 pub struct DeviceParams {
-    /// Capacity in 512-byte sectors.
-    pub capacity_sectors: u64,
+    /// Capacity in 512-byte sectors: [`DeviceParams::capacity_sectors`]. It changes when
+    /// the disk is resized online, so it is an atomic, read once per request.
+    capacity_sectors: AtomicU64,
     pub readonly: bool,
     /// Logical block size of the backing store (512 or 4096): the `blk_size` we report.
     pub block_size: u32,
@@ -57,7 +58,7 @@ impl DeviceParams {
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         DeviceParams {
-            capacity_sectors: size_bytes >> SECTOR_SHIFT,
+            capacity_sectors: AtomicU64::new(size_bytes >> SECTOR_SHIFT),
             readonly,
             block_size: block_size.max(512),
             serial: id,
@@ -68,6 +69,23 @@ impl DeviceParams {
             wce: AtomicBool::new(true),
             flush: AtomicBool::new(true),
         }
+    }
+
+    /// Capacity in 512-byte sectors, as the config space reports it and every request's
+    /// range is checked against.
+    #[inline]
+    pub fn capacity_sectors(&self) -> u64 {
+        // Acquire, paired with `set_capacity_sectors`: a request that sees a grown
+        // capacity sees the grown disk too (the backend's own bounds check reads its
+        // size after this). On x86-64 and for the hot path this is one plain load.
+        self.capacity_sectors.load(Ordering::Acquire)
+    }
+
+    /// A new capacity (online resize). Growing: after the disk has grown. Shrinking:
+    /// before the disk shrinks, with no request in flight past the new end (the caller
+    /// drains the queues), so that every later request past it fails its range check.
+    pub fn set_capacity_sectors(&self, sectors: u64) {
+        self.capacity_sectors.store(sectors, Ordering::Release);
     }
 
     /// Virtio feature bits the device offers. Never SCSI, BARRIER or GEOMETRY.
@@ -128,7 +146,7 @@ impl DeviceParams {
     pub fn config(&self) -> BlkConfig {
         let lbs_sectors = self.block_size >> SECTOR_SHIFT;
         BlkConfig {
-            capacity: self.capacity_sectors,
+            capacity: self.capacity_sectors(),
             size_max: SIZE_MAX,
             seg_max: self.seg_max(),
             blk_size: self.block_size,
@@ -175,6 +193,14 @@ mod tests {
         let f = p.offered_features();
         assert_eq!(f & blkf::SCSI, 0);
         assert_ne!(f & (blkf::DISCARD | blkf::WRITE_ZEROES | blkf::CONFIG_WCE | blkf::MQ), 0);
+    }
+
+    #[test]
+    fn a_new_capacity_shows_in_the_config_space() {
+        let p = DeviceParams::new(1 << 20, false, 512, "", 1, 128);
+        assert_eq!((p.capacity_sectors(), p.config().capacity), (2048, 2048));
+        p.set_capacity_sectors(4096);
+        assert_eq!((p.capacity_sectors(), p.config().capacity), (4096, 4096));
     }
 
     #[test]

@@ -12,8 +12,42 @@
 //!   worker ever sees a ring or a memory table change under it, and no mapping is
 //!   dropped while I/O into it is in flight.
 //! - Every index, size and address is checked; a bad one gets an error reply.
+//!
+//! ## Online resize and the backend channel
+//!
+//! [`VblkDevice::resize`] resizes the disk and the capacity the device reports, then tells
+//! the frontend with `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend channel
+//! (protocol feature `BACKEND_REQ`, the socket the frontend hands over with
+//! `SET_BACKEND_REQ_FD`). QEMU answers it by reading the config space again (`GET_CONFIG`
+//! on the main channel) and, when the capacity changed, raising the guest's config
+//! interrupt: the guest's disk changes size without a reboot. Rules:
+//!
+//! - **Never wait for the frontend while holding the device.** `resize` runs under the
+//!   device's mutex, which the socket thread also needs to answer QEMU's `GET_CONFIG`; and
+//!   QEMU sends that `GET_CONFIG` from inside its handler of the notification, before it
+//!   would send a `REPLY_ACK`. So the notification is sent without `NEED_REPLY` and without
+//!   blocking (`MSG_DONTWAIT`): QEMU handles it once `resize` has returned and the lock is
+//!   free. A failed send is logged, never an error of the resize.
+//! - **Order against I/O**: growing resizes the disk first, then raises the capacity (no
+//!   request can reach the new range before it exists); shrinking stops and drains every
+//!   worker, lowers the capacity, then shrinks the disk (no write in flight past the new
+//!   end can extend a truncated file again), and restarts them.
+//! - **No channel, no notification lost**: resized while no channel is set (no frontend,
+//!   or before `SET_BACKEND_REQ_FD`), the device sends the notification when the next
+//!   channel arrives. QEMU reads the config space only when it first connects and on a
+//!   notification: a QEMU that reconnects after a resize would otherwise keep the old size.
+//! - The channel belongs to the connection: dropped at disconnect, kept across
+//!   `RESET_OWNER`/`RESET_DEVICE`.
+//!
+//! The `vhost` crate (0.18) hands the channel over as a `Backend` that can send no
+//! `CONFIG_CHANGE_MSG` and keeps its socket private; `server.rs` therefore peeks at a
+//! `SET_BACKEND_REQ_FD` before the crate receives it and gives the device a duplicate of
+//! the socket ([`VblkDevice::offer_backend_socket`]), which the device uses once the crate
+//! has accepted the message (`set_backend_req_fd`).
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use vblk_backend::{Disk, Engine, EngineKind};
@@ -23,12 +57,12 @@ use vblk_queue::inflight::{split_region_size, InflightSplit};
 use vblk_queue::inflight_packed::{packed_region_size, InflightPacked};
 use vblk_queue::layout::{MAX_PACKED_SIZE, PACKED_EVENT_LEN};
 use vblk_queue::{AddrSpace, PackedQueue, Ring, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
-use vblk_virtio::blk::{features as blkf, BlkConfig};
+use vblk_virtio::blk::{features as blkf, BlkConfig, SECTOR_SHIFT};
 use vblk_virtio::features as vf;
 use vblk_virtio::{DirtyLog, GuestArea, GuestMemory, RegionSpec};
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    BackendReq, VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
     VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
@@ -81,6 +115,10 @@ pub enum DeviceError {
          more than the {max} one io_uring allows: use more --threads or a smaller --queue-size"
     )]
     DepthTooLarge { rings: usize, queue_size: u16, depth: u64, max: u32 },
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("shrinking from {current} to {requested} bytes was not allowed (data past the new end is lost): allow it explicitly")]
+    ShrinkRefused { current: u64, requested: u64 },
 }
 
 impl From<DeviceError> for vhost::vhost_user::Error {
@@ -222,6 +260,43 @@ pub struct VblkDevice {
     fatal: bool,
     /// The counters of every queue and worker, for the device's whole life.
     metrics: Arc<ExportMetrics>,
+    /// The backend channel of this connection (`SET_BACKEND_REQ_FD`), if any.
+    backend_channel: Option<BackendChannel>,
+    /// A duplicate of the socket in the `SET_BACKEND_REQ_FD` being received, from
+    /// `server.rs` (see the module docs); taken by `set_backend_req_fd`.
+    offered_socket: Option<OwnedFd>,
+    /// The capacity changed and no frontend was told yet: tell the next channel.
+    config_change_pending: bool,
+}
+
+/// The backend channel: the `vhost` crate's `Backend` (kept for the connection's life)
+/// and vblk's own duplicate of its socket, which sends `CONFIG_CHANGE_MSG`.
+struct BackendChannel {
+    _backend: Backend,
+    socket: Option<UnixStream>,
+}
+
+impl BackendChannel {
+    /// Send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (no payload, no `NEED_REPLY`), without
+    /// blocking: see the module docs for why nothing may wait here.
+    fn send_config_change(&self) -> std::io::Result<()> {
+        let Some(socket) = &self.socket else {
+            return Err(std::io::Error::other("the channel's socket was not captured"));
+        };
+        let mut msg = [0u8; 12];
+        msg[0..4].copy_from_slice(&u32::from(BackendReq::CONFIG_CHANGE_MSG).to_le_bytes());
+        // Flags: protocol version 1; size: 0.
+        msg[4..8].copy_from_slice(&1u32.to_le_bytes());
+        // SAFETY: `msg` is a live buffer of the length given; the socket is open.
+        let n = unsafe {
+            libc::send(socket.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        match n {
+            12 => Ok(()),
+            n if n < 0 => Err(std::io::Error::last_os_error()),
+            n => Err(std::io::Error::other(format!("sent {n} of 12 bytes"))),
+        }
+    }
 }
 
 impl VblkDevice {
@@ -253,7 +328,82 @@ impl VblkDevice {
             log: None,
             fatal: false,
             metrics: Arc::new(ExportMetrics::new(n, threads)),
+            backend_channel: None,
+            offered_socket: None,
+            config_change_pending: false,
         })
+    }
+
+    /// The exported disk.
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// Resize the exported disk online to `new_size` bytes and tell the frontend (see the
+    /// module docs, "Online resize"); returns the size the disk has now. For a block
+    /// device `new_size` is ignored: the device's own size is taken (read again).
+    ///
+    /// Refused: a read-only export ([`DeviceError::ReadOnly`]); a size that is not a
+    /// non-zero multiple of the block size, or a shrink the backend cannot do
+    /// ([`DeviceError::Backend`]); a smaller size unless `allow_shrink`
+    /// ([`DeviceError::ShrinkRefused`]: the guest's data past the new end would be lost).
+    /// The same size is not an error (nothing changes, nobody is told).
+    ///
+    /// The caller holds the device (its mutex): this never waits for the frontend.
+    pub fn resize(&mut self, new_size: u64, allow_shrink: bool) -> Result<u64, DeviceError> {
+        if self.params.readonly || self.disk.readonly() {
+            return Err(DeviceError::ReadOnly);
+        }
+        let current = self.disk.size();
+        let target = self.disk.resize_target(new_size)?;
+        let old_capacity = self.params.capacity_sectors();
+        let size = if target < current {
+            if !allow_shrink {
+                return Err(DeviceError::ShrinkRefused { current, requested: target });
+            }
+            // Lower the bound with no request in flight, then shrink the disk.
+            self.with_all_stopped(|d| {
+                d.params.set_capacity_sectors(target >> SECTOR_SHIFT);
+                d.disk.resize(target).map_err(|e| {
+                    d.params.set_capacity_sectors(d.disk.size() >> SECTOR_SHIFT);
+                    DeviceError::Backend(e)
+                })
+            })?
+        } else {
+            let size = self.disk.resize(target)?;
+            self.params.set_capacity_sectors(size >> SECTOR_SHIFT);
+            size
+        };
+        if self.params.capacity_sectors() != old_capacity {
+            tracing::info!(old = current, new = size, "export resized");
+            self.config_change_pending = true;
+            self.notify_config_change();
+        }
+        Ok(size)
+    }
+
+    /// Tell the frontend the config space changed, if there is a channel to it; otherwise
+    /// the next channel is told (`set_backend_req_fd`).
+    fn notify_config_change(&mut self) {
+        let Some(channel) = &self.backend_channel else {
+            tracing::info!("no backend channel: the frontend is told of the new size when it sets one up");
+            return;
+        };
+        match channel.send_config_change() {
+            Ok(()) => {
+                tracing::info!("config change sent to the frontend");
+                self.config_change_pending = false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot send the config change to the frontend; it sees the new size when it reads the config space again")
+            }
+        }
+    }
+
+    /// `server.rs`: a duplicate of the socket carried by the `SET_BACKEND_REQ_FD` message
+    /// about to be handled (`None` after it), for `set_backend_req_fd` to take.
+    pub(crate) fn offer_backend_socket(&mut self, socket: Option<OwnedFd>) {
+        self.offered_socket = socket;
     }
 
     /// The counters of this device's queues and workers (register them to expose them).
@@ -270,9 +420,17 @@ impl VblkDevice {
         std::mem::take(&mut self.fatal)
     }
 
-    /// The frontend went away: drain and stop every worker, drop all fds and mappings,
-    /// and be ready for the next frontend.
+    /// The frontend went away: drain and stop every worker, drop all fds and mappings
+    /// (the backend channel too), and be ready for the next frontend.
     pub fn disconnect(&mut self) {
+        self.backend_channel = None;
+        self.offered_socket = None;
+        self.reset();
+    }
+
+    /// Everything [`VblkDevice::disconnect`] does but dropping the backend channel, which
+    /// the frontend set up once per connection (`RESET_OWNER`, `RESET_DEVICE`).
+    fn reset(&mut self) {
         for t in 0..self.workers.len() {
             self.stop_worker(t);
         }
@@ -517,12 +675,12 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     }
 
     fn reset_owner(&mut self) -> VuResult<()> {
-        self.disconnect();
+        self.reset();
         Ok(())
     }
 
     fn reset_device(&mut self) -> VuResult<()> {
-        self.disconnect();
+        self.reset();
         Ok(())
     }
 
@@ -693,9 +851,11 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
         // REPLY_ACK is added by the vhost crate. STATUS is not offered: vhost 0.18's
-        // message loop does not dispatch SET_STATUS/GET_STATUS.
+        // message loop does not dispatch SET_STATUS/GET_STATUS. BACKEND_REQ: the channel
+        // that tells the frontend of a resize (module docs).
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD)
@@ -745,7 +905,19 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         Ok(())
     }
 
-    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+    /// The backend channel (the crate checked it is a unix stream socket). Kept until the
+    /// frontend disconnects; a config change that found no channel is sent now.
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        let socket = self.offered_socket.take().map(UnixStream::from);
+        if socket.is_none() {
+            tracing::warn!("backend channel set, but its socket was not captured: resizes will not be notified");
+        }
+        tracing::debug!("backend channel set");
+        self.backend_channel = Some(BackendChannel { _backend: backend, socket });
+        if self.config_change_pending {
+            self.notify_config_change();
+        }
+    }
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {
         Err(DeviceError::Unsupported("GPU_SET_SOCKET").into())
