@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::{ArgMatches, Args, Subcommand};
 use serde_json::{json, Value};
 
-use crate::daemon::options::{matches_to_object, ExportArgs};
+use crate::daemon::options::{matches_to_object, resolve_paths, ExportArgs};
 use crate::daemon::rpc::Client;
 use crate::daemon::stats::{buckets, percentile};
 use crate::size::{human, parse_size};
@@ -94,7 +94,7 @@ pub fn run(args: CtlArgs, matches: Option<&ArgMatches>) -> Result<()> {
                 bail!("vblk ctl add NAME IMAGE --socket PATH [options]: the image is missing");
             }
             let mut params = matches.map(matches_to_object).unwrap_or_default();
-            absolute_paths(&mut params)?;
+            resolve_paths(&mut params, Some(&std::env::current_dir()?))?;
             params.insert("name".into(), Value::String(add.export_name.clone()));
             params.remove("export_name");
             let info = client.call("export_add", Value::Object(params))?;
@@ -205,25 +205,4 @@ fn print_stats(stats: &Value) {
             );
         }
     }
-}
-
-/// Paths are the daemon's to open, from its own working directory: send them absolute.
-fn absolute_paths(params: &mut serde_json::Map<String, Value>) -> Result<()> {
-    let cwd = std::env::current_dir()?;
-    let abs = |v: &mut Value| {
-        if let Some(s) = v.as_str() {
-            if !s.starts_with("rbd:") && !std::path::Path::new(s).is_absolute() {
-                *v = Value::String(cwd.join(s).to_string_lossy().into_owned());
-            }
-        }
-    };
-    for key in ["image", "socket", "backing", "ceph_conf"] {
-        if let Some(v) = params.get_mut(key) {
-            abs(v);
-        }
-    }
-    if let Some(Value::Array(dirs)) = params.get_mut("backing_allowed") {
-        dirs.iter_mut().for_each(abs);
-    }
-    Ok(())
 }

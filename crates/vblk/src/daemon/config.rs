@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-use super::options::ExportArgs;
+use super::options::{resolve_paths, ExportArgs};
 
 /// A parsed config file.
 #[derive(Debug, Default)]
@@ -33,25 +33,28 @@ pub struct Config {
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        Config::parse(&text).with_context(|| format!("config {}", path.display()))
+        let dir = std::fs::canonicalize(path)?.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &dir).with_context(|| format!("config {}", path.display()))
     }
 
-    pub fn parse(text: &str) -> Result<Config> {
+    /// Parse a config; relative paths in it are relative to `dir` (the file's directory).
+    pub fn parse(text: &str, dir: &Path) -> Result<Config> {
         let table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
         let mut config = Config::default();
         for (key, value) in table {
             match (key.as_str(), value) {
-                ("control", toml::Value::String(s)) => config.control = Some(s.into()),
+                ("control", toml::Value::String(s)) => config.control = Some(dir.join(s)),
                 ("metrics", toml::Value::String(s)) => config.metrics = Some(s),
                 ("export", toml::Value::Array(exports)) => {
                     for (i, e) in exports.into_iter().enumerate() {
-                        let Value::Object(obj) = serde_json::to_value(&e)? else {
+                        let Value::Object(mut obj) = serde_json::to_value(&e)? else {
                             bail!("export #{}: not a table", i + 1);
                         };
                         let which = match obj.get("name") {
                             Some(Value::String(n)) => format!("export '{n}'"),
                             _ => format!("export #{}", i + 1),
                         };
+                        resolve_paths(&mut obj, Some(dir))?;
                         let args = ExportArgs::from_object(&obj).with_context(|| which)?;
                         config.exports.push((args, obj));
                     }
@@ -72,10 +75,12 @@ mod tests {
     #[test]
     fn a_config_with_two_exports() {
         let c = Config::parse(
-            "control = \"/run/c.sock\"\n[[export]]\nname = \"a\"\nimage = \"/a.img\"\nsocket = \"/a.sock\"\nnum_queues = 2\n\
+            "control = \"/run/c.sock\"\n[[export]]\nname = \"a\"\nimage = \"a.img\"\nsocket = \"/a.sock\"\nnum_queues = 2\n\
              [[export]]\nimage = \"/b.qcow2\"\nsocket = \"/b.sock\"\nformat = \"qcow2\"\nreadonly = true\n",
+            Path::new("/etc/vblk"),
         )
         .unwrap();
+        assert_eq!(c.exports[0].0.image.as_deref(), Some(Path::new("/etc/vblk/a.img")), "relative to the file");
         assert_eq!(c.control, Some(PathBuf::from("/run/c.sock")));
         assert_eq!(c.exports.len(), 2);
         assert_eq!(c.exports[0].0.export_name().unwrap(), "a");
@@ -85,7 +90,7 @@ mod tests {
 
     #[test]
     fn config_errors_say_where() {
-        let e = |t: &str| format!("{:#}", Config::parse(t).unwrap_err());
+        let e = |t: &str| format!("{:#}", Config::parse(t, Path::new("/")).unwrap_err());
         assert_eq!(e("[[export]]\nname = \"a\"\nimage = \"x\"\nqueue = 3\n"), "export 'a': unknown option 'queue'");
         assert_eq!(e("[[export]]\nname = \"a\"\nimage = \"x\"\n"), "export 'a': an export needs a socket");
         assert_eq!(e("[[export]]\nsocket = \"s\"\n"), "export #1: an export needs an image");

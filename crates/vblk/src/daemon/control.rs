@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
-use super::options::ExportArgs;
+use super::options::{resolve_paths, ExportArgs};
 use super::rpc::{self, Request, Response, RpcError};
 use super::Daemon;
 
@@ -167,6 +167,8 @@ pub fn call(daemon: &Daemon, method: &str, p: Value) -> Result<Value, RpcError> 
     let p = params(p)?;
     match method {
         "export_add" => {
+            let mut p = p;
+            resolve_paths(&mut p, None).map_err(RpcError::invalid_params)?;
             let args = ExportArgs::from_object(&p).map_err(RpcError::invalid_params)?;
             let e = daemon.add(&args, p)?;
             Ok(e.info())

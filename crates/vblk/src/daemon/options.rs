@@ -250,6 +250,35 @@ pub fn matches_to_object(matches: &ArgMatches) -> Map<String, Value> {
     obj
 }
 
+/// Options that name files.
+const PATH_OPTIONS: [&str; 5] = ["image", "socket", "backing", "ceph_conf", "backing_allowed"];
+
+/// Make the paths in `obj` absolute against `base` (the caller's working directory, the
+/// config file's directory), or, without a base, refuse relative ones: a daemon's working
+/// directory is not its caller's.
+pub fn resolve_paths(obj: &mut Map<String, Value>, base: Option<&Path>) -> Result<()> {
+    for (key, value) in obj.iter_mut() {
+        if !PATH_OPTIONS.contains(&key.replace('-', "_").as_str()) {
+            continue;
+        }
+        let values: Vec<&mut Value> = match value {
+            Value::Array(items) => items.iter_mut().collect(),
+            v => vec![v],
+        };
+        for v in values {
+            let Some(p) = v.as_str() else { continue };
+            if p.starts_with("rbd:") || Path::new(p).is_absolute() {
+                continue;
+            }
+            match base {
+                Some(b) => *v = Value::String(b.join(p).to_string_lossy().into_owned()),
+                None => bail!("'{key}' must be an absolute path (got '{p}')"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An object of options as command-line arguments: keys are the option names with `_` or
 /// `-` (`num_queues`, `num-queues`), `image` is the positional argument; `true` is a flag,
 /// `false` and `null` leave the option out, an array repeats it.
