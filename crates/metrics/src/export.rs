@@ -102,7 +102,7 @@ impl ExportSnapshot {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
-    #[error("export name {0:?} is invalid (1 to {MAX_NAME_LEN} bytes, no control characters)")]
+    #[error("export name {0:?} is invalid (1 to {MAX_NAME_LEN} characters among A-Z a-z 0-9 . _ - @ : +)")]
     BadName(String),
     #[error("an export named {0:?} is already registered")]
     Duplicate(String),
@@ -110,7 +110,8 @@ pub enum RegistryError {
 
 /// Check an export name: what labels and (later) the control API accept.
 pub fn check_name(name: &str) -> Result<(), RegistryError> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-@:+".contains(c);
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(allowed) {
         return Err(RegistryError::BadName(name.to_string()));
     }
     Ok(())
@@ -217,15 +218,15 @@ mod tests {
             r.register("disk0", Arc::new(ExportMetrics::new(1, 1))),
             Err(RegistryError::Duplicate("disk0".into()))
         );
-        for bad in ["", "a\nb", &"x".repeat(MAX_NAME_LEN + 1)] {
+        for bad in ["", "a\nb", "a b", "disk \"1\"", &"x".repeat(MAX_NAME_LEN + 1)] {
             assert!(matches!(r.register(bad, Arc::new(ExportMetrics::new(1, 1))), Err(RegistryError::BadName(_))));
         }
-        r.register("disk \"1\"", Arc::new(ExportMetrics::new(2, 1))).unwrap();
-        assert_eq!(r.names(), ["disk0", "disk \"1\""]);
+        r.register("disk-1@snap", Arc::new(ExportMetrics::new(2, 1))).unwrap();
+        assert_eq!(r.names(), ["disk0", "disk-1@snap"]);
         assert!(r.unregister("disk0"));
         assert!(!r.unregister("disk0"));
         let s = r.snapshot();
         assert_eq!(s.len(), 1);
-        assert_eq!((s[0].0.as_str(), s[0].2.queues.len()), ("disk \"1\"", 2));
+        assert_eq!((s[0].0.as_str(), s[0].2.queues.len()), ("disk-1@snap", 2));
     }
 }

@@ -248,7 +248,7 @@ mod tests {
         q1.merged(2);
         a.worker(0).unwrap().slept(1_500_000_000);
         let b = Arc::new(ExportMetrics::new(1, 1));
-        reg.register("b \"quoted\"", b).unwrap();
+        reg.register("b@snap-1", b).unwrap();
 
         let text = encode(&reg).unwrap();
         let s = |series: &str| sample(&text, series);
@@ -273,7 +273,7 @@ mod tests {
         assert_eq!(s(r#"vblk_worker_poll_seconds_total{export="a",worker="0"}"#), 0.0);
         assert_eq!(s(r#"vblk_queue_info{export="a",queue="1",worker="0"}"#), 1.0);
         // Label values are escaped; every export gets its series.
-        assert_eq!(s(r#"vblk_requests_total{export="b \"quoted\"",queue="0",op="flush"}"#), 0.0);
+        assert_eq!(s(r#"vblk_requests_total{export="b@snap-1",queue="0",op="flush"}"#), 0.0);
         assert!(text.contains("# TYPE vblk_request_latency_seconds histogram\n"), "{text}");
         assert!(text.contains("# TYPE vblk_requests_total counter\n"), "{text}");
         assert!(text.contains("# TYPE vblk_requests_in_flight gauge\n"), "{text}");

@@ -5,6 +5,8 @@
 //!   (`--socket`) or vblk's device engine in this process (`--loopback`): see [`target`].
 
 mod bench;
+mod ctl;
+mod daemon;
 mod info;
 mod io;
 mod rng;
@@ -15,7 +17,7 @@ mod verify;
 
 use std::io::IsTerminal;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "vblk", version, about = "virtio-blk over vhost-user: a backend daemon and tools")]
@@ -25,9 +27,12 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
-    /// Serve a disk image to a VM as a vhost-user-blk device.
+    /// Serve disk images to VMs as vhost-user-blk devices.
     Serve(serve::ServeArgs),
+    /// Manage a running `vblk serve --control PATH`: list, add, remove, resize, stats, qos.
+    Ctl(ctl::CtlArgs),
     /// Show what a vhost-user-blk backend offers: capacity, features, limits.
     Info(info::InfoArgs),
     /// Measure IOPS, bandwidth, latency and CPU cost per I/O.
@@ -41,7 +46,8 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The daemon logs its life; the tools only warnings (unless RUST_LOG says otherwise).
     let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
@@ -54,6 +60,11 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Ctl(args) => {
+            // `ctl add` forwards the options given on its command line (not the defaults).
+            let add = matches.subcommand_matches("ctl").and_then(|m| m.subcommand_matches("add"));
+            ctl::run(args, add)
+        }
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Verify(args) => verify::run(args),

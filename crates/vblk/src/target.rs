@@ -9,7 +9,7 @@ use clap::{ArgGroup, Args, ValueEnum};
 use vblk_backend::{Disk, DiskOptions, EngineKind};
 use vblk_driver::{Device, DeviceInfo, DriverError, LoopbackConfig, LoopbackServer, Options, QueueHandle, RingChoice};
 
-use crate::serve::{BackendKind, EngineArg};
+use crate::daemon::options::{BackendKind, EngineArg};
 use crate::size::{human, parse_size};
 
 /// Where the device is. Exactly one of `--socket` / `--loopback`.

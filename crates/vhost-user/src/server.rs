@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,8 @@ pub struct Server {
     path: PathBuf,
     device: Arc<Mutex<VblkDevice>>,
     message_timeout: Option<Duration>,
+    /// A frontend is attached (between accept and disconnect).
+    connected: Arc<AtomicBool>,
 }
 
 impl Server {
@@ -72,6 +75,7 @@ impl Server {
             path: path.to_owned(),
             device: Arc::new(Mutex::new(device)),
             message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+            connected: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -86,6 +90,11 @@ impl Server {
 
     pub fn device(&self) -> &Arc<Mutex<VblkDevice>> {
         &self.device
+    }
+
+    /// True while a frontend is attached (for status displays).
+    pub fn connected(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.connected)
     }
 
     /// Serve frontends one after another until `shutdown` becomes readable.
@@ -112,7 +121,10 @@ impl Server {
             }
         };
         tracing::info!("frontend connected");
-        Ok(serve_stream_with_timeout(&self.device, stream, shutdown, self.message_timeout))
+        self.connected.store(true, Ordering::Relaxed);
+        let end = serve_stream_with_timeout(&self.device, stream, shutdown, self.message_timeout);
+        self.connected.store(false, Ordering::Relaxed);
+        Ok(end)
     }
 }
 
