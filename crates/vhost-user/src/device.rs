@@ -32,10 +32,16 @@
 //!   request can reach the new range before it exists); shrinking stops and drains every
 //!   worker, lowers the capacity, then shrinks the disk (no write in flight past the new
 //!   end can extend a truncated file again), and restarts them.
-//! - **No channel, no notification lost**: resized while no channel is set (no frontend,
-//!   or before `SET_BACKEND_REQ_FD`), the device sends the notification when the next
-//!   channel arrives. QEMU reads the config space only when it first connects and on a
-//!   notification: a QEMU that reconnects after a resize would otherwise keep the old size.
+//! - **Only to a running device, and at every start**: QEMU reads the config space once,
+//!   when the device is realized, and again only on a notification, which it ignores while
+//!   its vhost device is not started (QEMU before 7.2 even crashed on it: `dev->vdev` is
+//!   NULL then). So a notification is sent only while a ring runs (after `SET_VRING_KICK`,
+//!   until `GET_VRING_BASE`), and one is sent each time the device starts (its first ring
+//!   kick after all were stopped), whether or not the size changed: a resize while the
+//!   guest had no driver, while QEMU was reconnecting or this daemon restarting, or one
+//!   whose notification QEMU saw only after the device stopped, reaches the guest at the
+//!   next start. QEMU compares capacities and tells the guest only of a change; it costs a
+//!   `GET_CONFIG` per start. The frontend must have negotiated `CONFIG` too.
 //! - The channel belongs to the connection: dropped at disconnect, kept across
 //!   `RESET_OWNER`/`RESET_DEVICE`.
 //!
@@ -265,8 +271,6 @@ pub struct VblkDevice {
     /// A duplicate of the socket in the `SET_BACKEND_REQ_FD` being received, from
     /// `server.rs` (see the module docs); taken by `set_backend_req_fd`.
     offered_socket: Option<OwnedFd>,
-    /// The capacity changed and no frontend was told yet: tell the next channel.
-    config_change_pending: bool,
 }
 
 /// The backend channel: the `vhost` crate's `Backend` (kept for the connection's life)
@@ -330,7 +334,6 @@ impl VblkDevice {
             metrics: Arc::new(ExportMetrics::new(n, threads)),
             backend_channel: None,
             offered_socket: None,
-            config_change_pending: false,
         })
     }
 
@@ -375,27 +378,36 @@ impl VblkDevice {
             size
         };
         if self.params.capacity_sectors() != old_capacity {
-            tracing::info!(old = current, new = size, "export resized");
-            self.config_change_pending = true;
-            self.notify_config_change();
+            if self.notify_config_change() {
+                tracing::info!(size, "the frontend was told of the new size");
+            } else {
+                tracing::info!(size, "the frontend is told of the new size when its device next starts");
+            }
         }
         Ok(size)
     }
 
-    /// Tell the frontend the config space changed, if there is a channel to it; otherwise
-    /// the next channel is told (`set_backend_req_fd`).
-    fn notify_config_change(&mut self) {
-        let Some(channel) = &self.backend_channel else {
-            tracing::info!("no backend channel: the frontend is told of the new size when it sets one up");
-            return;
-        };
+    /// Is the device running: a ring started (kicked, not stopped)?
+    fn running(&self) -> bool {
+        self.vrings.iter().any(|v| v.started)
+    }
+
+    /// Tell the frontend the config space may have changed (see the module docs), if it
+    /// can be told now: a backend channel, `CONFIG` negotiated, the device running. Never
+    /// waits. True if the message went out.
+    fn notify_config_change(&mut self) -> bool {
+        let Some(channel) = &self.backend_channel else { return false };
+        if self.acked_protocol & VhostUserProtocolFeatures::CONFIG.bits() == 0 || !self.running() {
+            return false;
+        }
         match channel.send_config_change() {
             Ok(()) => {
-                tracing::info!("config change sent to the frontend");
-                self.config_change_pending = false;
+                tracing::debug!("config change sent to the frontend");
+                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot send the config change to the frontend; it sees the new size when it reads the config space again")
+                tracing::warn!(error = %e, "cannot send a config change to the frontend: it is told at the next start of its device");
+                false
             }
         }
     }
@@ -815,6 +827,7 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let fd = fd.ok_or(DeviceError::NoKickFd)?;
         set_nonblocking(&fd);
+        let was_running = self.running();
         self.with_ring(index as u32, |d, i| {
             let v = &mut d.vrings[i];
             v.kick = Some(Arc::new(fd));
@@ -822,6 +835,10 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
             v.broken = false;
             Ok(())
         })?;
+        if !was_running {
+            // The device starts: the frontend reads the config space again (module docs).
+            self.notify_config_change();
+        }
         Ok(())
     }
 
@@ -906,7 +923,8 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     }
 
     /// The backend channel (the crate checked it is a unix stream socket). Kept until the
-    /// frontend disconnects; a config change that found no channel is sent now.
+    /// frontend disconnects. Set up while the device runs (not QEMU's order), it is told
+    /// at once, as at a start.
     fn set_backend_req_fd(&mut self, backend: Backend) {
         let socket = self.offered_socket.take().map(UnixStream::from);
         if socket.is_none() {
@@ -914,9 +932,7 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         }
         tracing::debug!("backend channel set");
         self.backend_channel = Some(BackendChannel { _backend: backend, socket });
-        if self.config_change_pending {
-            self.notify_config_change();
-        }
+        self.notify_config_change();
     }
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {

@@ -603,7 +603,8 @@ fn a_resize_reaches_the_frontend_and_moves_the_end_of_the_disk() {
     let d = Daemon::start(disk, 1, false);
     let mut g = Guest::connect_full(&d, 1, Inflight::Off, VhostUserProtocolFeatures::BACKEND_REQ);
     let changes = backend_channel(&mut g);
-    assert_eq!(capacity(&mut g), 8 * MIB / 512);
+    // A channel set up while the device runs is told at once, as at a start.
+    assert_eq!(next_capacity(&changes), 8 * MIB / 512);
     let end = |size: u64| size / 512 - 8;
     assert_eq!(g.request(0, req_type::OUT, end(16 * MIB), &mut [1u8; 4096], false), IOERR, "past the end");
 
@@ -643,24 +644,33 @@ fn a_resize_reaches_the_frontend_and_moves_the_end_of_the_disk() {
 }
 
 #[test]
-fn a_resize_without_a_channel_is_told_to_the_next_one() {
+fn the_frontend_is_told_while_its_device_runs_and_at_every_start() {
     let (disk, path) = temp_disk(8 * MIB);
     let d = Daemon::start(disk, 1, false);
     // No frontend at all.
     assert_eq!(resize(&d, 12 * MIB, false).unwrap(), 12 * MIB);
-    // A frontend without the channel reads the new size, and is not told more.
+    // A frontend without the channel reads the new size.
     let mut g = Guest::connect(&d, 1);
     assert_eq!(capacity(&mut g), 12 * MIB / 512);
     drop(g);
-    // A frontend that reconnects (QEMU keeps the config space it read at its first
-    // connect) is told once it sets the channel up.
+    // A frontend that reconnects (QEMU keeps the config space it read when it was
+    // realized) is told.
     let mut g = Guest::connect_full(&d, 1, Inflight::Off, VhostUserProtocolFeatures::BACKEND_REQ);
     let changes = backend_channel(&mut g);
     assert_eq!(next_capacity(&changes), 12 * MIB / 512);
-    // And only once.
     assert_eq!(resize(&d, 14 * MIB, false).unwrap(), 14 * MIB);
     assert_eq!(next_capacity(&changes), 14 * MIB / 512);
-    assert!(changes.recv_timeout(Duration::from_millis(200)).is_err());
+    assert!(changes.recv_timeout(Duration::from_millis(200)).is_err(), "one message per change");
+
+    // The device stopped (QEMU ignores a notification then): not told now, but when it
+    // starts again.
+    let base = g.fe.get_vring_base(0).unwrap();
+    assert_eq!(resize(&d, 15 * MIB, false).unwrap(), 15 * MIB);
+    assert!(changes.recv_timeout(Duration::from_millis(300)).is_err(), "nothing while stopped");
+    let (kick, call) = start_ring(&mut g.fe, 0, base as u16);
+    (g.queues[0].kick, g.queues[0].call) = (kick, call);
+    assert_eq!(next_capacity(&changes), 15 * MIB / 512);
+    assert_eq!(g.request(0, req_type::OUT, 15 * MIB / 512 - 8, &mut [4u8; 4096], false), OK);
     drop(g);
     drop(d);
     let _ = std::fs::remove_file(path);
