@@ -8,10 +8,12 @@
 //! Raw: grow, a shrink refused without `--allow-shrink`, then a shrink. qcow2: grow, the
 //! image consistent afterwards (`qemu-img check`). A resize while the guest has no driver
 //! (QEMU ignores a notification then): the guest sees it once its device starts again.
-//! `VBLK_SKIP_GUEST=1` skips them.
+//! `VBLK_SKIP_GUEST=1` skips them. And `export_resize`'s answers to bad calls (no guest).
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -160,4 +162,56 @@ fn a_resize_while_the_guest_has_no_driver_reaches_it_when_the_driver_starts() {
     let serial = guest.serial();
     assert!(!serial.contains("REBINDING"), "the guest did not wait for the resize (host too slow?):\n{serial}");
     expect_pass(guest, &backend);
+}
+
+/// One JSON-RPC call on the daemon's control socket; the whole response.
+fn rpc(dir: &TempDir, params: serde_json::Value) -> serde_json::Value {
+    let mut c = UnixStream::connect(dir.join("ctl.sock")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "export_resize", "params": params});
+    c.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(c).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+#[test]
+fn export_resize_answers_bad_calls_with_clear_errors_and_changes_nothing() {
+    let dir = TempDir::new("resize-rpc");
+    let image = dir.join("disk.img");
+    let ro = dir.join("ro.img");
+    create_image(&ro, 8 * MIB);
+    let backend = serve(&dir, &image, &["--size", "16M"]);
+    let ro_sock = dir.join("ro.sock");
+    ctl_ok(&dir, &backend, &["add", "ro", s(&ro), "--socket", s(&ro_sock), "--readonly"]);
+    let cases: [(serde_json::Value, i64, &str); 10] = [
+        (serde_json::json!({"name": "disk"}), -32602, "missing 'size'"),
+        (serde_json::json!({"size": 1 << 30}), -32602, "missing 'name'"),
+        (serde_json::json!({"name": "disk", "size": "1G"}), -32602, "'size' must be a number"),
+        (serde_json::json!({"name": "disk", "size": -512}), -32602, "'size' must be a number"),
+        (serde_json::json!({"name": "disk", "size": 1 << 30, "allow_shrink": "yes"}), -32602, "'allow_shrink'"),
+        (serde_json::json!({"name": "disk", "size": 1 << 30, "shrink": true}), -32602, "unknown param 'shrink'"),
+        (serde_json::json!({"name": "nope", "size": 1 << 30}), -32001, "no export named 'nope'"),
+        (serde_json::json!({"name": "disk", "size": (1 << 30) + 100}), -32602, "multiple of 512"),
+        (serde_json::json!({"name": "disk", "size": 0}), -32602, "multiple of 512"),
+        (serde_json::json!({"name": "ro", "size": 1 << 30}), -32000, "read-only"),
+    ];
+    for (params, code, text) in cases {
+        let r = rpc(&dir, params.clone());
+        let e = &r["error"];
+        assert_eq!(e["code"], code, "{params}: {r}");
+        assert!(e["message"].as_str().unwrap().contains(text), "{params}: {r}");
+    }
+    let r = rpc(&dir, serde_json::json!({"name": "disk", "size": 4 * MIB}));
+    assert!(r["error"]["message"].as_str().unwrap().contains("allow_shrink"), "{r}");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 16 * MIB, "nothing changed");
+    assert_eq!(std::fs::metadata(&ro).unwrap().len(), 8 * MIB);
+
+    let r = rpc(&dir, serde_json::json!({"name": "disk", "size": 32 * MIB}));
+    assert_eq!(r["result"], serde_json::json!({"name": "disk", "size": 32 * MIB}), "{r}");
+    let r = rpc(&dir, serde_json::json!({"name": "disk", "size": 4 * MIB, "allow_shrink": true}));
+    assert_eq!(r["result"]["size"], 4 * MIB, "{r}");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 4 * MIB);
+    let list = ctl_ok(&dir, &backend, &["list", "--json"]);
+    assert!(list.contains("\"size\": 4194304") && list.contains("4 MiB"), "export_list shows the new size: {list}");
 }
