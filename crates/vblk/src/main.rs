@@ -71,7 +71,7 @@ fn main() {
         Command::Io(cmd) => io::run(cmd),
     };
     if let Err(e) = result {
-        eprintln!("vblk: error: {e:#}");
+        eprintln!("vblk: error: {}", daemon::error_text(&e));
         std::process::exit(1);
     }
 }

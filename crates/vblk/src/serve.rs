@@ -80,7 +80,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             // Stop what started, then report what did not.
             daemon.remove_all();
             match &args.config {
-                Some(c) if !options.is_empty() => bail!("config {}: {}", c.display(), e.message),
+                Some(c) if !options.is_empty() => {
+                    let name = export_args.export_name().unwrap_or_default();
+                    bail!("config {}: export '{name}': {}", c.display(), e.message)
+                }
                 _ => bail!("{}", e.message),
             }
         }

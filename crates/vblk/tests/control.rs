@@ -290,3 +290,11 @@ fn a_config_file_starts_its_exports_and_a_bad_one_is_refused_with_its_place() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(err.trim(), format!("vblk: error: config {}: export 'x': unknown option 'bogus'", s(&config)));
 }
+
+#[test]
+fn a_missing_image_is_one_line_that_says_it_once() {
+    let out = vblk().args(["serve", "/nonexistent-dir/x.img", "--socket", "/tmp/vblk-never.sock"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(err.trim(), "vblk: error: cannot open /nonexistent-dir/x.img: No such file or directory (os error 2)");
+}
