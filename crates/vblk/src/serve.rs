@@ -13,6 +13,7 @@ use vblk_backend::qcow2::{check_header, has_qcow2_magic, CreateOptions, Qcow2Ima
 use vblk_backend::rbd::{RbdOptions, RbdSpec};
 use vblk_backend::RbdError;
 use vblk_backend::{Disk, DiskOptions, EngineKind, FaultSpec};
+use vblk_blk::qos::{Limits, Throttle, DEFAULT_BURST_MS};
 use vblk_blk::DeviceParams;
 use vblk_metrics::{MetricsServer, Registry};
 use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
@@ -146,6 +147,34 @@ pub struct ServeArgs {
     // A testing aid: see INJECT_LONG_HELP.
     #[arg(long, value_name = "SPEC", help = INJECT_HELP, long_help = INJECT_LONG_HELP)]
     pub inject: Option<FaultSpec>,
+    /// QoS limits (last: their help heading applies to what follows; boxed: keeps the
+    /// `Command` enum of main.rs small).
+    #[command(flatten)]
+    pub qos: Box<QosArgs>,
+}
+
+/// The export's QoS limits (token buckets, as QEMU's throttle groups): a request beyond
+/// them waits in the ring, and nothing spins meanwhile.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "QoS")]
+pub struct QosArgs {
+    /// Limit the export to N requests per second (reads, writes, discards, write-zeroes;
+    /// flushes are free). 0: no limit.
+    #[arg(long, value_name = "N")]
+    pub iops_limit: Option<u64>,
+    /// Limit the data read and written to BYTES per second, e.g. 100M. 0: no limit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub bps_limit: Option<u64>,
+    /// How many ms of each limit may pass at once after idling (the burst allowance).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_BURST_MS,
+          value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    pub burst_ms: u32,
+}
+
+impl QosArgs {
+    pub fn limits(&self) -> Limits {
+        Limits { iops: self.iops_limit, bps: self.bps_limit, burst_ms: self.burst_ms }
+    }
 }
 
 const INJECT_HELP: &str = "Testing aid: make chosen I/O fail, short or late, e.g. 'read:eio@offset=0-1M;flush:eio'";
@@ -353,10 +382,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     // Fail early if the chosen engine cannot run here.
     vblk_backend::Engine::new(Arc::clone(&disk), engine, 1).context("cannot start the I/O engine")?;
+    let throttle = Arc::new(Throttle::new(args.qos.limits()));
     let device = VblkDevice::new(
         Arc::clone(&params),
         Arc::clone(&disk),
-        DataPlaneOptions { threads, engine, poll_us: args.poll_us.unwrap_or(if disk.is_rbd() { 0 } else { 50 }) },
+        DataPlaneOptions {
+            threads,
+            engine,
+            poll_us: args.poll_us.unwrap_or(if disk.is_rbd() { 0 } else { 50 }),
+            throttle: Arc::clone(&throttle),
+        },
     )?;
     if metrics.is_some() {
         // The latency histogram is measured only when someone can read it.
@@ -383,6 +418,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if threads.min(num_queues as usize) == 1 { "" } else { "s" },
         if readonly { ", read-only" } else { "" },
     );
+    if throttle.is_limited() {
+        eprintln!("vblk: QoS limits: {}", throttle.limits());
+    }
     if let Some(m) = &metrics {
         eprintln!("vblk: metrics on http://{}/metrics (export {name:?})", m.local_addr());
     }
