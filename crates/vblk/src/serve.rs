@@ -15,7 +15,7 @@ use vblk_metrics::{MetricsServer, Registry};
 
 use crate::daemon::config::Config;
 use crate::daemon::control::ControlServer;
-use crate::daemon::options::ExportArgs;
+use crate::daemon::options::{BackendKind, ExportArgs};
 use crate::daemon::Daemon;
 
 #[derive(Args, Debug)]
@@ -56,7 +56,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let control = args.control.clone().or(config.control.clone());
     let metrics_addr = args.metrics.clone().or(config.metrics.clone());
     // The disk on the command line: given, or the default image when nothing else is.
-    let cli_export = args.export.image.is_some() || (args.config.is_none() && control.is_none());
+    let cli_export = args.export.image.is_some()
+        || args.export.backend == BackendKind::Null
+        || (args.config.is_none() && control.is_none());
 
     // Signals first: a SIGTERM while exports are opening still stops cleanly.
     let (mut shutdown_rx, shutdown_tx) = UnixStream::pair().context("socketpair")?;

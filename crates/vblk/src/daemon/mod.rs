@@ -102,6 +102,9 @@ impl Daemon {
             if t == 1 { "" } else { "s" },
             if export.readonly() { ", read-only" } else { "" },
         );
+        if export.throttle().is_limited() {
+            eprintln!("vblk: '{name}': QoS limits: {}", export.throttle().limits());
+        }
         Ok(export)
     }
 
