@@ -51,6 +51,22 @@ fn qemu_command(socket: &Path, num_queues: u16) -> String {
     )
 }
 
+/// systemd's readiness protocol (sd_notify(3)): one datagram to `$NOTIFY_SOCKET` (a path,
+/// or `@name` in the abstract namespace), when the unit is `Type=notify`. Best effort.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = UnixDatagram::unbound().and_then(|sock| match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => sock.send_to_addr(state.as_bytes(), &SocketAddr::from_abstract_name(name)?),
+        None => sock.send_to(state.as_bytes(), &path),
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = ?path, "cannot notify systemd");
+    }
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = args.config.as_deref().map(Config::load).transpose()?.unwrap_or_default();
     let control = args.control.clone().or(config.control.clone());
@@ -100,6 +116,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         eprintln!("vblk: attach it with:\n{}", qemu_command(only.socket(), only.num_queues()));
     }
 
+    notify_systemd("READY=1");
     // Serve until a signal arrives (the exports' threads and the control socket run meanwhile).
     let mut byte = [0u8; 1];
     while let Err(e) = shutdown_rx.read_exact(&mut byte) {
@@ -108,6 +125,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     }
     tracing::info!("shutting down: draining and flushing every export");
+    notify_systemd("STOPPING=1");
     drop(control_server);
     let failed = daemon.remove_all();
     drop(metrics);

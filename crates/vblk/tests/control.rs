@@ -28,6 +28,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &TempDir, args: &[&str]) -> Daemon {
+        Self::start_with_env(dir, args, &[])
+    }
+
+    fn start_with_env(dir: &TempDir, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
         let control = dir.join("ctl.sock");
         let log = dir.join("serve.log");
         let child = vblk()
@@ -35,6 +39,7 @@ impl Daemon {
             .arg("--control")
             .arg(&control)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -273,7 +278,13 @@ fn a_config_file_starts_its_exports_and_a_bad_one_is_refused_with_its_place() {
         ),
     )
     .unwrap();
-    let d = Daemon::start(&dir, &["--config", s(&config)]);
+    // As systemd runs it (Type=notify): READY=1 once the exports listen.
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.join("notify.sock")).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let d = Daemon::start_with_env(&dir, &["--config", s(&config)], &[("NOTIFY_SOCKET", &dir.join("notify.sock"))]);
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("READY=1 from vblk serve");
+    assert_eq!(&buf[..n], b"READY=1");
     let list = d.list();
     assert_eq!(list.len(), 2, "{list:?}");
     assert_eq!((list[0]["name"].as_str(), list[0]["size"].as_u64()), (Some("one"), Some(8 << 20)));
@@ -283,6 +294,8 @@ fn a_config_file_starts_its_exports_and_a_bad_one_is_refused_with_its_place() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     d.stop();
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from vblk serve");
+    assert_eq!(&buf[..n], b"STOPPING=1");
 
     std::fs::write(&config, "[[export]]\nname = \"x\"\nimage = \"/nonexistent/dir/x.img\"\nsocket = \"/tmp/x.sock\"\nsize = \"1M\"\nbogus = 1\n").unwrap();
     let out = vblk().args(["serve", "--config", s(&config)]).output().unwrap();
