@@ -269,7 +269,7 @@ fn a_config_file_starts_its_exports_and_a_bad_one_is_refused_with_its_place() {
     std::fs::write(
         &config,
         format!(
-            "[[export]]\nname = \"one\"\nimage = \"{}\"\nsocket = \"{}\"\nsize = \"8M\"\nnum_queues = 1\n\n\
+            "metrics = \"127.0.0.1:0\"\n[[export]]\nname = \"one\"\nimage = \"{}\"\nsocket = \"{}\"\nsize = \"8M\"\nnum_queues = 1\n\n\
              [[export]]\nimage = \"{}\"\nsocket = \"{}\"\nbackend = \"null\"\nreadonly = true\n",
             s(&dir.join("one.img")),
             s(&dir.join("one.sock")),
@@ -293,6 +293,26 @@ fn a_config_file_starts_its_exports_and_a_bad_one_is_refused_with_its_place() {
         let out = vblk().args(["info", "--socket", s(&dir.join(sock))]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
+    // One metrics endpoint for the daemon, each export labelled; a removed export leaves it.
+    let log = d.log_text();
+    let addr = log
+        .lines()
+        .find_map(|l| l.strip_prefix("vblk: metrics on http://")?.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in:\n{log}"))
+        .to_string();
+    let scrape = || {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut c, &mut body).unwrap();
+        body
+    };
+    let m = scrape();
+    assert!(m.contains(r#"vblk_requests_total{export="one",queue="0",op="get-id"} 1"#), "{m}");
+    assert!(m.contains(r#"export="two""#), "{m}");
+    d.ctl_ok(&["remove", "one"]);
+    let m = scrape();
+    assert!(!m.contains(r#"export="one""#) && m.contains(r#"export="two""#), "{m}");
     d.stop();
     let n = notify.recv(&mut buf).expect("STOPPING=1 from vblk serve");
     assert_eq!(&buf[..n], b"STOPPING=1");
