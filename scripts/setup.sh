@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need: QEMU 10 (bookworm-backports) with its rbd block driver, a
-# Debian kernel, busybox-static, fio, e2fsprogs, util-linux, and Ceph for the RBD tests
+# Debian kernel, busybox-static, fio, e2fsprogs, util-linux, tmux, and Ceph for the RBD tests
 # (scripts/ceph-micro.sh install: ceph-mon, ceph-osd, ceph-common, librbd-dev, libclang for
 # bindgen). Idempotent; safe to re-run.
 set -euo pipefail
@@ -17,6 +17,7 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v blkdiscard >/dev/null || need+=(util-linux)
 command -v cpio >/dev/null || need+=(cpio)
 command -v dmsetup >/dev/null || need+=(dmsetup)
+command -v tmux >/dev/null || need+=(tmux)
 command -v setpriv >/dev/null || need+=(util-linux)
 compgen -G '/usr/lib/*/qemu/block-rbd.so' >/dev/null || need+=(qemu-block-extra)
 command -v ceph-osd >/dev/null && command -v rbd >/dev/null && [ -e /usr/include/rbd/librbd.h ] \
@@ -39,6 +40,6 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra >/dev/null
 $SUDO apt-get install -y -qq --no-install-recommends \
-    linux-image-amd64 busybox-static fio e2fsprogs util-linux cpio kmod dmsetup >/dev/null
+    linux-image-amd64 busybox-static fio e2fsprogs util-linux cpio kmod dmsetup tmux >/dev/null
 bash "$(dirname "$0")/ceph-micro.sh" install
 qemu-system-x86_64 --version | head -n1

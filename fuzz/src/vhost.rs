@@ -422,6 +422,7 @@ pub fn device(input: &VuInput) -> Arc<Mutex<VblkDevice>> {
         threads: if input.options & 2 != 0 { 2 } else { 1 },
         engine: EngineKind::Auto,
         poll_us: if input.options & 1 != 0 { 20 } else { 0 },
+        throttle: Arc::default(),
     };
     Arc::new(Mutex::new(VblkDevice::new(params, disk, opts).expect("a valid configuration")))
 }

@@ -22,6 +22,13 @@
 //! and once per batch of completions ([`BlkQueue::complete_at`]), not per request: a latency
 //! is exact to within the time it takes to pop or finish the rest of its batch. A request
 //! finished at once (GET_ID, an invalid request) takes 0.
+//!
+//! QoS ([`BlkQueue::set_throttle`], [`crate::qos`]): with limits set, the queue asks the
+//! export's [`Throttle`] before it pops each chain (only when the ring has one) and charges
+//! it once the request is parsed. When the throttle says wait, the chains stay in the ring,
+//! [`BlkQueue::throttled_until`] says until when, and the caller sleeps until then; the time
+//! held back is counted ([`QueueMetrics::throttled`]). The batch popped before that is merged
+//! and submitted as usual.
 
 use std::sync::Arc;
 
@@ -33,6 +40,7 @@ use vblk_virtio::Iov;
 
 use crate::config::DeviceParams;
 use crate::merge::{MergeBuffer, Staged};
+use crate::qos::{Admission, Throttle};
 use crate::request::{data_buffers, header_type, parse, Parsed, Request, RequestError};
 
 /// Bits of a backend tag that carry the head index; the bits above name the queue.
@@ -132,6 +140,19 @@ pub struct BlkQueue {
     clock: u64,
     /// Measure latencies (read the clock); off: the histogram is left alone.
     timing: bool,
+    /// The export's QoS limits, if this queue is subject to any.
+    throttle: Option<Arc<Throttle>>,
+    /// Set while the throttle holds this ring's chains back.
+    throttled: Option<Held>,
+}
+
+/// A ring held back by its throttle.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// Since when ([`now_ns`]).
+    since: u64,
+    /// When to ask again.
+    until: u64,
 }
 
 /// Backend failures (the storage, not the guest's request) are logged at `warn`, at most
@@ -183,6 +204,68 @@ impl BlkQueue {
             metrics,
             clock: now_ns(),
             timing: true,
+            throttle: None,
+            throttled: None,
+        }
+    }
+
+    /// Subject this queue to `throttle` (the export's QoS limits; none by default).
+    pub fn set_throttle(&mut self, throttle: Arc<Throttle>) {
+        self.throttle = Some(throttle);
+    }
+
+    /// While the throttle holds this ring's chains back: when ([`now_ns`]) to call
+    /// [`process_available`](Self::process_available) again. (Earlier calls ask the throttle
+    /// again, which is how a change of limits applies at once.)
+    pub fn throttled_until(&self) -> Option<u64> {
+        self.throttled.map(|h| h.until)
+    }
+
+    /// The ring is no longer held back (at `now`): count the time it was.
+    fn release_throttle(&mut self, now: u64) {
+        if let Some(h) = self.throttled.take() {
+            let ns = now.saturating_sub(h.since);
+            self.metrics.throttled(ns);
+            if let Some(t) = &self.throttle {
+                t.add_throttled(ns);
+            }
+        }
+    }
+
+    /// Stop counting throttled time (the worker is stopping): a later
+    /// [`process_available`](Self::process_available) asks the throttle afresh.
+    pub fn end_throttle(&mut self) {
+        if self.throttled.is_some() {
+            self.release_throttle(now_ns());
+        }
+    }
+
+    /// May the next chain be popped? With limits only. Reads the clock once per batch
+    /// (`stamped`: already read, in `self.clock`), and only when the ring has a chain.
+    fn admit(&mut self, stamped: &mut bool) -> Result<bool, QueueError> {
+        if !self.queue.has_available()? {
+            // Nothing is held back (a held ring can only be emptied by a driver reset).
+            if self.throttled.is_some() {
+                self.release_throttle(now_ns());
+            }
+            return Ok(false);
+        }
+        if !*stamped {
+            self.clock = now_ns();
+            *stamped = true;
+        }
+        let now = self.clock;
+        let Some(t) = &self.throttle else { return Ok(true) };
+        match t.admit(now) {
+            Admission::Go => {
+                self.release_throttle(now);
+                Ok(true)
+            }
+            Admission::Wait(ns) => {
+                let since = self.throttled.map_or(now, |h| h.since);
+                self.throttled = Some(Held { since, until: now.saturating_add(ns) });
+                Ok(false)
+            }
         }
     }
 
@@ -215,12 +298,26 @@ impl BlkQueue {
         self.queue.num_in_flight()
     }
 
-    /// Pop every available chain and start it. Returns how many chains were popped.
-    /// An error means the ring is broken (the queue stops; the caller reports it).
+    /// Pop every available chain and start it, until the ring is empty or the throttle
+    /// says wait ([`throttled_until`](Self::throttled_until)). Returns how many chains were
+    /// popped. An error means the ring is broken (the queue stops; the caller reports it).
     pub fn process_available(&mut self, io: &mut Engine) -> Result<usize, QueueError> {
+        // Without limits, QoS costs this one relaxed load per batch.
+        let limited = self.throttle.as_deref().is_some_and(Throttle::is_limited);
+        if !limited && self.throttled.is_some() {
+            // The limits were lifted while the ring was held.
+            self.release_throttle(now_ns());
+        }
         let mut n = 0;
         let mut stamped = false;
         let ring = loop {
+            if limited {
+                match self.admit(&mut stamped) {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
             let popped = match self.queue.pop(&mut self.spare_chain) {
                 Ok(p) => p,
                 Err(e) => break Err(e),
@@ -236,7 +333,7 @@ impl BlkQueue {
                     }
                     let head = self.spare_chain.head();
                     std::mem::swap(&mut self.spare_chain, &mut self.slots[head as usize].chain);
-                    self.start(head, io)
+                    self.start(head, io, limited)
                 }
             };
             n += 1;
@@ -277,9 +374,10 @@ impl BlkQueue {
         self.queue.break_ring(QueueError::NoStatus { head, reason: why.to_string() })
     }
 
-    /// Parse the chain in `head`'s slot and start it, or finish it at once. An error:
-    /// the chain cannot be answered and the queue is now broken.
-    fn start(&mut self, head: u16, io: &mut Engine) -> Result<(), QueueError> {
+    /// Parse the chain in `head`'s slot and start it, or finish it at once (`limited`:
+    /// charge the throttle). An error: the chain cannot be answered and the queue is now
+    /// broken.
+    fn start(&mut self, head: u16, io: &mut Engine, limited: bool) -> Result<(), QueueError> {
         let slot = &mut self.slots[head as usize];
         let (status, data_in, request) = match parse(&slot.chain, &self.params) {
             Parsed::Unanswerable(error) => {
@@ -302,6 +400,11 @@ impl BlkQueue {
                 return Ok(());
             }
         };
+        if limited {
+            if let Some(t) = &self.throttle {
+                t.charge(self.clock, request.qos_cost());
+            }
+        }
         let fua = !self.params.writeback();
         let tag = self.tag_base | head as u64;
         let op = match request {

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use vblk_backend::{Disk, DiskOptions, Engine, EngineKind};
-use vblk_blk::{BlkQueue, DeviceParams};
-use vblk_metrics::{ErrorStatus, Op};
+use vblk_blk::{BlkQueue, DeviceParams, Limits, Throttle};
+use vblk_metrics::{now_ns, ErrorStatus, Op};
 use vblk_queue::{
     AddrSpace, Buffer, DriverRing, PackedDescriptor, PackedQueue, Ring, RingAddrs, RingFeatures, RingKind, SplitQueue,
 };
@@ -574,5 +574,65 @@ fn metrics_count_each_request_once_by_operation_status_and_bytes() {
         assert_eq!((s.requests_total(), s.started, s.in_flight()), (10, 10, 0));
         assert_eq!(s.latency_count(), s.requests_total(), "one latency sample per request");
         assert_eq!((s.refused, s.merged, s.throttled_ns), (1, 0, 0));
+    });
+}
+
+/// QoS: with a limit, the queue pops only what its throttle admits and leaves the rest in
+/// the ring, saying until when; contiguous writes admitted together still merge into one
+/// backend I/O; asking early changes nothing; lifting the limit lets the rest through at
+/// once, and the time the ring was held back is counted (queue metrics and throttle).
+#[test]
+fn a_throttled_queue_pops_only_what_is_admitted_and_still_merges() {
+    on_both_rings(|| {
+        let mut r = rig_with(Disk::null(DISK), None, false, EngineKind::Auto);
+        // 40 KiB/s with a 1 s burst: 4 KiB writes cost 100 ms each; admitted while the
+        // debt is at most 1 s: eleven (debt 0, 0.1 s, ..., 1 s), then a wait of 0.1 s.
+        let t = Arc::new(Throttle::new(Limits { iops: None, bps: Some(40960), burst_ms: 1000 }));
+        r.dev.set_throttle(Arc::clone(&t));
+        let n = 20u64;
+        for i in 0..n {
+            let bufs = [
+                r.header(i, req_type::OUT, i * 8),
+                Buffer { addr: DATA + i * 4096, len: 4096, write: false },
+                r.status(i),
+            ];
+            r.drv.add(&bufs).unwrap();
+        }
+        r.drv.publish();
+        let before = now_ns();
+        assert_eq!(r.dev.process_available(&mut r.io).unwrap(), 11);
+        let until = r.dev.throttled_until().expect("the rest is held back");
+        assert!(until >= before + 100_000_000 && until <= now_ns() + 102_000_000, "{until} vs {before}");
+        assert_eq!(r.dev.metrics().snapshot().merged, 10, "the eleven admitted writes are one I/O");
+        assert_eq!(r.dev.process_available(&mut r.io).unwrap(), 0, "asked again early: still held");
+        let mut done = Vec::new();
+        while r.io.in_flight() > 0 {
+            r.io.wait(&mut done).unwrap();
+            done.drain(..).for_each(|c| r.dev.complete(c));
+        }
+        r.dev.publish();
+        let mut count = 0;
+        while r.drv.pop_used().unwrap().is_some() {
+            count += 1;
+        }
+        assert_eq!(count, 11);
+
+        t.set_limits(Limits::UNLIMITED);
+        assert_eq!(r.dev.process_available(&mut r.io).unwrap(), 9);
+        assert_eq!(r.dev.throttled_until(), None);
+        while r.io.in_flight() > 0 {
+            r.io.wait(&mut done).unwrap();
+            done.drain(..).for_each(|c| r.dev.complete(c));
+        }
+        r.dev.publish();
+        while r.drv.pop_used().unwrap().is_some() {
+            count += 1;
+        }
+        assert_eq!(count, n);
+        (0..n).for_each(|i| assert_eq!(r.status_byte(i), OK));
+        let s = r.dev.metrics().snapshot();
+        assert_eq!(s.merged, 18);
+        assert!(s.throttled_ns > 0);
+        assert_eq!(s.throttled_ns, t.throttled_ns());
     });
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vblk_backend::{Disk, EngineKind};
-use vblk_blk::DeviceParams;
+use vblk_blk::{DeviceParams, Throttle};
 use vblk_vhost_user::{serve_stream, DataPlaneOptions, VblkDevice};
 
 use crate::{Device, DriverError, Options};
@@ -39,6 +39,8 @@ pub struct LoopbackConfig {
     pub engine: EngineKind,
     /// Adaptive polling budget of the device's workers, in µs.
     pub poll_us: u32,
+    /// The export's QoS limits (none by default); keep a clone to change them online.
+    pub throttle: Arc<Throttle>,
 }
 
 impl Default for LoopbackConfig {
@@ -51,6 +53,7 @@ impl Default for LoopbackConfig {
             threads: 1,
             engine: EngineKind::Auto,
             poll_us: 0,
+            throttle: Arc::default(),
         }
     }
 }
@@ -69,7 +72,12 @@ pub fn loopback(disk: Disk, cfg: &LoopbackConfig, opts: &Options) -> Result<(Dev
     let dev = VblkDevice::new(
         params,
         disk,
-        DataPlaneOptions { threads: cfg.threads, engine: cfg.engine, poll_us: cfg.poll_us },
+        DataPlaneOptions {
+            threads: cfg.threads,
+            engine: cfg.engine,
+            poll_us: cfg.poll_us,
+            throttle: Arc::clone(&cfg.throttle),
+        },
     )
     .map_err(|e| DriverError::Loopback(e.to_string()))?;
     let dev = Arc::new(Mutex::new(dev));

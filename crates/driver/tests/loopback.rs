@@ -1,8 +1,10 @@
 //! The driver against vblk's device engine in the same process (loopback).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vblk_backend::{Disk, DiskOptions};
+use vblk_blk::{Limits, Throttle};
 use vblk_driver::{
     loopback, Completion, DriverError, LoopbackConfig, Op, Options, QueueHandle, RequestFailure, RingChoice, RingKind,
 };
@@ -351,4 +353,42 @@ fn a_packed_ring_runs_past_65536_requests_in_poll_and_eventfd_mode() {
     for h in handles {
         assert!(h.join().unwrap() >= 70_000);
     }
+}
+
+/// QoS, online: with 1 IOPS and no burst, requests complete one per second; a request the
+/// throttle holds back completes as soon as another thread lifts the limit, not when its
+/// time would have come: the worker sleeping on the limit is woken. (Adaptive polling on.)
+#[test]
+fn lifting_a_limit_wakes_a_worker_waiting_on_it() {
+    let throttle = Arc::new(Throttle::new(Limits { iops: Some(1), bps: None, burst_ms: 0 }));
+    let cfg = LoopbackConfig { poll_us: 50, throttle: Arc::clone(&throttle), ..Default::default() };
+    let (mut dev, _server) = loopback(Disk::null(1 << 20), &cfg, &Options::default()).unwrap();
+    let mut q = dev.take_queues().remove(0);
+    let t0 = Instant::now();
+    for i in 0..3 {
+        q.submit(Op::Read { offset: i * 4096 }, Some(q.alloc(4096).unwrap()), i).unwrap();
+    }
+    q.kick().unwrap();
+    let mut done = Vec::new();
+    let mut wait_for = |n: usize, done: &mut Vec<Completion>| {
+        let mut out = Vec::new();
+        while done.len() < n {
+            q.wait(&mut out, 1).unwrap();
+            done.append(&mut out);
+        }
+    };
+    wait_for(1, &mut done);
+    assert!(t0.elapsed() < Duration::from_millis(500), "the first goes at once: {:?}", t0.elapsed());
+    wait_for(2, &mut done);
+    let second = t0.elapsed();
+    assert!(second >= Duration::from_millis(950), "the second waits a second: {second:?}");
+    // The third is due a second after the second; lift the limit now.
+    let t1 = Instant::now();
+    throttle.set_limits(Limits::UNLIMITED);
+    wait_for(3, &mut done);
+    let lifted = t1.elapsed();
+    eprintln!("second after {second:?}; third {lifted:?} after the limit was lifted");
+    assert!(lifted < Duration::from_millis(400), "the held request waited {lifted:?} after the limit was lifted");
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    assert!(throttle.throttled_ns() >= 900_000_000, "held back {} ns", throttle.throttled_ns());
 }

@@ -158,7 +158,7 @@ fn a_raw_frontend_negotiates_and_sets_up_a_packed_ring() {
     let (disk, path) = temp_disk(1 << 20);
     let disk = Arc::new(disk);
     let params = Arc::new(DeviceParams::new(disk.size(), false, 512, SERIAL, 1, 256));
-    let opts = DataPlaneOptions { threads: 1, engine: EngineKind::Auto, poll_us: 0 };
+    let opts = DataPlaneOptions { threads: 1, engine: EngineKind::Auto, poll_us: 0, throttle: Arc::default() };
     let device = Arc::new(Mutex::new(VblkDevice::new(params, disk, opts).unwrap()));
     let (ours, theirs) = UnixStream::pair().unwrap();
     let (stop_rx, stop) = UnixStream::pair().unwrap();

@@ -14,7 +14,7 @@
 //! | `vblk_request_latency_seconds` | histogram: from pop to status written | `export`, `queue` |
 //! | `vblk_merged_requests_total` | counter: requests that rode in another's backend I/O | `export`, `queue` |
 //! | `vblk_refused_chains_total` | counter: chains refused before becoming requests | `export`, `queue` |
-//! | `vblk_throttled_seconds_total` | counter: time requests waited for a QoS limit (no QoS yet: 0) | `export`, `queue` |
+//! | `vblk_throttled_seconds_total` | counter: time the queue was held back by its export's QoS limit (requests left waiting in its ring) | `export`, `queue` |
 //! | `vblk_worker_poll_seconds_total` | counter: time busy-polling (adaptive polling, work included) | `export`, `worker` |
 //! | `vblk_worker_sleep_seconds_total` | counter: time asleep in `poll(2)` | `export`, `worker` |
 //! | `vblk_queue_info` | gauge, always 1: which worker serves a queue | `export`, `queue`, `worker` |
@@ -179,7 +179,7 @@ impl Collector for Exposition {
         counter(
             &mut enc,
             "vblk_throttled_seconds",
-            "Time requests waited for a QoS limit.",
+            "Time the queue was held back by its export's QoS limit (requests left waiting in its ring).",
             per_queue(|s| s.throttled_ns).into_iter().map(|(l, v)| (l, secs(v))),
         )?;
         let workers = |f: fn(&crate::WorkerSnapshot) -> u64| {

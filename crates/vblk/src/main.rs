@@ -13,6 +13,7 @@ mod rng;
 mod serve;
 mod size;
 mod target;
+mod top;
 mod verify;
 
 use std::io::IsTerminal;
@@ -33,6 +34,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Manage a running `vblk serve --control PATH`: list, add, remove, resize, stats, qos.
     Ctl(ctl::CtlArgs),
+    /// A live view of a running `vblk serve --control PATH`: IOPS, bandwidth, latency per export and queue.
+    Top(top::TopArgs),
     /// Show what a vhost-user-blk backend offers: capacity, features, limits.
     Info(info::InfoArgs),
     /// Measure IOPS, bandwidth, latency and CPU cost per I/O.
@@ -65,13 +68,14 @@ fn main() {
             let add = matches.subcommand_matches("ctl").and_then(|m| m.subcommand_matches("add"));
             ctl::run(args, add)
         }
+        Command::Top(args) => top::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Io(cmd) => io::run(cmd),
     };
     if let Err(e) = result {
-        eprintln!("vblk: error: {e:#}");
+        eprintln!("vblk: error: {}", daemon::error_text(&e));
         std::process::exit(1);
     }
 }

@@ -15,7 +15,7 @@ use vblk_metrics::{MetricsServer, Registry};
 
 use crate::daemon::config::Config;
 use crate::daemon::control::ControlServer;
-use crate::daemon::options::ExportArgs;
+use crate::daemon::options::{BackendKind, ExportArgs};
 use crate::daemon::Daemon;
 
 #[derive(Args, Debug)]
@@ -51,12 +51,30 @@ fn qemu_command(socket: &Path, num_queues: u16) -> String {
     )
 }
 
+/// systemd's readiness protocol (sd_notify(3)): one datagram to `$NOTIFY_SOCKET` (a path,
+/// or `@name` in the abstract namespace), when the unit is `Type=notify`. Best effort.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = UnixDatagram::unbound().and_then(|sock| match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => sock.send_to_addr(state.as_bytes(), &SocketAddr::from_abstract_name(name)?),
+        None => sock.send_to(state.as_bytes(), &path),
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = ?path, "cannot notify systemd");
+    }
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = args.config.as_deref().map(Config::load).transpose()?.unwrap_or_default();
     let control = args.control.clone().or(config.control.clone());
     let metrics_addr = args.metrics.clone().or(config.metrics.clone());
     // The disk on the command line: given, or the default image when nothing else is.
-    let cli_export = args.export.image.is_some() || (args.config.is_none() && control.is_none());
+    let cli_export = args.export.image.is_some()
+        || args.export.backend == BackendKind::Null
+        || (args.config.is_none() && control.is_none());
 
     // Signals first: a SIGTERM while exports are opening still stops cleanly.
     let (mut shutdown_rx, shutdown_tx) = UnixStream::pair().context("socketpair")?;
@@ -80,7 +98,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             // Stop what started, then report what did not.
             daemon.remove_all();
             match &args.config {
-                Some(c) if !options.is_empty() => bail!("config {}: {}", c.display(), e.message),
+                Some(c) if !options.is_empty() => {
+                    let name = export_args.export_name().unwrap_or_default();
+                    bail!("config {}: export '{name}': {}", c.display(), e.message)
+                }
                 _ => bail!("{}", e.message),
             }
         }
@@ -95,6 +116,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         eprintln!("vblk: attach it with:\n{}", qemu_command(only.socket(), only.num_queues()));
     }
 
+    notify_systemd("READY=1");
     // Serve until a signal arrives (the exports' threads and the control socket run meanwhile).
     let mut byte = [0u8; 1];
     while let Err(e) = shutdown_rx.read_exact(&mut byte) {
@@ -103,6 +125,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     }
     tracing::info!("shutting down: draining and flushing every export");
+    notify_systemd("STOPPING=1");
     drop(control_server);
     let failed = daemon.remove_all();
     drop(metrics);

@@ -28,6 +28,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &TempDir, args: &[&str]) -> Daemon {
+        Self::start_with_env(dir, args, &[])
+    }
+
+    fn start_with_env(dir: &TempDir, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
         let control = dir.join("ctl.sock");
         let log = dir.join("serve.log");
         let child = vblk()
@@ -35,6 +39,7 @@ impl Daemon {
             .arg("--control")
             .arg(&control)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -264,7 +269,7 @@ fn a_config_file_starts_its_exports_and_a_bad_one_is_refused_with_its_place() {
     std::fs::write(
         &config,
         format!(
-            "[[export]]\nname = \"one\"\nimage = \"{}\"\nsocket = \"{}\"\nsize = \"8M\"\nnum_queues = 1\n\n\
+            "metrics = \"127.0.0.1:0\"\n[[export]]\nname = \"one\"\nimage = \"{}\"\nsocket = \"{}\"\nsize = \"8M\"\nnum_queues = 1\n\n\
              [[export]]\nimage = \"{}\"\nsocket = \"{}\"\nbackend = \"null\"\nreadonly = true\n",
             s(&dir.join("one.img")),
             s(&dir.join("one.sock")),
@@ -273,7 +278,13 @@ fn a_config_file_starts_its_exports_and_a_bad_one_is_refused_with_its_place() {
         ),
     )
     .unwrap();
-    let d = Daemon::start(&dir, &["--config", s(&config)]);
+    // As systemd runs it (Type=notify): READY=1 once the exports listen.
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.join("notify.sock")).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let d = Daemon::start_with_env(&dir, &["--config", s(&config)], &[("NOTIFY_SOCKET", &dir.join("notify.sock"))]);
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("READY=1 from vblk serve");
+    assert_eq!(&buf[..n], b"READY=1");
     let list = d.list();
     assert_eq!(list.len(), 2, "{list:?}");
     assert_eq!((list[0]["name"].as_str(), list[0]["size"].as_u64()), (Some("one"), Some(8 << 20)));
@@ -282,11 +293,41 @@ fn a_config_file_starts_its_exports_and_a_bad_one_is_refused_with_its_place() {
         let out = vblk().args(["info", "--socket", s(&dir.join(sock))]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
+    // One metrics endpoint for the daemon, each export labelled; a removed export leaves it.
+    let log = d.log_text();
+    let addr = log
+        .lines()
+        .find_map(|l| l.strip_prefix("vblk: metrics on http://")?.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in:\n{log}"))
+        .to_string();
+    let scrape = || {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut c, &mut body).unwrap();
+        body
+    };
+    let m = scrape();
+    assert!(m.contains(r#"vblk_requests_total{export="one",queue="0",op="get-id"} 1"#), "{m}");
+    assert!(m.contains(r#"export="two""#), "{m}");
+    d.ctl_ok(&["remove", "one"]);
+    let m = scrape();
+    assert!(!m.contains(r#"export="one""#) && m.contains(r#"export="two""#), "{m}");
     d.stop();
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from vblk serve");
+    assert_eq!(&buf[..n], b"STOPPING=1");
 
     std::fs::write(&config, "[[export]]\nname = \"x\"\nimage = \"/nonexistent/dir/x.img\"\nsocket = \"/tmp/x.sock\"\nsize = \"1M\"\nbogus = 1\n").unwrap();
     let out = vblk().args(["serve", "--config", s(&config)]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(err.trim(), format!("vblk: error: config {}: export 'x': unknown option 'bogus'", s(&config)));
+}
+
+#[test]
+fn a_missing_image_is_one_line_that_says_it_once() {
+    let out = vblk().args(["serve", "/nonexistent-dir/x.img", "--socket", "/tmp/vblk-never.sock"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(err.trim(), "vblk: error: cannot open /nonexistent-dir/x.img: No such file or directory (os error 2)");
 }

@@ -187,8 +187,8 @@ fn export_resize_answers_bad_calls_with_clear_errors_and_changes_nothing() {
     let cases: [(serde_json::Value, i64, &str); 10] = [
         (serde_json::json!({"name": "disk"}), -32602, "missing 'size'"),
         (serde_json::json!({"size": 1 << 30}), -32602, "missing 'name'"),
-        (serde_json::json!({"name": "disk", "size": "1G"}), -32602, "'size' must be a number"),
-        (serde_json::json!({"name": "disk", "size": -512}), -32602, "'size' must be a number"),
+        (serde_json::json!({"name": "disk", "size": "lots"}), -32602, "'size'"),
+        (serde_json::json!({"name": "disk", "size": -512}), -32602, "'size' must be a non-negative integer"),
         (serde_json::json!({"name": "disk", "size": 1 << 30, "allow_shrink": "yes"}), -32602, "'allow_shrink'"),
         (serde_json::json!({"name": "disk", "size": 1 << 30, "shrink": true}), -32602, "unknown param 'shrink'"),
         (serde_json::json!({"name": "nope", "size": 1 << 30}), -32001, "no export named 'nope'"),
@@ -209,6 +209,8 @@ fn export_resize_answers_bad_calls_with_clear_errors_and_changes_nothing() {
 
     let r = rpc(&dir, serde_json::json!({"name": "disk", "size": 32 * MIB}));
     assert_eq!(r["result"], serde_json::json!({"name": "disk", "size": 32 * MIB}), "{r}");
+    let r = rpc(&dir, serde_json::json!({"name": "disk", "size": "48M"}));
+    assert_eq!(r["result"]["size"], 48 * MIB, "a size with a suffix: {r}");
     let r = rpc(&dir, serde_json::json!({"name": "disk", "size": 4 * MIB, "allow_shrink": true}));
     assert_eq!(r["result"]["size"], 4 * MIB, "{r}");
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 4 * MIB);

@@ -57,7 +57,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use vblk_backend::{Disk, Engine, EngineKind};
-use vblk_blk::DeviceParams;
+use vblk_blk::{DeviceParams, Throttle};
 use vblk_metrics::ExportMetrics;
 use vblk_queue::inflight::{split_region_size, InflightSplit};
 use vblk_queue::inflight_packed::{packed_region_size, InflightPacked};
@@ -74,7 +74,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
-use crate::worker::{RingSetup, RingStop, Worker};
+use crate::worker::{RingSetup, RingStop, Worker, WorkerOptions};
 
 /// Memory slots offered with `CONFIGURE_MEM_SLOTS`.
 pub const MAX_MEM_SLOTS: u64 = 32;
@@ -144,6 +144,9 @@ pub struct DataPlaneOptions {
     pub engine: EngineKind,
     /// Adaptive polling budget in µs after the last work (0: always sleep on eventfds).
     pub poll_us: u32,
+    /// The export's QoS limits, shared by all its workers (`Arc::default()`: none). Keep a
+    /// clone to change them while the export runs ([`Throttle::set_limits`]).
+    pub throttle: Arc<Throttle>,
 }
 
 /// The inflight area of this connection (`GET_INFLIGHT_FD` / `SET_INFLIGHT_FD`): one
@@ -427,6 +430,12 @@ impl VblkDevice {
         &self.params
     }
 
+    /// The export's QoS limits (the one its workers ask): [`Throttle::set_limits`] applies
+    /// at once, also to running workers.
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.opts.throttle
+    }
+
     /// Did a request that needed a reply fail? (Clears the flag.)
     pub fn take_fatal(&mut self) -> bool {
         std::mem::take(&mut self.fatal)
@@ -583,8 +592,8 @@ impl VblkDevice {
         let budget = std::time::Duration::from_micros(self.opts.poll_us as u64);
         let wm = self.metrics.worker(t).cloned().unwrap_or_default();
         let timing = self.metrics.timing();
-        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params), budget, wm, timing)
-            .map_err(DeviceError::Thread)?;
+        let opts = WorkerOptions { poll_budget: budget, timing, throttle: Arc::clone(&self.opts.throttle) };
+        let w = Worker::spawn(t, rings, engine, Arc::clone(&self.params), wm, opts).map_err(DeviceError::Thread)?;
         self.workers[t] = Some(w);
         first_err.map_or(Ok(()), Err)
     }

@@ -406,7 +406,7 @@ mod tests {
     fn only_a_message_still_arriving_is_timed_out() {
         let disk = Arc::new(Disk::null(1 << 20));
         let params = Arc::new(DeviceParams::new(disk.size(), false, 512, "t", 1, 64));
-        let opts = DataPlaneOptions { threads: 1, engine: EngineKind::Sync, poll_us: 0 };
+        let opts = DataPlaneOptions { threads: 1, engine: EngineKind::Sync, poll_us: 0, throttle: Arc::default() };
         let dev = Arc::new(Mutex::new(VblkDevice::new(params, disk, opts).unwrap()));
         let (mut ours, theirs) = UnixStream::pair().unwrap();
         let (stop, _keep) = UnixStream::pair().unwrap();

@@ -1,11 +1,14 @@
 //! Worker threads: the data plane.
 //!
 //! Each worker owns some queues (ring `i` goes to worker `i % threads`) and one backend
-//! [`Engine`] (one io_uring). It sleeps in `poll(2)` on:
+//! [`Engine`] (one io_uring). It sleeps in `ppoll(2)` on:
 //!
 //! - its stop eventfd (the control plane wants the rings back),
 //! - the engine's completion eventfd,
-//! - the kick eventfd of every ring it serves.
+//! - its qos eventfd (the export's limits changed),
+//! - the kick eventfd of every ring it serves,
+//!
+//! with a timeout while a submission waits to be retried or a ring is throttled.
 //!
 //! A kick runs the queue's pipeline ([`BlkQueue::process_available`]) until the ring is
 //! empty with notifications re-enabled; completions finish requests; after each round
@@ -15,6 +18,15 @@
 //! With `--poll-us N` a worker that just did work keeps spinning on its avail rings and
 //! the io_uring completion queue for up to N µs with kicks disabled (no eventfd writes by
 //! the driver, no `poll` wakeups), then re-enables kicks and sleeps: adaptive polling.
+//!
+//! QoS: every ring's pipeline asks the export's [`Throttle`] before it pops a chain. A ring
+//! the throttle holds back keeps its chains in the avail ring, its kicks off, and is not
+//! touched again until the time it was given ([`BlkQueue::throttled_until`]): the worker
+//! sleeps in `ppoll(2)` with that as its timeout (nanosecond resolution), still serving its
+//! other rings and completions meanwhile. Adaptive polling skips a held ring and stops at
+//! once when every live ring is held and no I/O is in flight: a throttled ring never keeps
+//! a worker spinning. A change of limits (`Throttle::set_limits`) signals the worker's qos
+//! eventfd, and every held ring asks again at once.
 //!
 //! Stopping drains: the worker waits for every in-flight I/O to complete and be
 //! published before it returns its rings' positions, so the control plane may then
@@ -34,12 +46,30 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vblk_backend::{Completion, Engine};
-use vblk_blk::{split_tag, BlkQueue, DeviceParams};
+use vblk_blk::qos::Subscription;
+use vblk_blk::{split_tag, BlkQueue, DeviceParams, Throttle};
 use vblk_metrics::{now_ns, QueueMetrics, WorkerMetrics};
 use vblk_queue::Ring;
 
 /// How long a worker sleeps before retrying a submission the kernel refused.
-const SUBMIT_RETRY_MS: i32 = 1;
+const SUBMIT_RETRY_NS: u64 = 1_000_000;
+
+/// The worker's `pollfd`s: the stop eventfd, the engine's completion fd, the qos eventfd,
+/// then one kick eventfd per ring.
+const STOP_FD: usize = 0;
+const COMPLETION_FD: usize = 1;
+const QOS_FD: usize = 2;
+const FIRST_KICK_FD: usize = 3;
+
+/// How a worker runs, beyond its rings and engine.
+pub(crate) struct WorkerOptions {
+    /// How long to keep polling after the last work (zero: never poll).
+    pub poll_budget: Duration,
+    /// Measure request latencies.
+    pub timing: bool,
+    /// The export's QoS limits.
+    pub throttle: Arc<Throttle>,
+}
 
 /// One ring handed to a worker, fully validated by the control plane.
 pub(crate) struct RingSetup {
@@ -99,14 +129,15 @@ impl Worker {
         rings: Vec<RingSetup>,
         engine: Engine,
         params: Arc<DeviceParams>,
-        poll_budget: Duration,
         metrics: Arc<WorkerMetrics>,
-        timing: bool,
+        opts: WorkerOptions,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(eventfd()?);
         let stop2 = Arc::clone(&stop);
         let stopping = Arc::new(AtomicBool::new(false));
         let stopping2 = Arc::clone(&stopping);
+        let qos = Arc::new(eventfd()?);
+        let WorkerOptions { poll_budget, timing, throttle } = opts;
         let handle = std::thread::Builder::new().name(format!("vblk-worker-{id}")).spawn(move || {
             let rings = rings
                 .into_iter()
@@ -116,6 +147,7 @@ impl Worker {
                     queue: {
                         let mut q = BlkQueue::with_metrics(r.queue, Arc::clone(&params), n as u16, r.metrics);
                         q.set_timing(timing);
+                        q.set_throttle(Arc::clone(&throttle));
                         q
                     },
                     kick: r.kick,
@@ -124,9 +156,13 @@ impl Worker {
                     broken: false,
                 })
                 .collect();
+            let wake = Arc::clone(&qos);
+            let subscription = throttle.subscribe(Arc::new(move || signal(&wake)));
             let mut w = WorkerLoop {
                 stop: stop2,
                 stopping: stopping2,
+                qos,
+                _subscription: subscription,
                 poll_budget,
                 engine,
                 rings,
@@ -163,13 +199,22 @@ struct RingWorker {
 }
 
 impl RingWorker {
-    /// Run the pipeline until the ring is empty and kicks are re-enabled.
+    /// Run the pipeline until the ring is empty and kicks are re-enabled, or until the
+    /// throttle holds it back (kicks then stay off: the worker comes back at the time the
+    /// throttle gave).
     fn service(&mut self, engine: &mut Engine) {
         if self.broken {
             return;
         }
         loop {
-            let more = self.queue.process_available(engine).and_then(|_| self.queue.enable_notification());
+            let more = self.queue.process_available(engine).and_then(|_| {
+                if self.held() {
+                    self.queue.queue_mut().disable_notification();
+                    Ok(false)
+                } else {
+                    self.queue.enable_notification()
+                }
+            });
             match more {
                 Ok(true) => continue,
                 Ok(false) => return,
@@ -185,9 +230,20 @@ impl RingWorker {
         }
     }
 
-    /// One non-blocking pass while polling (kicks disabled): `true` if there was work.
-    fn poll_once(&mut self, engine: &mut Engine) -> bool {
-        if self.broken {
+    /// Is the throttle holding this ring back?
+    fn held(&self) -> bool {
+        self.queue.throttled_until().is_some()
+    }
+
+    /// Held back and not due at `now` ([`now_ns`]).
+    fn held_at(&self, now: u64) -> bool {
+        self.queue.throttled_until().is_some_and(|t| t > now)
+    }
+
+    /// One non-blocking pass while polling (kicks disabled): `true` if there was work. A
+    /// ring held back until after `now` is skipped.
+    fn poll_once(&mut self, engine: &mut Engine, now: u64) -> bool {
+        if self.broken || self.held_at(now) {
             return false;
         }
         match self.queue.process_available(engine) {
@@ -217,6 +273,9 @@ struct WorkerLoop {
     stop: Arc<File>,
     /// Set before `stop` is signalled, so a busy-polling worker notices without a syscall.
     stopping: Arc<AtomicBool>,
+    /// Signalled when the export's limits change (through `_subscription`).
+    qos: Arc<File>,
+    _subscription: Subscription,
     /// How long to keep polling after the last work (zero: never poll).
     poll_budget: Duration,
     engine: Engine,
@@ -233,7 +292,7 @@ fn nanos(d: Duration) -> u64 {
 
 impl WorkerLoop {
     fn run(&mut self) -> Vec<RingStop> {
-        let mut fds: Vec<libc::pollfd> = [self.stop.as_raw_fd(), self.engine.completion_fd()]
+        let mut fds: Vec<libc::pollfd> = [self.stop.as_raw_fd(), self.engine.completion_fd(), self.qos.as_raw_fd()]
             .into_iter()
             .chain(self.rings.iter().map(|r| r.kick.as_raw_fd()))
             .map(|fd: RawFd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
@@ -253,10 +312,16 @@ impl WorkerLoop {
                     break;
                 }
             }
-            let timeout = self.retry_submit();
+            let timeout = self.sleep_timeout();
+            let ts = timeout.map(|ns| libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+            });
+            let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
             let t = Instant::now();
-            // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd; `ts_ptr` is null
+            // or points to `ts`, alive across the call; no signal mask is given.
+            let n = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
             self.metrics.slept(nanos(t.elapsed()));
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -266,16 +331,28 @@ impl WorkerLoop {
                 tracing::error!(error = %e, "poll failed; worker stopping");
                 break;
             }
-            if fds[0].revents != 0 {
+            if fds[STOP_FD].revents != 0 {
                 break;
             }
+            // New limits: every held ring asks again now.
+            let requalify = fds[QOS_FD].revents != 0;
+            if requalify {
+                drain(&self.qos);
+            }
+            let now = if self.any_held() { now_ns() } else { 0 };
             let mut serviced = false;
             for (i, r) in self.rings.iter_mut().enumerate() {
-                let pfd = &mut fds[2 + i];
-                if pfd.revents == 0 {
+                let pfd = &mut fds[FIRST_KICK_FD + i];
+                let kicked = pfd.revents != 0;
+                if kicked {
+                    drain(&r.kick);
+                }
+                // A held ring is serviced when its time comes (or the limits change), not
+                // on kicks (a stray one: its kicks are off).
+                let run = if r.held() { requalify || !r.held_at(now) } else { kicked };
+                if !run {
                     continue;
                 }
-                drain(&r.kick);
                 r.service(&mut self.engine);
                 serviced = true;
                 if r.broken {
@@ -286,7 +363,7 @@ impl WorkerLoop {
             // Completions: those the kernel signalled (clearing its eventfd), and those
             // that finished during submission (null disk, sync engine, errors, page-cache
             // hits), which are not signalled at all.
-            if fds[1].revents != 0 {
+            if fds[COMPLETION_FD].revents != 0 {
                 self.reap();
             } else if serviced {
                 self.poll_completions();
@@ -308,22 +385,27 @@ impl WorkerLoop {
             r.queue.queue_mut().disable_notification();
         }
         // The clock is read once when an idle stretch starts and then every 32 idle passes:
-        // not at all while work keeps coming (a clock read costs as much as a pass).
+        // not at all while work keeps coming (a clock read costs as much as a pass), unless
+        // a ring is held back by its throttle (then once a pass, to see when it is due).
         let mut idle_since: Option<Instant> = None;
         let mut idle_passes = 0u32;
         loop {
             if self.stopping.load(Ordering::Acquire) {
                 return true;
             }
+            let now = if self.any_held() { now_ns() } else { 0 };
             let mut work = false;
             for r in &mut self.rings {
-                work |= r.poll_once(&mut self.engine);
+                work |= r.poll_once(&mut self.engine, now);
             }
             self.retry_submit();
             work |= self.poll_completions();
             self.publish_all();
             if work {
                 idle_since = None;
+            } else if self.all_held() {
+                // Nothing can come but the throttle's time, which the worker sleeps until.
+                break;
             } else {
                 idle_passes = idle_passes.wrapping_add(1);
                 match idle_since {
@@ -343,24 +425,47 @@ impl WorkerLoop {
         false
     }
 
+    /// Is any ring held back by the throttle?
+    fn any_held(&self) -> bool {
+        self.rings.iter().any(RingWorker::held)
+    }
+
+    /// Is every live ring held back by the throttle (at least one), with no I/O in flight
+    /// (pushed ops, submitted or not)? Then polling is pointless.
+    fn all_held(&self) -> bool {
+        self.engine.in_flight() == 0 && self.any_held() && self.rings.iter().all(|r| r.broken || r.held())
+    }
+
+    /// How long to sleep (ns; `None`: until an fd wakes the worker): until a submission
+    /// retry is due, or until the first held ring may ask the throttle again.
+    fn sleep_timeout(&mut self) -> Option<u64> {
+        let retry = self.retry_submit();
+        let due = self.rings.iter().filter(|r| !r.broken).filter_map(|r| r.queue.throttled_until()).min();
+        let held = due.map(|t| t.saturating_sub(now_ns()));
+        match (retry, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Submit what a failed or partial submission left queued (the kernel refused it for
     /// now: EAGAIN, EBUSY, ENOMEM). Nothing else would: no kick or completion is coming for
-    /// those ops. Returns the `poll` timeout to sleep with: forever when nothing is left,
-    /// a short retry delay otherwise.
-    fn retry_submit(&mut self) -> i32 {
+    /// those ops. Returns how long to sleep before retrying (ns): `None` when nothing is
+    /// left.
+    fn retry_submit(&mut self) -> Option<u64> {
         if self.engine.unsubmitted() == 0 {
-            return -1;
+            return None;
         }
         match self.engine.submit() {
             Ok(()) => {
                 // The sync engine completes during submit, without signalling.
                 self.poll_completions();
                 self.publish_all();
-                -1
+                None
             }
             Err(e) => {
                 tracing::warn!(error = %e, left = self.engine.unsubmitted(), "I/O submission failed; retrying");
-                SUBMIT_RETRY_MS
+                Some(SUBMIT_RETRY_NS)
             }
         }
     }
@@ -412,5 +517,8 @@ impl WorkerLoop {
             self.dispatch();
         }
         self.publish_all();
+        for r in &mut self.rings {
+            r.queue.end_throttle();
+        }
     }
 }

@@ -52,7 +52,12 @@ impl Daemon {
         let dev = VblkDevice::new(
             params,
             disk,
-            DataPlaneOptions { threads: num_queues as usize, engine: EngineKind::Auto, poll_us },
+            DataPlaneOptions {
+                threads: num_queues as usize,
+                engine: EngineKind::Auto,
+                poll_us,
+                throttle: Default::default(),
+            },
         )
         .unwrap();
         let server = Server::bind(&path, 0o600, dev).unwrap();

@@ -16,9 +16,11 @@ use serde_json::{json, Map, Value};
 
 use vblk_vhost_user::DeviceError;
 
+use super::export::qos_json;
 use super::options::{resolve_paths, ExportArgs};
 use super::rpc::{self, Request, Response, RpcError};
 use super::Daemon;
+use crate::size::parse_size;
 
 /// The listening control socket; dropping it stops accepting and removes the file.
 pub struct ControlServer {
@@ -156,6 +158,21 @@ fn name_param(p: &Map<String, Value>) -> Result<String, RpcError> {
     }
 }
 
+/// An optional non-negative integer param (a size string such as "100M" is accepted too).
+fn number_param(p: &Map<String, Value>, key: &str) -> Result<Option<u64>, RpcError> {
+    match p.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| RpcError::new(rpc::INVALID_PARAMS, format!("'{key}' must be a non-negative integer"))),
+        Some(Value::String(s)) => {
+            parse_size(s).map(Some).map_err(|e| RpcError::new(rpc::INVALID_PARAMS, format!("'{key}': {e}")))
+        }
+        Some(_) => Err(RpcError::new(rpc::INVALID_PARAMS, format!("'{key}' must be a number"))),
+    }
+}
+
 /// Refuse params this method does not know (a typo must not pass silently).
 fn only(p: &Map<String, Value>, known: &[&str]) -> Result<(), RpcError> {
     match p.keys().find(|k| !known.contains(&k.as_str())) {
@@ -195,12 +212,8 @@ pub fn call(daemon: &Daemon, method: &str, p: Value) -> Result<Value, RpcError> 
         "export_resize" => {
             only(&p, &["name", "size", "allow_shrink"])?;
             let name = name_param(&p)?;
-            let size = match p.get("size") {
-                Some(v) => v.as_u64().ok_or_else(|| {
-                    RpcError::new(rpc::INVALID_PARAMS, "'size' must be a number of bytes (a non-negative integer)")
-                })?,
-                None => return Err(RpcError::new(rpc::INVALID_PARAMS, "missing 'size'")),
-            };
+            // Bytes, or a size with a suffix ("40G").
+            let size = number_param(&p, "size")?.ok_or_else(|| RpcError::new(rpc::INVALID_PARAMS, "missing 'size'"))?;
             let allow_shrink = match p.get("allow_shrink") {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
@@ -208,6 +221,27 @@ pub fn call(daemon: &Daemon, method: &str, p: Value) -> Result<Value, RpcError> 
             };
             let size = daemon.get(&name)?.resize(size, allow_shrink).map_err(|e| resize_error(&name, e))?;
             Ok(json!({"name": name, "size": size}))
+        }
+        "export_set_qos" => {
+            only(&p, &["name", "iops", "bps", "burst_ms"])?;
+            let export = daemon.get(&name_param(&p)?)?;
+            let mut limits = export.throttle().limits();
+            // An absent key keeps its limit; 0 lifts it.
+            if let Some(v) = number_param(&p, "iops")? {
+                limits.iops = Some(v).filter(|&v| v > 0);
+            }
+            if let Some(v) = number_param(&p, "bps")? {
+                limits.bps = Some(v).filter(|&v| v > 0);
+            }
+            if let Some(v) = number_param(&p, "burst_ms")? {
+                limits.burst_ms = u32::try_from(v)
+                    .ok()
+                    .filter(|&ms| ms <= 60_000)
+                    .ok_or_else(|| RpcError::new(rpc::INVALID_PARAMS, "'burst_ms' must be at most 60000"))?;
+            }
+            export.throttle().set_limits(limits);
+            tracing::info!(export = %export.name(), limits = %export.throttle().limits(), "QoS limits set");
+            Ok(qos_json(&export.throttle().limits()))
         }
         _ => Err(RpcError::new(rpc::METHOD_NOT_FOUND, format!("no method '{method}'"))),
     }

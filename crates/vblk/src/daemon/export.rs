@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
 use vblk_backend::{Disk, EngineKind};
+use vblk_blk::qos::Throttle;
 use vblk_blk::DeviceParams;
 use vblk_metrics::ExportMetrics;
 use vblk_vhost_user::{DataPlaneOptions, DeviceError, Server, VblkDevice};
@@ -40,6 +41,7 @@ pub struct Export {
     device: Arc<Mutex<VblkDevice>>,
     metrics: Arc<ExportMetrics>,
     connected: Arc<AtomicBool>,
+    throttle: Arc<Throttle>,
     /// Written once to stop the serving thread.
     stop: UnixStream,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
@@ -78,8 +80,9 @@ impl Export {
         // Fail early if the chosen engine cannot run here.
         vblk_backend::Engine::new(Arc::clone(&disk), engine, 1).context("cannot start the I/O engine")?;
         let poll_us = args.poll_us.unwrap_or(if disk.is_rbd() { 0 } else { 50 });
-        let device =
-            VblkDevice::new(Arc::new(params), Arc::clone(&disk), DataPlaneOptions { threads, engine, poll_us })?;
+        let throttle = Arc::new(Throttle::new(args.limits()));
+        let data_plane = DataPlaneOptions { threads, engine, poll_us, throttle: Arc::clone(&throttle) };
+        let device = VblkDevice::new(Arc::new(params), Arc::clone(&disk), data_plane)?;
         let metrics = Arc::clone(device.metrics());
         metrics.set_timing(timing);
         let mut server = Server::bind(&args.socket, args.socket_mode, device)?;
@@ -112,6 +115,7 @@ impl Export {
             device,
             metrics,
             connected,
+            throttle,
             stop,
             thread: Mutex::new(Some(thread)),
         })
@@ -139,6 +143,11 @@ impl Export {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Its QoS limits (changed online with `set_limits`).
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     pub fn metrics(&self) -> &Arc<ExportMetrics> {
@@ -173,6 +182,7 @@ impl Export {
             "num_queues": self.num_queues,
             "threads": self.threads,
             "connected": self.connected.load(Ordering::Relaxed),
+            "qos": qos_json(&self.throttle.limits()),
             "options": self.options,
         })
     }
@@ -197,4 +207,9 @@ impl Drop for Export {
             tracing::error!(export = %self.name, error = %format!("{e:#}"), "stopping the export failed");
         }
     }
+}
+
+/// Limits as `export_list` and `export_set_qos` show them (0: no limit).
+pub fn qos_json(l: &vblk_blk::qos::Limits) -> Value {
+    serde_json::json!({"iops": l.iops.unwrap_or(0), "bps": l.bps.unwrap_or(0), "burst_ms": l.burst_ms})
 }

@@ -29,6 +29,24 @@ use self::export::Export;
 use self::options::ExportArgs;
 use self::rpc::RpcError;
 
+/// An error and its causes on one line, each thing said once: a cause whose text its
+/// context already quotes (`cannot open X: No such file...` over `No such file...`) is
+/// left out.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// Every export of the process, by name.
 pub struct Daemon {
     exports: Mutex<Exports>,
@@ -67,7 +85,7 @@ impl Daemon {
         let started = Export::start(name.clone(), args, options, self.timing);
         let mut ex = self.lock();
         ex.starting.remove(&name);
-        let export = Arc::new(started.map_err(|e| RpcError::failed(format!("export {name}: {e:#}")))?);
+        let export = Arc::new(started.map_err(|e| RpcError::failed(error_text(&e)))?);
         if let Err(e) = self.registry.register(&name, Arc::clone(export.metrics())) {
             // Not reachable while names are unique here; stop it rather than serve it unseen.
             drop(ex);
@@ -84,6 +102,9 @@ impl Daemon {
             if t == 1 { "" } else { "s" },
             if export.readonly() { ", read-only" } else { "" },
         );
+        if export.throttle().is_limited() {
+            eprintln!("vblk: '{name}': QoS limits: {}", export.throttle().limits());
+        }
         Ok(export)
     }
 
@@ -91,7 +112,7 @@ impl Daemon {
     pub fn remove(&self, name: &str) -> Result<(), RpcError> {
         let export = self.lock().running.remove(name).ok_or_else(|| RpcError::no_export(name))?;
         self.registry.unregister(name);
-        export.stop().map_err(|e| RpcError::failed(format!("export {name}: {e:#}")))?;
+        export.stop().map_err(|e| RpcError::failed(error_text(&e)))?;
         eprintln!("vblk: export '{name}' removed");
         Ok(())
     }

@@ -64,7 +64,7 @@ fn open_backend(args: &ExportArgs) -> Result<Disk> {
         direct: !args.no_direct,
         create_size: if exists { None } else { Some(args.size.unwrap_or(DEFAULT_SIZE)) },
     };
-    let disk = Disk::open(image, &opts).with_context(|| format!("cannot open image {}", image.display()))?;
+    let disk = Disk::open(image, &opts)?;
     if disk.size() < 512 {
         bail!("image {} is smaller than one sector", image.display());
     }

@@ -13,6 +13,7 @@ use clap::{ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, 
 use serde_json::{Map, Value};
 use vblk_backend::rbd::RbdSpec;
 use vblk_backend::FaultSpec;
+use vblk_blk::qos::{Limits, DEFAULT_BURST_MS};
 
 use crate::size::parse_size;
 
@@ -140,6 +141,19 @@ pub struct ExportArgs {
     // A testing aid: see INJECT_LONG_HELP.
     #[arg(long, value_name = "SPEC", help = INJECT_HELP, long_help = INJECT_LONG_HELP)]
     pub inject: Option<FaultSpec>,
+    /// QoS: limit the export to N requests per second (reads, writes, discards,
+    /// write-zeroes; flushes are free). 0: no limit. Token buckets, as QEMU's throttle
+    /// groups: a request beyond the limit waits in the ring, and nothing spins meanwhile.
+    /// Online: `vblk ctl qos`.
+    #[arg(long, value_name = "N", help_heading = "QoS")]
+    pub iops_limit: Option<u64>,
+    /// QoS: limit the data read and written to BYTES per second, e.g. 100M. 0: no limit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, help_heading = "QoS")]
+    pub bps_limit: Option<u64>,
+    /// QoS: how many ms of each limit may pass at once after idling (the burst allowance).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_BURST_MS, help_heading = "QoS",
+          value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    pub burst_ms: u32,
 }
 
 const INJECT_HELP: &str = "Testing aid: make chosen I/O fail, short or late, e.g. 'read:eio@offset=0-1M;flush:eio'";
@@ -167,6 +181,11 @@ pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 impl ExportArgs {
+    /// The QoS limits it starts with.
+    pub fn limits(&self) -> Limits {
+        Limits { iops: self.iops_limit, bps: self.bps_limit, burst_ms: self.burst_ms }
+    }
+
     /// The image (or RBD spec) to serve.
     pub fn image_path(&self) -> &Path {
         self.image.as_deref().unwrap_or(Path::new(DEFAULT_IMAGE))
