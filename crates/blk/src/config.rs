@@ -43,6 +43,8 @@ pub struct DeviceParams {
     wce: AtomicBool,
     /// The driver negotiated `VIRTIO_BLK_F_FLUSH` (the latest `SET_FEATURES`).
     flush: AtomicBool,
+    /// The driver negotiated `VIRTIO_BLK_F_CONFIG_WCE` (the latest `SET_FEATURES`).
+    config_wce: AtomicBool,
 }
 
 impl DeviceParams {
@@ -68,6 +70,7 @@ impl DeviceParams {
             writeback: AtomicBool::new(true),
             wce: AtomicBool::new(true),
             flush: AtomicBool::new(true),
+            config_wce: AtomicBool::new(true),
         }
     }
 
@@ -113,6 +116,7 @@ impl DeviceParams {
     /// cached write durable, so the cache must be write-through (§5.2.5.1).
     pub fn ack_features(&self, acked: u64) {
         self.flush.store(acked & blkf::FLUSH != 0, Ordering::Release);
+        self.config_wce.store(acked & blkf::CONFIG_WCE != 0, Ordering::Release);
         self.update_writeback();
     }
 
@@ -137,6 +141,23 @@ impl DeviceParams {
         self.writeback.store(on, Ordering::Release);
     }
 
+    /// The `writeback` config byte: the cache mode a driver gets, `wce`, except that a driver
+    /// that negotiated `CONFIG_WCE` without `FLUSH` reads 0 (§5.2.5.2: it is write-through).
+    ///
+    /// Not [`DeviceParams::writeback`], which is also off while the driver in charge did not
+    /// negotiate `FLUSH` at all: QEMU caches the config space (at realize, and again, whole,
+    /// on every `CONFIG_CHANGE_MSG` in recent QEMU: 10 does) and a guest's kernel probes with that
+    /// copy. Taken while the firmware's driver (SeaBIOS: no FLUSH, no CONFIG_WCE) runs the
+    /// device, a 0 would make Linux run the disk write-through and send no FLUSH while the
+    /// device, once Linux negotiated FLUSH, is write-back: writes never made durable.
+    fn config_writeback(&self) -> bool {
+        if self.config_wce.load(Ordering::Acquire) && !self.flush.load(Ordering::Acquire) {
+            false
+        } else {
+            self.wce()
+        }
+    }
+
     /// Data segments per request the driver may use (`seg_max`): the chain also needs a
     /// header and a status descriptor and may not be longer than the queue.
     pub fn seg_max(&self) -> u32 {
@@ -155,7 +176,7 @@ impl DeviceParams {
             alignment_offset: 0,
             min_io_size: 1,
             opt_io_size: 0,
-            writeback: self.writeback() as u8,
+            writeback: self.config_writeback() as u8,
             num_queues: self.num_queues,
             max_discard_sectors: if self.readonly { 0 } else { MAX_DISCARD_SECTORS },
             max_discard_seg: if self.readonly { 0 } else { MAX_DISCARD_SEG },
@@ -209,7 +230,12 @@ mod tests {
         assert!(p.writeback());
         p.ack_features(p.offered_features() & !blkf::FLUSH);
         assert!(!p.writeback());
-        assert_eq!(p.config().writeback, 0);
+        assert_eq!(p.config().writeback, 0, "CONFIG_WCE without FLUSH reads write-through");
+        // A driver that negotiated neither (firmware) does not read the byte; whoever caches
+        // the config space for the next driver must find the mode that driver gets.
+        p.ack_features(p.offered_features() & !(blkf::FLUSH | blkf::CONFIG_WCE));
+        assert!(!p.writeback());
+        assert_eq!(p.config().writeback, 1, "not the firmware's write-through");
         // A later driver that negotiates FLUSH gets the cache mode back (nobody chose
         // write-through), and one that chose write-through keeps it.
         p.ack_features(p.offered_features());

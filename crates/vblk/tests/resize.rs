@@ -7,7 +7,9 @@
 //!
 //! Raw: grow, a shrink refused without `--allow-shrink`, then a shrink. qcow2: grow, the
 //! image consistent afterwards (`qemu-img check`). A resize while the guest has no driver
-//! (QEMU ignores a notification then): the guest sees it once its device starts again.
+//! (QEMU ignores a notification then): the guest sees it once its device starts again. A
+//! resize while the firmware drives the disk: the guest's kernel starts with the new size
+//! and write-back.
 //! `VBLK_SKIP_GUEST=1` skips them. And `export_resize`'s answers to bad calls (no guest).
 
 mod common;
@@ -161,6 +163,33 @@ fn a_resize_while_the_guest_has_no_driver_reaches_it_when_the_driver_starts() {
     assert_eq!(ctl_ok(&dir, &backend, &["resize", "disk", "96M"]), "disk: 96 MiB");
     let serial = guest.serial();
     assert!(!serial.contains("REBINDING"), "the guest did not wait for the resize (host too slow?):\n{serial}");
+    expect_pass(guest, &backend);
+}
+
+#[test]
+fn a_resize_while_the_firmware_drives_the_disk_leaves_the_guest_write_back() {
+    if skip_guest("a_resize_while_the_firmware_drives_the_disk") {
+        return;
+    }
+    let _serial = serialize();
+    let dir = TempDir::new("resize-firmware");
+    let image = dir.join("disk.img");
+    let backend = serve(&dir, &image, &["--size", "64M"]);
+    // Resized right after QEMU connected: the firmware (SeaBIOS, which negotiates neither
+    // FLUSH nor CONFIG_WCE) runs the device, QEMU is told and copies the whole config space,
+    // and the guest's kernel probes with that copy: it must see the new size and the cache
+    // mode it will get (write-back), not the firmware's.
+    let sectors = 96 * SECTORS_PER_MIB;
+    let guest = spawn_guest(&dir, &backend.socket, "resize", &format!("from={sectors},to={sectors}"), 2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctl_ok(&dir, &backend, &["list", "--json"]).contains("\"connected\": true") {
+        assert!(Instant::now() < deadline, "QEMU did not connect:\n{}", backend.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ctl_ok(&dir, &backend, &["resize", "disk", "96M"]), "disk: 96 MiB");
+    let serial = guest.serial();
+    assert!(!serial.contains("vblk-init: /dev/vda"), "the guest's driver had already started:\n{serial}");
     expect_pass(guest, &backend);
 }
 

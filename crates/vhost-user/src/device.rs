@@ -32,16 +32,20 @@
 //!   request can reach the new range before it exists); shrinking stops and drains every
 //!   worker, lowers the capacity, then shrinks the disk (no write in flight past the new
 //!   end can extend a truncated file again), and restarts them.
-//! - **Only to a running device, and at every start**: QEMU reads the config space once,
-//!   when the device is realized, and again only on a notification, which it ignores while
-//!   its vhost device is not started (QEMU before 7.2 even crashed on it: `dev->vdev` is
-//!   NULL then). So a notification is sent only while a ring runs (after `SET_VRING_KICK`,
-//!   until `GET_VRING_BASE`), and one is sent each time the device starts (its first ring
-//!   kick after all were stopped), whether or not the size changed: a resize while the
-//!   guest had no driver, while QEMU was reconnecting or this daemon restarting, or one
-//!   whose notification QEMU saw only after the device stopped, reaches the guest at the
-//!   next start. QEMU compares capacities and tells the guest only of a change; it costs a
-//!   `GET_CONFIG` per start. The frontend must have negotiated `CONFIG` too.
+//! - **Until the frontend has read it, and only to a running device**: QEMU reads the
+//!   config space once, when the device is realized, and again only on a notification,
+//!   which it ignores while its vhost device is not started (QEMU before 7.2 even crashed
+//!   on it: `dev->vdev` is NULL then). So the device remembers the capacity the frontend
+//!   last read (`GET_CONFIG`; unknown in a new process) and, while they differ, tells it
+//!   whenever it can: at the resize if a ring runs (after `SET_VRING_KICK`, until
+//!   `GET_VRING_BASE`), else when the device next starts (its first ring kick after all
+//!   were stopped). A resize while the guest had no driver, while QEMU was reconnecting or
+//!   this daemon restarting, or one whose notification QEMU saw only after its device
+//!   stopped, reaches the guest at the next start; a frontend that already read the size
+//!   is not bothered. The frontend must have negotiated `CONFIG` too. Recent QEMU (10)
+//!   copies the whole config space on a notification, so every byte of it must be right
+//!   for the next driver, whichever driver runs the device now (`DeviceParams::config`'s
+//!   `writeback`).
 //! - The channel belongs to the connection: dropped at disconnect, kept across
 //!   `RESET_OWNER`/`RESET_DEVICE`.
 //!
@@ -274,6 +278,9 @@ pub struct VblkDevice {
     /// A duplicate of the socket in the `SET_BACKEND_REQ_FD` being received, from
     /// `server.rs` (see the module docs); taken by `set_backend_req_fd`.
     offered_socket: Option<OwnedFd>,
+    /// The capacity (sectors) the frontend last read (`GET_CONFIG`), kept across
+    /// reconnects (QEMU keeps its copy); `None` until one is read in this process.
+    told_capacity: Option<u64>,
 }
 
 /// The backend channel: the `vhost` crate's `Backend` (kept for the connection's life)
@@ -337,6 +344,7 @@ impl VblkDevice {
             metrics: Arc::new(ExportMetrics::new(n, threads)),
             backend_channel: None,
             offered_socket: None,
+            told_capacity: None,
         })
     }
 
@@ -395,12 +403,13 @@ impl VblkDevice {
         self.vrings.iter().any(|v| v.started)
     }
 
-    /// Tell the frontend the config space may have changed (see the module docs), if it
-    /// can be told now: a backend channel, `CONFIG` negotiated, the device running. Never
-    /// waits. True if the message went out.
+    /// Tell the frontend the config space changed (see the module docs), if it holds
+    /// another capacity and can be told now: a backend channel, `CONFIG` negotiated, the
+    /// device running. Never waits. True if the message went out.
     fn notify_config_change(&mut self) -> bool {
         let Some(channel) = &self.backend_channel else { return false };
-        if self.acked_protocol & VhostUserProtocolFeatures::CONFIG.bits() == 0 || !self.running() {
+        let stale = self.told_capacity != Some(self.params.capacity_sectors());
+        if !stale || self.acked_protocol & VhostUserProtocolFeatures::CONFIG.bits() == 0 || !self.running() {
             return false;
         }
         match channel.send_config_change() {
@@ -845,7 +854,7 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
             Ok(())
         })?;
         if !was_running {
-            // The device starts: the frontend reads the config space again (module docs).
+            // The device starts: a frontend with an old size is told now (module docs).
             self.notify_config_change();
         }
         Ok(())
@@ -905,10 +914,17 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     }
 
     fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
-        let bytes = self.params.config().to_bytes();
+        let config = self.params.config();
+        let bytes = config.to_bytes();
         let start = offset as usize;
         match start.checked_add(size as usize).filter(|&end| end <= BlkConfig::SIZE) {
-            Some(end) => Ok(bytes[start..end].to_vec()),
+            Some(end) => {
+                if start == 0 && end >= 8 {
+                    // The frontend has the capacity now (module docs, "Online resize").
+                    self.told_capacity = Some(config.capacity);
+                }
+                Ok(bytes[start..end].to_vec())
+            }
             // The vhost crate answers an error here with an empty config reply.
             None => Err(DeviceError::BadConfigAccess { offset, len: size as usize }.into()),
         }
@@ -932,8 +948,8 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     }
 
     /// The backend channel (the crate checked it is a unix stream socket). Kept until the
-    /// frontend disconnects. Set up while the device runs (not QEMU's order), it is told
-    /// at once, as at a start.
+    /// frontend disconnects. Set up while the device runs (not QEMU's order), a frontend
+    /// with an old size is told at once, as at a start.
     fn set_backend_req_fd(&mut self, backend: Backend) {
         let socket = self.offered_socket.take().map(UnixStream::from);
         if socket.is_none() {
