@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 WINDOW=5
 if [ "${1:-}" = --window ]; then WINDOW=$2; shift 2; fi
 [ "${1:-}" = -- ] && shift
-VBLK=target/release/vblk
+TARGET=${CARGO_TARGET_DIR:-target}
+VBLK=$TARGET/release/vblk
 [ -x "$VBLK" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-bash scripts/build-guest.sh >/dev/null
+bash scripts/build-guest.sh "$TARGET/guest" >/dev/null
 tmp=$(mktemp -d)
 qemu=; vblk=
 cleanup() {
@@ -27,7 +28,7 @@ for _ in $(seq 100); do [ -S "$tmp/vblk.sock" ] && break; sleep 0.1; done
 secs=$((WINDOW + 4))
 qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 512M \
   -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
-  -kernel target/guest/vmlinuz -initrd target/guest/initramfs.cpio.gz \
+  -kernel "$TARGET/guest/vmlinuz" -initrd "$TARGET/guest/initramfs.cpio.gz" \
   -append "console=ttyS0 quiet panic=-1 vblk.test=idle vblk.args=secs=$secs" \
   -nodefaults -display none -monitor none -no-reboot -serial "file:$tmp/serial.log" \
   -chardev socket,id=vb0,path="$tmp/vblk.sock" -device vhost-user-blk-pci,chardev=vb0,num-queues=2 &

@@ -60,8 +60,6 @@ struct Pending {
     /// Bytes the request moves when it succeeds: read or written, discarded or zeroed, ID
     /// bytes written (0 for a request that failed its checks).
     bytes: u64,
-    /// When it was popped ([`now_ns`]), for its latency.
-    started: u64,
     /// The next request merged into the same backend I/O.
     next: Option<u16>,
     op: Op,
@@ -138,6 +136,10 @@ pub struct BlkQueue {
     /// The clock ([`now_ns`]) as last read or given: at the first pop of a batch, at a batch
     /// of completions.
     clock: u64,
+    /// When each pending request was popped ([`now_ns`]), by head; written and read only
+    /// while timing. Not in `Pending`: a slot stays as small as it was before the metrics
+    /// (a bigger slot measurably moved the end-to-end figure, see docs/PERFORMANCE.md).
+    started: Vec<u64>,
     /// Measure latencies (read the clock); off: the histogram is left alone.
     timing: bool,
     /// The export's QoS limits, if this queue is subject to any.
@@ -203,6 +205,7 @@ impl BlkQueue {
             backend_errors: ErrorLog::default(),
             metrics,
             clock: now_ns(),
+            started: vec![0; size],
             timing: true,
             throttle: None,
             throttled: None,
@@ -391,8 +394,11 @@ impl BlkQueue {
             Ok(r) => r.metric(),
             Err(_) => (op_of_type(header_type(&slot.chain)), 0),
         };
-        slot.pending = Some(Pending { status, data_in, bytes, started: self.clock, next: None, op });
+        slot.pending = Some(Pending { status, data_in, bytes, next: None, op });
         self.metrics.started();
+        if self.timing {
+            self.started[head as usize] = self.clock;
+        }
         let request = match request {
             Ok(r) => r,
             Err(e) => {
@@ -560,7 +566,7 @@ impl BlkQueue {
             Status::IoErr => Some(ErrorStatus::IoErr),
             Status::Unsupp => Some(ErrorStatus::Unsupp),
         };
-        let latency = self.timing.then(|| self.clock.saturating_sub(p.started));
+        let latency = self.timing.then(|| self.clock.saturating_sub(self.started[head as usize]));
         self.metrics.finished(p.op, error, p.bytes, latency);
         if let Some(mem) = slot.chain.memory() {
             // The status iov was validated with this chain's memory; a failure here would
@@ -593,5 +599,16 @@ impl Drop for BlkQueue {
                 }
             }
         }
+    }
+}
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod tests {
+    /// The per-request state is as big as it was before the metrics (commit 77e88ae: a
+    /// 120-byte slot); a bigger one moved the end-to-end figure (docs/PERFORMANCE.md).
+    #[test]
+    fn a_slot_is_no_bigger_than_before_the_metrics() {
+        assert!(std::mem::size_of::<super::Pending>() <= 40, "{}", std::mem::size_of::<super::Pending>());
+        assert!(std::mem::size_of::<super::Slot>() <= 120, "{}", std::mem::size_of::<super::Slot>());
     }
 }

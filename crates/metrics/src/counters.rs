@@ -123,17 +123,26 @@ pub fn latency_bucket(ns: u64) -> usize {
 /// refused before they became requests (a bad descriptor, no status byte) are counted
 /// apart, in `refused`.
 #[derive(Debug, Default)]
-#[repr(align(128))]
+#[repr(C, align(128))]
 pub struct QueueMetrics {
-    requests: [Counter; Op::COUNT],
-    bytes: [Counter; Op::COUNT],
-    errors: [Counter; ErrorStatus::COUNT],
+    // In this order (`repr(C)`): a read or write of the common kind touches one cache line,
+    // the first (`started`, then reads, writes and flushes: requests and bytes side by side).
     started: Counter,
+    ops: [OpCounters; Op::COUNT],
+    errors: [Counter; ErrorStatus::COUNT],
     merged: Counter,
     refused: Counter,
     latency: [Counter; LATENCY_BUCKETS + 1],
     latency_sum_ns: Counter,
     throttled_ns: Counter,
+}
+
+/// The finished requests of one operation, and the bytes they moved.
+#[derive(Debug, Default)]
+#[repr(C)]
+struct OpCounters {
+    requests: Counter,
+    bytes: Counter,
 }
 
 impl QueueMetrics {
@@ -152,11 +161,12 @@ impl QueueMetrics {
             self.latency[latency_bucket(ns)].add(1);
             self.latency_sum_ns.add(ns);
         }
+        let c = &self.ops[op as usize];
         match error {
-            None => self.bytes[op as usize].add(bytes),
+            None => c.bytes.add(bytes),
             Some(e) => self.errors[e as usize].add(1),
         }
-        self.requests[op as usize].add(1);
+        c.requests.add(1);
     }
 
     /// `n` requests rode along in another request's backend I/O.
@@ -180,10 +190,10 @@ impl QueueMetrics {
     /// The counters now. Finished requests are read before started ones, so the in-flight
     /// count derived from them is never negative on a machine that keeps store order.
     pub fn snapshot(&self) -> QueueSnapshot {
-        let requests = load(&self.requests);
+        let requests = std::array::from_fn(|i| self.ops[i].requests.get());
         QueueSnapshot {
             requests,
-            bytes: load(&self.bytes),
+            bytes: std::array::from_fn(|i| self.ops[i].bytes.get()),
             errors: load(&self.errors),
             latency: load(&self.latency),
             latency_sum_ns: self.latency_sum_ns.get(),
@@ -402,5 +412,11 @@ mod tests {
         assert_eq!(std::mem::align_of::<QueueMetrics>(), 128);
         assert_eq!(std::mem::align_of::<WorkerMetrics>(), 128);
         assert_eq!(std::mem::size_of::<WorkerMetrics>(), 128);
+        // The counters of a read and of a write share the first line.
+        let m = QueueMetrics::default();
+        let base = &m as *const QueueMetrics as usize;
+        for c in [&m.started, &m.ops[Op::Read as usize].bytes, &m.ops[Op::Write as usize].requests] {
+            assert!(c as *const Counter as usize - base < 64);
+        }
     }
 }

@@ -32,10 +32,11 @@
 //! published before it returns its rings' positions, so the control plane may then
 //! change the rings or unmap memory.
 //!
-//! Metrics: each ring's pipeline counts into its queue's `QueueMetrics`, and the worker
-//! adds the time it spends in `busy_poll` and asleep in `poll(2)` to its `WorkerMetrics`
-//! (two clock reads per polling stretch or sleep). While the export is timed, completions
-//! are stamped once per batch.
+//! Metrics: each ring's pipeline counts into its queue's `QueueMetrics`. While the export
+//! is timed (`vblk serve --metrics`), completions are stamped once per batch and the worker
+//! adds the time it spends polling and working, and asleep in `poll(2)`, to its
+//! `WorkerMetrics` (one clock read per switch between the two); untimed, the worker reads
+//! no clock for the metrics.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -282,12 +283,18 @@ struct WorkerLoop {
     rings: Vec<RingWorker>,
     completions: Vec<Completion>,
     metrics: Arc<WorkerMetrics>,
-    /// The rings' queues measure latencies: completions need the clock.
+    /// The rings' queues measure latencies (completions need the clock), and the worker
+    /// times its polling and sleeping.
     timing: bool,
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+/// Nanoseconds since `mark`, which moves to now (None: not timed, the clock is not read).
+fn lap(mark: &mut Option<Instant>) -> Option<u64> {
+    let m = mark.as_mut()?;
+    let now = Instant::now();
+    let ns = u64::try_from(now.saturating_duration_since(*m).as_nanos()).unwrap_or(u64::MAX);
+    *m = now;
+    Some(ns)
 }
 
 impl WorkerLoop {
@@ -303,11 +310,16 @@ impl WorkerLoop {
         }
         self.reap();
         self.publish_all();
+        // While timed: the end of each stretch of work or sleep, which starts the next one
+        // (one clock read per switch, none at all untimed).
+        let mut mark = self.timing.then(Instant::now);
         loop {
             if !self.poll_budget.is_zero() {
-                let t = Instant::now();
                 let stop = self.busy_poll();
-                self.metrics.polled(nanos(t.elapsed()));
+                // Polling, and the work done since the worker woke up.
+                if let Some(ns) = lap(&mut mark) {
+                    self.metrics.polled(ns);
+                }
                 if stop {
                     break;
                 }
@@ -318,11 +330,18 @@ impl WorkerLoop {
                 tv_nsec: (ns % 1_000_000_000) as libc::c_long,
             });
             let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
-            let t = Instant::now();
+            if self.poll_budget.is_zero() {
+                // The work done since the worker woke up.
+                if let Some(ns) = lap(&mut mark) {
+                    self.metrics.polled(ns);
+                }
+            }
             // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd; `ts_ptr` is null
             // or points to `ts`, alive across the call; no signal mask is given.
             let n = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
-            self.metrics.slept(nanos(t.elapsed()));
+            if let Some(ns) = lap(&mut mark) {
+                self.metrics.slept(ns);
+            }
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {

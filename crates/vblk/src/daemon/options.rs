@@ -203,6 +203,12 @@ impl ExportArgs {
                 _ => self.image_path().file_stem().map_or_else(|| "vblk".into(), |s| s.to_string_lossy().into_owned()),
             },
         };
+        // A derived name keeps what a name may hold ("my disk.img" is served as "my_disk").
+        let name = if self.name.is_some() {
+            name
+        } else {
+            name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-@:+".contains(c) { c } else { '_' }).collect()
+        };
         vblk_metrics::export::check_name(&name).context("export name")?;
         Ok(name)
     }
@@ -384,6 +390,14 @@ mod tests {
         );
         let e = err(json!({"image": "a", "socket": "s", "queue_size": 3}));
         assert!(e.contains("power of two") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_derived_name_is_made_valid_a_given_one_is_checked() {
+        let a = |v: Value| ExportArgs::from_object(&obj(v)).unwrap().export_name();
+        assert_eq!(a(json!({"image": "/x/my disk (1).img", "socket": "/s"})).unwrap(), "my_disk__1_");
+        assert_eq!(a(json!({"image": "rbd:pool/vm1@snap", "socket": "/s"})).unwrap(), "vm1@snap");
+        assert!(a(json!({"image": "/x/a.img", "socket": "/s", "name": "my disk"})).is_err());
     }
 
     #[test]
