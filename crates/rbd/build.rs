@@ -20,6 +20,7 @@ const FUNCTIONS: &[&str] = &[
     "rbd_open_read_only",
     "rbd_close",
     "rbd_get_size",
+    "rbd_resize",
     "rbd_flush",
     "rbd_lock_acquire",
     "rbd_set_image_notification",

@@ -1,8 +1,8 @@
 //! [`Disk`]: an opened backend (raw file, block device, or null), shared by
 //! all worker threads through `Arc<Disk>`.
 //!
-//! A `Disk` is immutable after opening except for one flag: the *sticky
-//! flush failure*. When `fdatasync` fails, Linux may already have dropped the
+//! A `Disk` is immutable after opening except for its size (see
+//! [Resizing](#resizing)) and one flag: the *sticky flush failure*. When `fdatasync` fails, Linux may already have dropped the
 //! dirty pages and cleared the error, so a *later* `fdatasync` can succeed
 //! even though data was lost. To never lie to the guest about durability,
 //! once one flush fails every later flush on this disk fails too, whichever
@@ -20,6 +20,19 @@
 //! are opened ahead of I/O ([`Disk::reserve_flushers`], once per worker thread at
 //! startup) and reused by the worker's next engine, so none misses an error that happened
 //! before it was opened.
+//!
+//! ## Resizing
+//!
+//! [`Disk::resize`] changes the size of a running disk (online resize): a raw file is
+//! extended or truncated (`ftruncate`: the new range is a hole), a qcow2 image grows
+//! through the format (shrinking it is refused), an RBD image is resized in the cluster
+//! (`rbd_resize`), the null backend takes the number. A block device cannot be resized
+//! from here: its size is whatever the device says, read again (`BLKGETSIZE64`) and the
+//! number asked for ignored ([`Disk::resize_target`] tells a caller in advance). The size
+//! is an atomic that every engine reads for its bounds check. Growing is safe under I/O
+//! (the size is raised after the space exists); the caller of a shrink must lower its own
+//! bound first and wait for the I/O in flight past the new end (the vhost-user device
+//! drains its workers), or a write in flight could extend a truncated file again.
 //!
 //! ## O_DIRECT
 //!
@@ -41,7 +54,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::inject::{FaultSpec, Faults};
@@ -108,7 +121,10 @@ enum Backing {
 pub struct Disk {
     backing: Backing,
     path: Option<PathBuf>,
-    size: u64,
+    /// Size in bytes; changes only through [`Disk::resize`].
+    size: AtomicU64,
+    /// Serialises resizes.
+    resizing: Mutex<()>,
     readonly: bool,
     direct: bool,
     block_device: bool,
@@ -223,7 +239,8 @@ impl Disk {
         Ok(Disk {
             backing: Backing::File { file, buffered },
             path: Some(path.to_path_buf()),
-            size,
+            size: AtomicU64::new(size),
+            resizing: Mutex::new(()),
             readonly: opts.readonly,
             direct,
             block_device,
@@ -246,7 +263,7 @@ impl Disk {
             Service::start(Arc::clone(&image)).map_err(|source| FormatError::Io { path: path.to_owned(), source })?;
         Ok(Disk {
             path: Some(path.to_owned()),
-            size: image.size(),
+            size: AtomicU64::new(image.size()),
             readonly: opts.readonly,
             backing: Backing::Qcow2 { image, service },
             ..Disk::null(0)
@@ -257,7 +274,12 @@ impl Disk {
     /// most `opts.timeout`.
     pub fn open_rbd(spec: &RbdSpec, opts: &RbdOptions) -> Result<Disk, crate::RbdError> {
         let (image, size) = RbdImage::open(spec, opts)?;
-        Ok(Disk { size, readonly: image.readonly(), backing: Backing::Rbd(Arc::new(image)), ..Disk::null(0) })
+        Ok(Disk {
+            size: AtomicU64::new(size),
+            readonly: image.readonly(),
+            backing: Backing::Rbd(Arc::new(image)),
+            ..Disk::null(0)
+        })
     }
 
     /// Is this a Ceph RBD image?
@@ -285,7 +307,8 @@ impl Disk {
         Disk {
             backing: Backing::Null,
             path: None,
-            size,
+            size: AtomicU64::new(size),
+            resizing: Mutex::new(()),
             readonly: false,
             direct: false,
             block_device: false,
@@ -325,9 +348,62 @@ impl Disk {
         (self.dio_mem_align, self.dio_offset_align) = (mem, off);
     }
 
-    /// Size in bytes.
+    /// Size in bytes (read on every op's bounds check: it changes with [`Disk::resize`]).
     pub fn size(&self) -> u64 {
-        self.size
+        // Acquire: whoever sees a new size also sees the space behind it (the resize
+        // stores it after growing the file or image). A plain load on x86-64.
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The size a [`Disk::resize`] to `requested` bytes would give the disk, checked: a
+    /// read-only disk cannot be resized, and a size must be a non-zero multiple of 512 and
+    /// of the logical block size. For a block device it is the device's size now
+    /// (`BLKGETSIZE64`), whatever was asked: a block device is resized by whoever owns it
+    /// (`lvextend`, `losetup -c`), and vblk only takes the new size.
+    pub fn resize_target(&self, requested: u64) -> Result<u64, BackendError> {
+        if self.readonly {
+            return Err(BackendError::ReadOnly);
+        }
+        if let (Backing::File { file, .. }, true) = (&self.backing, self.block_device) {
+            return sys::blk_size(file.as_fd()).map_err(|source| BackendError::Io { op: "BLKGETSIZE64", source });
+        }
+        let align = self.logical_block_size.max(512);
+        if requested == 0 || !requested.is_multiple_of(align as u64) {
+            return Err(BackendError::BadSize { size: requested, align });
+        }
+        Ok(requested)
+    }
+
+    /// Change the disk's size to `new_size` bytes and return the size it has now (see
+    /// [Resizing](#resizing)): raw file `ftruncate` (sparse), qcow2 grow (a shrink is
+    /// [`BackendError::Unsupported`]), RBD `rbd_resize`, null: the number. A block device
+    /// ignores `new_size` and takes the device's size ([`Disk::resize_target`]). Checks as
+    /// [`Disk::resize_target`]. Not atomic with I/O: the caller orders it (module docs).
+    pub fn resize(&self, new_size: u64) -> Result<u64, BackendError> {
+        let _one_at_a_time = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let new_size = self.resize_target(new_size)?;
+        let old = self.size();
+        match &self.backing {
+            Backing::Null => {}
+            Backing::File { .. } if self.block_device => {}
+            Backing::File { file, .. } => {
+                file.set_len(new_size).map_err(|source| BackendError::Io { op: "resize (ftruncate)", source })?
+            }
+            Backing::Qcow2 { image, .. } => {
+                if new_size < old {
+                    return Err(BackendError::Unsupported(
+                        "shrinking a qcow2 image (imago shrinks only with exclusive access to the image)",
+                    ));
+                }
+                image.grow(new_size)?;
+            }
+            Backing::Rbd(image) => image.resize(new_size)?,
+        }
+        self.size.store(new_size, Ordering::Release);
+        if new_size != old {
+            tracing::info!(disk = %self.describe(), old, new = new_size, "disk resized");
+        }
+        Ok(new_size)
     }
 
     /// Whether the disk was opened read-only.
@@ -409,7 +485,7 @@ impl Disk {
         }
         if let Some(image) = self.rbd() {
             let ro = if self.readonly { ", read-only" } else { "" };
-            return format!("{} (Ceph RBD, {}{ro}{faults})", image.spec(), human_size(self.size));
+            return format!("{} (Ceph RBD, {}{ro}{faults})", image.spec(), human_size(self.size()));
         }
         let mut s = match &self.path {
             Some(p) => p.display().to_string(),
@@ -422,7 +498,7 @@ impl Disk {
         } else {
             "raw file"
         };
-        let _ = write!(s, " ({kind}, {}", human_size(self.size));
+        let _ = write!(s, " ({kind}, {}", human_size(self.size()));
         if !self.is_null() {
             if self.logical_block_size != 512 {
                 let _ = write!(s, ", {}-byte blocks", self.logical_block_size);

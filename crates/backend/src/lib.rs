@@ -203,6 +203,18 @@ pub enum BackendError {
     /// The op is malformed (e.g. `len` differs from the iovec total).
     #[error("invalid request: {0}")]
     InvalidRequest(&'static str),
+    /// A disk size that cannot be: zero, or not a multiple of 512 and of the logical
+    /// block size ([`Disk::resize`]).
+    #[error("invalid size {size}: a disk size is a non-zero multiple of {align} bytes")]
+    BadSize {
+        /// The size asked for, in bytes.
+        size: u64,
+        /// The alignment it must have.
+        align: u32,
+    },
+    /// This backend cannot do what was asked (e.g. shrinking a qcow2 image).
+    #[error("{0} is not supported")]
+    Unsupported(&'static str),
     /// `io_uring` could not be set up (kernel too old, disabled by sysctl or
     /// seccomp, or missing a required opcode).
     #[error("io_uring unavailable: {0}")]

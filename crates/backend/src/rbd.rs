@@ -170,6 +170,14 @@ impl RbdImage {
         })
     }
 
+    /// Resize the image in the cluster (`rbd_resize`, blocking).
+    pub(crate) fn resize(&self, size: u64) -> Result<(), BackendError> {
+        self.image.resize(size).map_err(|e| {
+            tracing::error!(image = %self.spec, size, error = %e, "resize failed");
+            rbd_error("resize", &e)
+        })
+    }
+
     pub(crate) fn flush_failed(&self) -> bool {
         self.flush_failed.load(Ordering::Acquire)
     }

@@ -1,6 +1,6 @@
 //! What the device offers (§5.2.3) and what its config space says (§5.2.4).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vblk_virtio::blk::{features as blkf, BlkConfig, ID_BYTES, SECTOR_SHIFT};
 use vblk_virtio::features as vf;
@@ -19,8 +19,9 @@ pub const MAX_DATA_SEGMENTS: u32 = 1022;
 /// Everything about the exported disk that request handling needs. Shared by all queues.
 #[derive(Debug)]
 pub struct DeviceParams {
-    /// Capacity in 512-byte sectors.
-    pub capacity_sectors: u64,
+    /// Capacity in 512-byte sectors: [`DeviceParams::capacity_sectors`]. It changes when
+    /// the disk is resized online, so it is an atomic, read once per request.
+    capacity_sectors: AtomicU64,
     pub readonly: bool,
     /// Logical block size of the backing store (512 or 4096): the `blk_size` we report.
     pub block_size: u32,
@@ -42,6 +43,8 @@ pub struct DeviceParams {
     wce: AtomicBool,
     /// The driver negotiated `VIRTIO_BLK_F_FLUSH` (the latest `SET_FEATURES`).
     flush: AtomicBool,
+    /// The driver negotiated `VIRTIO_BLK_F_CONFIG_WCE` (the latest `SET_FEATURES`).
+    config_wce: AtomicBool,
 }
 
 impl DeviceParams {
@@ -57,7 +60,7 @@ impl DeviceParams {
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         DeviceParams {
-            capacity_sectors: size_bytes >> SECTOR_SHIFT,
+            capacity_sectors: AtomicU64::new(size_bytes >> SECTOR_SHIFT),
             readonly,
             block_size: block_size.max(512),
             serial: id,
@@ -67,7 +70,25 @@ impl DeviceParams {
             writeback: AtomicBool::new(true),
             wce: AtomicBool::new(true),
             flush: AtomicBool::new(true),
+            config_wce: AtomicBool::new(true),
         }
+    }
+
+    /// Capacity in 512-byte sectors, as the config space reports it and every request's
+    /// range is checked against.
+    #[inline]
+    pub fn capacity_sectors(&self) -> u64 {
+        // Acquire, paired with `set_capacity_sectors`: a request that sees a grown
+        // capacity sees the grown disk too (the backend's own bounds check reads its
+        // size after this). On x86-64 and for the hot path this is one plain load.
+        self.capacity_sectors.load(Ordering::Acquire)
+    }
+
+    /// A new capacity (online resize). Growing: after the disk has grown. Shrinking:
+    /// before the disk shrinks, with no request in flight past the new end (the caller
+    /// drains the queues), so that every later request past it fails its range check.
+    pub fn set_capacity_sectors(&self, sectors: u64) {
+        self.capacity_sectors.store(sectors, Ordering::Release);
     }
 
     /// Virtio feature bits the device offers. Never SCSI, BARRIER or GEOMETRY.
@@ -95,6 +116,7 @@ impl DeviceParams {
     /// cached write durable, so the cache must be write-through (§5.2.5.1).
     pub fn ack_features(&self, acked: u64) {
         self.flush.store(acked & blkf::FLUSH != 0, Ordering::Release);
+        self.config_wce.store(acked & blkf::CONFIG_WCE != 0, Ordering::Release);
         self.update_writeback();
     }
 
@@ -119,6 +141,23 @@ impl DeviceParams {
         self.writeback.store(on, Ordering::Release);
     }
 
+    /// The `writeback` config byte: the cache mode a driver gets, `wce`, except that a driver
+    /// that negotiated `CONFIG_WCE` without `FLUSH` reads 0 (§5.2.5.2: it is write-through).
+    ///
+    /// Not [`DeviceParams::writeback`], which is also off while the driver in charge did not
+    /// negotiate `FLUSH` at all: QEMU caches the config space (at realize, and again, whole,
+    /// on every `CONFIG_CHANGE_MSG` in recent QEMU: 10 does) and a guest's kernel probes with that
+    /// copy. Taken while the firmware's driver (SeaBIOS: no FLUSH, no CONFIG_WCE) runs the
+    /// device, a 0 would make Linux run the disk write-through and send no FLUSH while the
+    /// device, once Linux negotiated FLUSH, is write-back: writes never made durable.
+    fn config_writeback(&self) -> bool {
+        if self.config_wce.load(Ordering::Acquire) && !self.flush.load(Ordering::Acquire) {
+            false
+        } else {
+            self.wce()
+        }
+    }
+
     /// Data segments per request the driver may use (`seg_max`): the chain also needs a
     /// header and a status descriptor and may not be longer than the queue.
     pub fn seg_max(&self) -> u32 {
@@ -128,7 +167,7 @@ impl DeviceParams {
     pub fn config(&self) -> BlkConfig {
         let lbs_sectors = self.block_size >> SECTOR_SHIFT;
         BlkConfig {
-            capacity: self.capacity_sectors,
+            capacity: self.capacity_sectors(),
             size_max: SIZE_MAX,
             seg_max: self.seg_max(),
             blk_size: self.block_size,
@@ -137,7 +176,7 @@ impl DeviceParams {
             alignment_offset: 0,
             min_io_size: 1,
             opt_io_size: 0,
-            writeback: self.writeback() as u8,
+            writeback: self.config_writeback() as u8,
             num_queues: self.num_queues,
             max_discard_sectors: if self.readonly { 0 } else { MAX_DISCARD_SECTORS },
             max_discard_seg: if self.readonly { 0 } else { MAX_DISCARD_SEG },
@@ -178,12 +217,25 @@ mod tests {
     }
 
     #[test]
+    fn a_new_capacity_shows_in_the_config_space() {
+        let p = DeviceParams::new(1 << 20, false, 512, "", 1, 128);
+        assert_eq!((p.capacity_sectors(), p.config().capacity), (2048, 2048));
+        p.set_capacity_sectors(4096);
+        assert_eq!((p.capacity_sectors(), p.config().capacity), (4096, 4096));
+    }
+
+    #[test]
     fn without_flush_the_cache_is_write_through() {
         let p = DeviceParams::new(1 << 20, false, 512, "", 1, 128);
         assert!(p.writeback());
         p.ack_features(p.offered_features() & !blkf::FLUSH);
         assert!(!p.writeback());
-        assert_eq!(p.config().writeback, 0);
+        assert_eq!(p.config().writeback, 0, "CONFIG_WCE without FLUSH reads write-through");
+        // A driver that negotiated neither (firmware) does not read the byte; whoever caches
+        // the config space for the next driver must find the mode that driver gets.
+        p.ack_features(p.offered_features() & !(blkf::FLUSH | blkf::CONFIG_WCE));
+        assert!(!p.writeback());
+        assert_eq!(p.config().writeback, 1, "not the firmware's write-through");
         // A later driver that negotiates FLUSH gets the cache mode back (nobody chose
         // write-through), and one that chose write-through keeps it.
         p.ack_features(p.offered_features());

@@ -218,7 +218,7 @@ fn sector_range(sector: u64, len: u64, params: &DeviceParams) -> Result<u64, Req
     }
     let offset = sector.checked_mul(SECTOR_SIZE);
     match offset.and_then(|o| o.checked_add(len)) {
-        Some(end) if end <= params.capacity_sectors << SECTOR_SHIFT => Ok(sector * SECTOR_SIZE),
+        Some(end) if end <= params.capacity_sectors() << SECTOR_SHIFT => Ok(sector * SECTOR_SIZE),
         _ => Err(RequestError::OutOfRange { sector, len }),
     }
 }

@@ -303,6 +303,15 @@ impl Image {
         Ok(size)
     }
 
+    /// Resizes the image to `size` bytes (`rbd_resize`, blocking). Growing adds space that
+    /// reads as zeros; shrinking deletes the data past the new end. `EROFS` on an image
+    /// opened read-only or at a snapshot.
+    pub fn resize(&self, size: u64) -> Result<(), RbdError> {
+        // SAFETY: an open image.
+        let ret = unsafe { ffi::rbd_resize(self.raw, size) };
+        RbdError::check(ret.into(), "rbd_resize", || self.spec.clone()).map(drop)
+    }
+
     /// The eventfd that becomes readable when ops finish: poll it for `POLLIN`, then
     /// call [`Image::poll_completions`]. Never read it yourself.
     pub fn completion_fd(&self) -> BorrowedFd<'_> {

@@ -360,3 +360,34 @@ fn drop_waits_for_io_in_flight() {
         assert_eq!(&read(&image, i as u64 * 128 * 1024, buf.len()), buf, "write {i}");
     }
 }
+
+#[test]
+fn resize_grows_and_shrinks_the_image() {
+    let Some(conf) = ceph_conf("resize_grows_and_shrinks_the_image") else { return };
+    let img = TestImage::create(&conf, "resize", 8 * MIB);
+    let cluster = Cluster::connect(Some(&conf), None).expect("connect");
+    let image = cluster.open_image(POOL, &img.name, None, false).expect("open");
+    let head = pattern(64 * 1024, 0x21);
+    write(&image, 0, &head);
+
+    image.resize(16 * MIB).expect("grow");
+    assert_eq!(image.size().unwrap(), 16 * MIB);
+    let tail = pattern(64 * 1024, 0x22);
+    write(&image, 16 * MIB - tail.len() as u64, &tail);
+    flush(&image);
+    assert_eq!(read(&image, 12 * MIB, 4096), vec![0; 4096], "the new range reads as zeros");
+    // Another client sees the new size and the data at the new end.
+    assert_eq!(rbd_cli(&conf, &["export", "--no-progress", &img.spec(), "-"]).len() as u64, 16 * MIB);
+    assert_eq!(export_range(&conf, &img.spec(), 16 * MIB - tail.len() as u64, tail.len()), tail);
+
+    image.resize(4 * MIB).expect("shrink");
+    assert_eq!(image.size().unwrap(), 4 * MIB);
+    assert_eq!(read(&image, 0, head.len()), head, "data below the new end kept");
+    image.resize(16 * MIB).expect("grow again");
+    assert_eq!(read(&image, 16 * MIB - tail.len() as u64, tail.len()), vec![0; tail.len()], "cut off for good");
+
+    let ro = cluster.open_image(POOL, &img.name, None, true).expect("open read-only");
+    let err = ro.resize(32 * MIB).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EROFS), "{err}");
+    assert!(matches!(err, RbdError::Ceph { call: "rbd_resize", .. }), "{err:?}");
+}

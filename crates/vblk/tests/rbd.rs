@@ -222,6 +222,56 @@ fn data_written_through_vblk_is_what_rbd_export_reads() {
 
 /// `rbd:POOL/IMAGE@SNAP`: the snapshot's data, later writes to the image not seen, read-only
 /// for the driver (RO feature) and for the backend (a write sent anyway fails).
+/// `Disk::resize` on an RBD image (online resize): the cluster's image grows and shrinks,
+/// an engine opened before sees the new size, a snapshot refuses.
+#[test]
+fn an_rbd_disk_resizes_online() {
+    use vblk_backend::rbd::{RbdOptions, RbdSpec};
+    use vblk_backend::{BackendError, Disk, Engine, EngineKind, IoOp, OpKind};
+    let Some(conf) = ceph_conf("an_rbd_disk_resizes_online") else { return };
+    let img = Image::create(&conf, "resize");
+    let spec = RbdSpec::parse(&img.spec()).unwrap().unwrap();
+    let opts = RbdOptions { conf: Some(conf.clone()), ..RbdOptions::default() };
+    let disk = std::sync::Arc::new(Disk::open_rbd(&spec, &opts).expect("open"));
+    let mut engine = Engine::new(disk.clone(), EngineKind::Auto, 4).unwrap();
+    let mut io = |kind: OpKind, offset: u64, buf: &mut [u8]| {
+        let iovs = vec![libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        let op = IoOp { kind, offset, len: buf.len() as u64, iovs, fua: false, tag: 1 };
+        // SAFETY: `buf` outlives the op: its completion is waited for below.
+        unsafe { engine.push(op) }.expect("room");
+        engine.submit().unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            engine.wait(&mut done).unwrap();
+        }
+        done.pop().unwrap().result
+    };
+    const MIB: u64 = 1 << 20;
+    let r = io(OpKind::Write, 64 * MIB, &mut [7u8; 4096]);
+    assert!(matches!(r, Err(BackendError::OutOfRange { .. })), "{r:?}");
+
+    assert_eq!(disk.resize(96 * MIB).unwrap(), 96 * MIB);
+    assert_eq!(disk.size(), 96 * MIB);
+    let mut tail = [0x3cu8; 4096];
+    io(OpKind::Write, 96 * MIB - 4096, &mut tail).expect("a write at the new end");
+    io(OpKind::Flush, 0, &mut []).unwrap();
+    let exported = img.export("", &TempDir::new("rbd-resize"));
+    assert_eq!(exported.len() as u64, 96 * MIB, "rbd export sees the new size");
+    assert_eq!(&exported[exported.len() - 4096..], &tail[..]);
+
+    assert_eq!(disk.resize(32 * MIB).unwrap(), 32 * MIB);
+    let r = io(OpKind::Read, 40 * MIB, &mut [0u8; 4096]);
+    assert!(matches!(r, Err(BackendError::OutOfRange { .. })), "{r:?}");
+    assert!(matches!(disk.resize(1000), Err(BackendError::BadSize { .. })));
+    drop(engine);
+    drop(disk);
+
+    rbd(&conf, &["snap", "create", &format!("{}@s", img.path())]);
+    let snap = RbdSpec::parse(&format!("{}@s", img.spec())).unwrap().unwrap();
+    let ro = Disk::open_rbd(&snap, &opts).expect("open the snapshot");
+    assert!(matches!(ro.resize(64 * MIB), Err(BackendError::ReadOnly)));
+}
+
 #[test]
 fn a_snapshot_is_served_read_only_with_its_own_data() {
     let Some(conf) = ceph_conf("a_snapshot_is_served_read_only_with_its_own_data") else { return };

@@ -12,8 +12,52 @@
 //!   worker ever sees a ring or a memory table change under it, and no mapping is
 //!   dropped while I/O into it is in flight.
 //! - Every index, size and address is checked; a bad one gets an error reply.
+//!
+//! ## Online resize and the backend channel
+//!
+//! [`VblkDevice::resize`] resizes the disk and the capacity the device reports, then tells
+//! the frontend with `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend channel
+//! (protocol feature `BACKEND_REQ`, the socket the frontend hands over with
+//! `SET_BACKEND_REQ_FD`). QEMU answers it by reading the config space again (`GET_CONFIG`
+//! on the main channel) and, when the capacity changed, raising the guest's config
+//! interrupt: the guest's disk changes size without a reboot. Rules:
+//!
+//! - **Never wait for the frontend while holding the device.** `resize` runs under the
+//!   device's mutex, which the socket thread also needs to answer QEMU's `GET_CONFIG`; and
+//!   QEMU sends that `GET_CONFIG` from inside its handler of the notification, before it
+//!   would send a `REPLY_ACK`. So the notification is sent without `NEED_REPLY` and without
+//!   blocking (`MSG_DONTWAIT`): QEMU handles it once `resize` has returned and the lock is
+//!   free. A failed send is logged, never an error of the resize.
+//! - **Order against I/O**: growing resizes the disk first, then raises the capacity (no
+//!   request can reach the new range before it exists); shrinking stops and drains every
+//!   worker, lowers the capacity, then shrinks the disk (no write in flight past the new
+//!   end can extend a truncated file again), and restarts them.
+//! - **Until the frontend has read it, and only to a running device**: QEMU reads the
+//!   config space once, when the device is realized, and again only on a notification,
+//!   which it ignores while its vhost device is not started (QEMU before 7.2 even crashed
+//!   on it: `dev->vdev` is NULL then). So the device remembers the capacity the frontend
+//!   last read (`GET_CONFIG`; unknown in a new process) and, while they differ, tells it
+//!   whenever it can: at the resize if a ring runs (after `SET_VRING_KICK`, until
+//!   `GET_VRING_BASE`), else when the device next starts (its first ring kick after all
+//!   were stopped). A resize while the guest had no driver, while QEMU was reconnecting or
+//!   this daemon restarting, or one whose notification QEMU saw only after its device
+//!   stopped, reaches the guest at the next start; a frontend that already read the size
+//!   is not bothered. The frontend must have negotiated `CONFIG` too. Recent QEMU (10)
+//!   copies the whole config space on a notification, so every byte of it must be right
+//!   for the next driver, whichever driver runs the device now (`DeviceParams::config`'s
+//!   `writeback`).
+//! - The channel belongs to the connection: dropped at disconnect, kept across
+//!   `RESET_OWNER`/`RESET_DEVICE`.
+//!
+//! The `vhost` crate (0.18) hands the channel over as a `Backend` that can send no
+//! `CONFIG_CHANGE_MSG` and keeps its socket private; `server.rs` therefore peeks at a
+//! `SET_BACKEND_REQ_FD` before the crate receives it and gives the device a duplicate of
+//! the socket ([`VblkDevice::offer_backend_socket`]), which the device uses once the crate
+//! has accepted the message (`set_backend_req_fd`).
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use vblk_backend::{Disk, Engine, EngineKind};
@@ -23,12 +67,12 @@ use vblk_queue::inflight::{split_region_size, InflightSplit};
 use vblk_queue::inflight_packed::{packed_region_size, InflightPacked};
 use vblk_queue::layout::{MAX_PACKED_SIZE, PACKED_EVENT_LEN};
 use vblk_queue::{AddrSpace, PackedQueue, Ring, RingAddrs, RingFeatures, SplitLayout, SplitQueue};
-use vblk_virtio::blk::{features as blkf, BlkConfig};
+use vblk_virtio::blk::{features as blkf, BlkConfig, SECTOR_SHIFT};
 use vblk_virtio::features as vf;
 use vblk_virtio::{DirtyLog, GuestArea, GuestMemory, RegionSpec};
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    BackendReq, VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
     VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
@@ -81,6 +125,10 @@ pub enum DeviceError {
          more than the {max} one io_uring allows: use more --threads or a smaller --queue-size"
     )]
     DepthTooLarge { rings: usize, queue_size: u16, depth: u64, max: u32 },
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("shrinking from {current} to {requested} bytes was not allowed (data past the new end is lost): allow it explicitly")]
+    ShrinkRefused { current: u64, requested: u64 },
 }
 
 impl From<DeviceError> for vhost::vhost_user::Error {
@@ -225,6 +273,44 @@ pub struct VblkDevice {
     fatal: bool,
     /// The counters of every queue and worker, for the device's whole life.
     metrics: Arc<ExportMetrics>,
+    /// The backend channel of this connection (`SET_BACKEND_REQ_FD`), if any.
+    backend_channel: Option<BackendChannel>,
+    /// A duplicate of the socket in the `SET_BACKEND_REQ_FD` being received, from
+    /// `server.rs` (see the module docs); taken by `set_backend_req_fd`.
+    offered_socket: Option<OwnedFd>,
+    /// The capacity (sectors) the frontend last read (`GET_CONFIG`), kept across
+    /// reconnects (QEMU keeps its copy); `None` until one is read in this process.
+    told_capacity: Option<u64>,
+}
+
+/// The backend channel: the `vhost` crate's `Backend` (kept for the connection's life)
+/// and vblk's own duplicate of its socket, which sends `CONFIG_CHANGE_MSG`.
+struct BackendChannel {
+    _backend: Backend,
+    socket: Option<UnixStream>,
+}
+
+impl BackendChannel {
+    /// Send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (no payload, no `NEED_REPLY`), without
+    /// blocking: see the module docs for why nothing may wait here.
+    fn send_config_change(&self) -> std::io::Result<()> {
+        let Some(socket) = &self.socket else {
+            return Err(std::io::Error::other("the channel's socket was not captured"));
+        };
+        let mut msg = [0u8; 12];
+        msg[0..4].copy_from_slice(&u32::from(BackendReq::CONFIG_CHANGE_MSG).to_le_bytes());
+        // Flags: protocol version 1; size: 0.
+        msg[4..8].copy_from_slice(&1u32.to_le_bytes());
+        // SAFETY: `msg` is a live buffer of the length given; the socket is open.
+        let n = unsafe {
+            libc::send(socket.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        match n {
+            12 => Ok(()),
+            n if n < 0 => Err(std::io::Error::last_os_error()),
+            n => Err(std::io::Error::other(format!("sent {n} of 12 bytes"))),
+        }
+    }
 }
 
 impl VblkDevice {
@@ -256,7 +342,92 @@ impl VblkDevice {
             log: None,
             fatal: false,
             metrics: Arc::new(ExportMetrics::new(n, threads)),
+            backend_channel: None,
+            offered_socket: None,
+            told_capacity: None,
         })
+    }
+
+    /// The exported disk.
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// Resize the exported disk online to `new_size` bytes and tell the frontend (see the
+    /// module docs, "Online resize"); returns the size the disk has now. For a block
+    /// device `new_size` is ignored: the device's own size is taken (read again).
+    ///
+    /// Refused: a read-only export ([`DeviceError::ReadOnly`]); a size that is not a
+    /// non-zero multiple of the block size, or a shrink the backend cannot do
+    /// ([`DeviceError::Backend`]); a smaller size unless `allow_shrink`
+    /// ([`DeviceError::ShrinkRefused`]: the guest's data past the new end would be lost).
+    /// The same size is not an error (nothing changes, nobody is told).
+    ///
+    /// The caller holds the device (its mutex): this never waits for the frontend.
+    pub fn resize(&mut self, new_size: u64, allow_shrink: bool) -> Result<u64, DeviceError> {
+        if self.params.readonly || self.disk.readonly() {
+            return Err(DeviceError::ReadOnly);
+        }
+        let current = self.disk.size();
+        let target = self.disk.resize_target(new_size)?;
+        let old_capacity = self.params.capacity_sectors();
+        let size = if target < current {
+            if !allow_shrink {
+                return Err(DeviceError::ShrinkRefused { current, requested: target });
+            }
+            // Lower the bound with no request in flight, then shrink the disk.
+            self.with_all_stopped(|d| {
+                d.params.set_capacity_sectors(target >> SECTOR_SHIFT);
+                d.disk.resize(target).map_err(|e| {
+                    d.params.set_capacity_sectors(d.disk.size() >> SECTOR_SHIFT);
+                    DeviceError::Backend(e)
+                })
+            })?
+        } else {
+            let size = self.disk.resize(target)?;
+            self.params.set_capacity_sectors(size >> SECTOR_SHIFT);
+            size
+        };
+        if self.params.capacity_sectors() != old_capacity {
+            if self.notify_config_change() {
+                tracing::info!(size, "the frontend was told of the new size");
+            } else {
+                tracing::info!(size, "the frontend is told of the new size when its device next starts");
+            }
+        }
+        Ok(size)
+    }
+
+    /// Is the device running: a ring started (kicked, not stopped)?
+    fn running(&self) -> bool {
+        self.vrings.iter().any(|v| v.started)
+    }
+
+    /// Tell the frontend the config space changed (see the module docs), if it holds
+    /// another capacity and can be told now: a backend channel, `CONFIG` negotiated, the
+    /// device running. Never waits. True if the message went out.
+    fn notify_config_change(&mut self) -> bool {
+        let Some(channel) = &self.backend_channel else { return false };
+        let stale = self.told_capacity != Some(self.params.capacity_sectors());
+        if !stale || self.acked_protocol & VhostUserProtocolFeatures::CONFIG.bits() == 0 || !self.running() {
+            return false;
+        }
+        match channel.send_config_change() {
+            Ok(()) => {
+                tracing::debug!("config change sent to the frontend");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot send a config change to the frontend: it is told at the next start of its device");
+                false
+            }
+        }
+    }
+
+    /// `server.rs`: a duplicate of the socket carried by the `SET_BACKEND_REQ_FD` message
+    /// about to be handled (`None` after it), for `set_backend_req_fd` to take.
+    pub(crate) fn offer_backend_socket(&mut self, socket: Option<OwnedFd>) {
+        self.offered_socket = socket;
     }
 
     /// The counters of this device's queues and workers (register them to expose them).
@@ -279,9 +450,17 @@ impl VblkDevice {
         std::mem::take(&mut self.fatal)
     }
 
-    /// The frontend went away: drain and stop every worker, drop all fds and mappings,
-    /// and be ready for the next frontend.
+    /// The frontend went away: drain and stop every worker, drop all fds and mappings
+    /// (the backend channel too), and be ready for the next frontend.
     pub fn disconnect(&mut self) {
+        self.backend_channel = None;
+        self.offered_socket = None;
+        self.reset();
+    }
+
+    /// Everything [`VblkDevice::disconnect`] does but dropping the backend channel, which
+    /// the frontend set up once per connection (`RESET_OWNER`, `RESET_DEVICE`).
+    fn reset(&mut self) {
         for t in 0..self.workers.len() {
             self.stop_worker(t);
         }
@@ -526,12 +705,12 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     }
 
     fn reset_owner(&mut self) -> VuResult<()> {
-        self.disconnect();
+        self.reset();
         Ok(())
     }
 
     fn reset_device(&mut self) -> VuResult<()> {
-        self.disconnect();
+        self.reset();
         Ok(())
     }
 
@@ -666,6 +845,7 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let fd = fd.ok_or(DeviceError::NoKickFd)?;
         set_nonblocking(&fd);
+        let was_running = self.running();
         self.with_ring(index as u32, |d, i| {
             let v = &mut d.vrings[i];
             v.kick = Some(Arc::new(fd));
@@ -673,6 +853,10 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
             v.broken = false;
             Ok(())
         })?;
+        if !was_running {
+            // The device starts: a frontend with an old size is told now (module docs).
+            self.notify_config_change();
+        }
         Ok(())
     }
 
@@ -702,9 +886,11 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
         // REPLY_ACK is added by the vhost crate. STATUS is not offered: vhost 0.18's
-        // message loop does not dispatch SET_STATUS/GET_STATUS.
+        // message loop does not dispatch SET_STATUS/GET_STATUS. BACKEND_REQ: the channel
+        // that tells the frontend of a resize (module docs).
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD)
@@ -728,10 +914,17 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
     }
 
     fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
-        let bytes = self.params.config().to_bytes();
+        let config = self.params.config();
+        let bytes = config.to_bytes();
         let start = offset as usize;
         match start.checked_add(size as usize).filter(|&end| end <= BlkConfig::SIZE) {
-            Some(end) => Ok(bytes[start..end].to_vec()),
+            Some(end) => {
+                if start == 0 && end >= 8 {
+                    // The frontend has the capacity now (module docs, "Online resize").
+                    self.told_capacity = Some(config.capacity);
+                }
+                Ok(bytes[start..end].to_vec())
+            }
             // The vhost crate answers an error here with an empty config reply.
             None => Err(DeviceError::BadConfigAccess { offset, len: size as usize }.into()),
         }
@@ -754,7 +947,18 @@ impl VhostUserBackendReqHandlerMut for VblkDevice {
         Ok(())
     }
 
-    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+    /// The backend channel (the crate checked it is a unix stream socket). Kept until the
+    /// frontend disconnects. Set up while the device runs (not QEMU's order), a frontend
+    /// with an old size is told at once, as at a start.
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        let socket = self.offered_socket.take().map(UnixStream::from);
+        if socket.is_none() {
+            tracing::warn!("backend channel set, but its socket was not captured: resizes will not be notified");
+        }
+        tracing::debug!("backend channel set");
+        self.backend_channel = Some(BackendChannel { _backend: backend, socket });
+        self.notify_config_change();
+    }
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {
         Err(DeviceError::Unsupported("GPU_SET_SOCKET").into())

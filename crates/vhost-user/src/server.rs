@@ -8,7 +8,7 @@
 //! frontend at a time, forever.
 
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::device::VblkDevice;
@@ -189,7 +190,17 @@ fn serve_messages(
         if let Some(t) = timeout {
             timer.arm(t);
         }
+        // The backend channel's socket, for the device's own use (see `peek_backend_socket`).
+        let offered = peek_backend_socket(handler.as_raw_fd());
+        let offering = offered.is_some();
+        if offering {
+            lock(device).offer_backend_socket(offered);
+        }
         let r = handler.handle_request();
+        if offering {
+            // Not taken if the crate refused the message: closed here.
+            lock(device).offer_backend_socket(None);
+        }
         if timer.disarm() {
             tracing::warn!(timeout = ?timeout.unwrap_or_default(), "frontend stalled in the middle of a message: disconnecting it");
             break ConnectionEnd::Disconnected;
@@ -291,6 +302,68 @@ impl MessageTimer {
             }
         }
     }
+}
+
+/// When the message waiting on the connection `conn` is `SET_BACKEND_REQ_FD` with one fd, a
+/// duplicate of that fd (the backend channel's socket), the message itself left in place.
+///
+/// The `vhost` crate (0.18) wraps the channel in a `Backend` that cannot send
+/// `CONFIG_CHANGE_MSG` and keeps its socket private (`device.rs`, "Online resize"). On
+/// Linux, peeking (`MSG_PEEK`) at data that carries `SCM_RIGHTS` installs duplicates of the
+/// fds in the peeking process and leaves the message, fds included, for the next receive:
+/// the crate then receives and checks it as usual. The header is peeked first with no
+/// room for fds (so other messages' fds are not duplicated: the kernel drops them from a
+/// peek without room), and only a `SET_BACKEND_REQ_FD` is peeked again for its fd. Never
+/// blocks; anything unexpected (a partial header, no fd, several) gives `None`.
+fn peek_backend_socket(conn: RawFd) -> Option<OwnedFd> {
+    const HDR: usize = 12;
+    let mut hdr = [0u8; HDR];
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    // SAFETY: a live buffer of HDR bytes.
+    let n = unsafe { libc::recv(conn, hdr.as_mut_ptr().cast(), HDR, flags) };
+    if n != HDR as isize
+        || u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) != u32::from(FrontendReq::SET_BACKEND_REQ_FD)
+    {
+        return None;
+    }
+    // Room for one fd; `u64`s for the alignment of `cmsghdr`.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: HDR };
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is arithmetic.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as _;
+    debug_assert!(msg.msg_controllen as usize <= std::mem::size_of_val(&control));
+    // SAFETY: `msg` points at `iov` and `control`, both live and of the lengths given.
+    let n = unsafe { libc::recvmsg(conn, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
+    if n <= 0 {
+        return None;
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `control` up to `msg_controllen`; the CMSG_* macros walk
+    // it within that length, and an SCM_RIGHTS payload is an array of fds it installed
+    // for us (each owned by us from here on).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    // More fds than room (MSG_CTRUNC) or none: the crate refuses such a message anyway.
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() != 1 {
+        return None;
+    }
+    fds.pop()
 }
 
 /// Wait until `fd` is readable (`Ok(true)`) or `shutdown` is (`Ok(false)`).

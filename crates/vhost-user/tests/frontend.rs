@@ -6,14 +6,14 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vblk_backend::{Disk, EngineKind};
 use vblk_blk::DeviceParams;
 use vblk_queue::{Buffer, DriverQueue, RingAddrs, RingFeatures};
-use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
+use vblk_vhost_user::{DataPlaneOptions, DeviceError, Server, VblkDevice};
 use vblk_virtio::blk::{features as blkf, req_type, BlkConfig, OutHdr, Status};
 use vblk_virtio::features as vf;
 use vblk_virtio::memory::memfd;
@@ -21,7 +21,9 @@ use vblk_virtio::{GuestMemory, RegionSpec};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandlerMut,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,6 +33,7 @@ const QSIZE: u16 = 64;
 
 struct Daemon {
     path: PathBuf,
+    device: Arc<Mutex<VblkDevice>>,
     stop: UnixStream,
     thread: Option<JoinHandle<()>>,
 }
@@ -58,9 +61,10 @@ impl Daemon {
         )
         .unwrap();
         let server = Server::bind(&path, 0o600, dev).unwrap();
+        let device = Arc::clone(server.device());
         let (rx, stop) = UnixStream::pair().unwrap();
         let thread = std::thread::spawn(move || server.run(rx.as_raw_fd()).unwrap());
-        Daemon { path, stop, thread: Some(thread) }
+        Daemon { path, device, stop, thread: Some(thread) }
     }
 }
 
@@ -110,10 +114,15 @@ impl Guest {
     }
 
     fn connect_with(d: &Daemon, num_queues: usize, inflight: Inflight) -> Guest {
+        Self::connect_full(d, num_queues, inflight, VhostUserProtocolFeatures::empty())
+    }
+
+    /// With `extra` protocol features negotiated too.
+    fn connect_full(d: &Daemon, num_queues: usize, inflight: Inflight, extra: VhostUserProtocolFeatures) -> Guest {
         let file = memfd("guest", MEM).unwrap();
         let spec = RegionSpec { guest_phys_addr: 0, size: MEM, user_addr: UVA, mmap_offset: 0 };
         let mem = Arc::new(GuestMemory::from_files(&[(spec, file.try_clone().unwrap())]).unwrap());
-        let (fe, area) = negotiate(d, num_queues, &file, inflight);
+        let (fe, area) = negotiate_with(d, num_queues, &file, inflight, extra);
         let mut g = Guest { fe, mem, _file: file, queues: Vec::new(), inflight: area };
         for q in 0..num_queues {
             let a = ring_addrs(q);
@@ -188,6 +197,17 @@ fn negotiate(
     file: &File,
     inflight: Inflight,
 ) -> (Frontend, Option<(VhostUserInflight, File)>) {
+    negotiate_with(d, num_queues, file, inflight, VhostUserProtocolFeatures::empty())
+}
+
+/// [`negotiate`], with the protocol features `extra` asked for too.
+fn negotiate_with(
+    d: &Daemon,
+    num_queues: usize,
+    file: &File,
+    inflight: Inflight,
+    extra: VhostUserProtocolFeatures,
+) -> (Frontend, Option<(VhostUserInflight, File)>) {
     let mut fe = Frontend::connect(&d.path, num_queues as u64).unwrap();
     fe.set_owner().unwrap();
     let offered = fe.get_features().unwrap();
@@ -205,6 +225,7 @@ fn negotiate(
     if !matches!(inflight, Inflight::Off) {
         want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     }
+    want |= extra;
     assert!(pf.contains(want), "{pf:?}");
     fe.set_protocol_features(want).unwrap();
     // Ask for an ack on every message, as QEMU does once REPLY_ACK is negotiated.
@@ -524,4 +545,183 @@ fn bad_inflight_areas_are_refused() {
     g.fe.set_inflight_fd(&m, f.as_raw_fd()).unwrap();
     let mut b = vec![0u8; 512];
     assert_eq!(g.request(0, req_type::IN, 0, &mut b, true), OK);
+}
+
+/// The frontend's side of the backend channel, as QEMU's vhost-user-blk handles it: on a
+/// config change, read the config space again on the main channel (`GET_CONFIG`, with an
+/// ack asked for on every message) from inside the handler, and report the capacity.
+struct ConfigWatcher {
+    fe: Frontend,
+    seen: mpsc::Sender<u64>,
+}
+
+impl VhostUserFrontendReqHandlerMut for ConfigWatcher {
+    fn handle_config_change(&mut self) -> HandlerResult<u64> {
+        let (_, bytes) =
+            self.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).map_err(std::io::Error::other)?;
+        let _ = self.seen.send(BlkConfig::from_bytes(&bytes).capacity);
+        Ok(0)
+    }
+}
+
+/// Hand the daemon a backend channel and serve it on a thread (QEMU's main loop); the
+/// capacities read after each config change come out of the receiver.
+fn backend_channel(g: &mut Guest) -> mpsc::Receiver<u64> {
+    let (tx, rx) = mpsc::channel();
+    let watcher = Arc::new(Mutex::new(ConfigWatcher { fe: g.fe.clone(), seen: tx }));
+    let mut handler = FrontendReqHandler::new(watcher).unwrap();
+    // Ack what asks for one, as QEMU does.
+    handler.set_reply_ack_flag(true);
+    g.fe.set_backend_request_fd(&handler.get_tx_raw_fd()).unwrap();
+    std::thread::spawn(move || while handler.handle_request().is_ok() {});
+    rx
+}
+
+/// Hang up a guest whose backend channel is served: the channel's thread holds a clone of
+/// its frontend, so dropping the guest alone would not close the connection.
+fn hang_up(g: Guest) {
+    // SAFETY: shutdown(2) on the frontend's open socket.
+    unsafe { libc::shutdown(g.fe.as_raw_fd(), libc::SHUT_RDWR) };
+    drop(g);
+}
+
+fn capacity(g: &mut Guest) -> u64 {
+    let (_, bytes) = g.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).unwrap();
+    BlkConfig::from_bytes(&bytes).capacity
+}
+
+/// `VblkDevice::resize` on a thread, given 10 s: a resize that waited for the frontend
+/// while holding the device would deadlock with the frontend's GET_CONFIG. A deadlock ends
+/// the whole test process (the daemon could not be stopped: its thread waits for the lock).
+fn resize(d: &Daemon, size: u64, allow_shrink: bool) -> Result<u64, DeviceError> {
+    let device = Arc::clone(&d.device);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(device.lock().unwrap().resize(size, allow_shrink)));
+    rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| {
+        eprintln!("FAILED: resize to {size} did not return within 10 s (deadlocked with the frontend?)");
+        std::process::exit(101)
+    })
+}
+
+fn next_capacity(rx: &mpsc::Receiver<u64>) -> u64 {
+    rx.recv_timeout(Duration::from_secs(10)).expect("no config change reached the frontend within 10 s")
+}
+
+const IOERR: u8 = Status::IoErr as u8;
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn a_resize_reaches_the_frontend_and_moves_the_end_of_the_disk() {
+    let (disk, path) = temp_disk(8 * MIB);
+    let d = Daemon::start(disk, 1, false);
+    let mut g = Guest::connect_full(&d, 1, Inflight::Off, VhostUserProtocolFeatures::BACKEND_REQ);
+    let changes = backend_channel(&mut g);
+    // A channel set up while the device runs, by a frontend that never read the size, is
+    // told at once, as at a start.
+    assert_eq!(next_capacity(&changes), 8 * MIB / 512);
+    let end = |size: u64| size / 512 - 8;
+    assert_eq!(g.request(0, req_type::OUT, end(16 * MIB), &mut [1u8; 4096], false), IOERR, "past the end");
+
+    // Grow: the frontend is told, reads the new capacity, and the new end takes writes.
+    assert_eq!(resize(&d, 16 * MIB, false).unwrap(), 16 * MIB);
+    assert_eq!(next_capacity(&changes), 16 * MIB / 512);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 * MIB);
+    let mut data = [0x6bu8; 4096];
+    assert_eq!(g.request(0, req_type::OUT, end(16 * MIB), &mut data, false), OK, "a write at the new end");
+    let mut back = [0u8; 4096];
+    assert_eq!(g.request(0, req_type::IN, end(16 * MIB), &mut back, true), OK);
+    assert_eq!(back, data);
+
+    // The same size: nothing to tell.
+    assert_eq!(resize(&d, 16 * MIB, false).unwrap(), 16 * MIB);
+    // Shrinking needs the caller's explicit consent.
+    let e = resize(&d, 4 * MIB, false).unwrap_err();
+    assert!(
+        matches!(e, DeviceError::ShrinkRefused { current, requested } if current == 16 * MIB && requested == 4 * MIB),
+        "{e}"
+    );
+    assert_eq!(capacity(&mut g), 16 * MIB / 512, "a refused shrink changes nothing");
+    let e = resize(&d, 5000, true).unwrap_err();
+    assert!(matches!(e, DeviceError::Backend(vblk_backend::BackendError::BadSize { .. })), "{e}");
+
+    // Shrink: past the new end is IOERR, before it still works.
+    assert_eq!(resize(&d, 4 * MIB, true).unwrap(), 4 * MIB);
+    assert_eq!(next_capacity(&changes), 4 * MIB / 512, "only changes are told: the same size sent nothing");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * MIB);
+    assert_eq!(g.request(0, req_type::IN, end(16 * MIB), &mut back, true), IOERR);
+    assert_eq!(g.request(0, req_type::OUT, 4 * MIB / 512, &mut [2u8; 512], false), IOERR);
+    assert_eq!(g.request(0, req_type::OUT, end(4 * MIB), &mut data, false), OK);
+    assert!(changes.try_recv().is_err(), "one notification per change");
+    drop(g);
+    drop(d);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn the_frontend_is_told_while_its_device_runs_and_at_every_start() {
+    let (disk, path) = temp_disk(8 * MIB);
+    let d = Daemon::start(disk, 1, false);
+    // No frontend at all.
+    assert_eq!(resize(&d, 12 * MIB, false).unwrap(), 12 * MIB);
+    // A frontend without the channel reads the new size.
+    let mut g = Guest::connect(&d, 1);
+    assert_eq!(capacity(&mut g), 12 * MIB / 512);
+    drop(g);
+    // It reconnects (as QEMU: keeping the config space it read): nothing to tell.
+    let mut g = Guest::connect_full(&d, 1, Inflight::Off, VhostUserProtocolFeatures::BACKEND_REQ);
+    let changes = backend_channel(&mut g);
+    assert!(changes.recv_timeout(Duration::from_millis(300)).is_err(), "it read this size");
+    // Resized while it is away: told when it is back and its device runs.
+    hang_up(g);
+    assert_eq!(resize(&d, 13 * MIB, false).unwrap(), 13 * MIB);
+    let mut g = Guest::connect_full(&d, 1, Inflight::Off, VhostUserProtocolFeatures::BACKEND_REQ);
+    let changes = backend_channel(&mut g);
+    assert_eq!(next_capacity(&changes), 13 * MIB / 512);
+    assert_eq!(resize(&d, 14 * MIB, false).unwrap(), 14 * MIB);
+    assert_eq!(next_capacity(&changes), 14 * MIB / 512);
+    assert!(changes.recv_timeout(Duration::from_millis(200)).is_err(), "one message per change");
+
+    // The device stopped (QEMU ignores a notification then): not told now, but when it
+    // starts again.
+    let base = g.fe.get_vring_base(0).unwrap();
+    assert_eq!(resize(&d, 15 * MIB, false).unwrap(), 15 * MIB);
+    assert!(changes.recv_timeout(Duration::from_millis(300)).is_err(), "nothing while stopped");
+    let (kick, call) = start_ring(&mut g.fe, 0, base as u16);
+    (g.queues[0].kick, g.queues[0].call) = (kick, call);
+    assert_eq!(next_capacity(&changes), 15 * MIB / 512);
+    assert_eq!(g.request(0, req_type::OUT, 15 * MIB / 512 - 8, &mut [4u8; 4096], false), OK);
+    drop(g);
+    drop(d);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_bad_backend_channel_is_refused_and_a_good_one_still_works() {
+    let (disk, path) = temp_disk(8 * MIB);
+    let d = Daemon::start(disk, 1, false);
+    let mut g = Guest::connect_full(&d, 1, Inflight::Off, VhostUserProtocolFeatures::BACKEND_REQ);
+    // Not a socket: the vhost crate refuses it (error reply, then it drops the
+    // connection); the device keeps nothing of it.
+    let not_a_socket = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    assert!(g.fe.set_backend_request_fd(&not_a_socket).is_err());
+    drop(g);
+    assert_eq!(resize(&d, 10 * MIB, false).unwrap(), 10 * MIB);
+    assert!(not_a_socket.read().is_err(), "nothing was written to the refused fd");
+    let mut g = Guest::connect_full(&d, 1, Inflight::Off, VhostUserProtocolFeatures::BACKEND_REQ);
+    let changes = backend_channel(&mut g);
+    assert_eq!(next_capacity(&changes), 10 * MIB / 512);
+    assert_eq!(g.request(0, req_type::OUT, 10 * MIB / 512 - 8, &mut [3u8; 4096], false), OK);
+    drop(g);
+    drop(d);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_read_only_export_refuses_to_resize() {
+    let (disk, path) = temp_disk(8 * MIB);
+    let d = Daemon::start(disk, 1, true);
+    assert!(matches!(resize(&d, 16 * MIB, false), Err(DeviceError::ReadOnly)));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
+    drop(d);
+    let _ = std::fs::remove_file(path);
 }

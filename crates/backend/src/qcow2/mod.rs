@@ -30,6 +30,13 @@
 //!   freed cluster may be reused at once. On v2, which has no zero flag, discard does
 //!   nothing (it is a hint) and write-zeroes writes zeros.
 //!
+//! - **Growing** ([`Qcow2Image::grow`], online resize): imago's `resize_grow`, which may
+//!   move the L1 table to a bigger one and free the old one. It runs with the image
+//!   quiesced (as a discard does), zeroes the new range where a longer backing file would
+//!   show through, and flushes before any other service op runs: the new header and L1
+//!   table are on disk before the old L1 cluster can be reused. Shrinking is refused:
+//!   imago shrinks only through `&mut` access, which a shared image never has.
+//!
 //! Flush is imago's metadata write-back and an `fdatasync`.
 
 pub(crate) mod fast;
@@ -44,6 +51,7 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use imago::format::PreallocateMode;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::{
@@ -296,9 +304,45 @@ impl Qcow2Image {
         self.memory_backed
     }
 
-    /// Virtual size in bytes.
+    /// Virtual size in bytes (imago's: it changes with [`Qcow2Image::grow`]).
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.access.size()
+    }
+
+    /// Grow the virtual size to `new_size` bytes (see the module docs, "Growing").
+    pub(crate) fn grow(&self, new_size: u64) -> Result<(), crate::BackendError> {
+        if self.readonly {
+            return Err(crate::BackendError::ReadOnly);
+        }
+        let io = |op| move |source| crate::BackendError::Io { op, source };
+        let old = self.size();
+        if new_size <= old {
+            return Ok(());
+        }
+        // The direct backing layer's size: what would show through the new range.
+        let backing_len = match self.layers.first() {
+            None => 0,
+            Some(l) if l.format == "qcow2" => check_header(&l.path).map(|h| h.size).unwrap_or(u64::MAX),
+            Some(l) => std::fs::metadata(&l.path).map(|m| m.len()).unwrap_or(u64::MAX),
+        };
+        // Exclusive: the L1 table may move, and its old cluster is freed at once.
+        let _exclusive = self.quiesce.exclusive();
+        self.access.resize_grow(new_size, PreallocateMode::None).map_err(io("qcow2 resize"))?;
+        // Unallocated clusters read from the backing file: the range past the old end
+        // must read as zeros, not as whatever a longer backing file holds there (QEMU
+        // zeroes it the same way).
+        let shown = backing_len.min(new_size);
+        if shown > old {
+            self.access.write_zeroes(old, shown - old).map_err(io("qcow2 resize (zeroing the new range)"))?;
+        }
+        // Durable before anyone uses it, and the roots (header, the new L1 table) written
+        // before the old L1 cluster can be handed out again (`ordered.rs`): no other
+        // service op runs until this returns.
+        let flushed = self.access.flush().and_then(|()| self.access.sync());
+        flushed.map_err(|source| {
+            self.mark_flush_failed();
+            crate::BackendError::Io { op: "qcow2 resize (flush)", source }
+        })
     }
 
     pub fn version(&self) -> u32 {
@@ -423,7 +467,7 @@ impl Qcow2Image {
             "qcow2 v{} {}, {} bytes, {} KiB clusters{}{backing}, metadata cache at most {} MiB",
             self.header.version,
             self.path.display(),
-            self.header.size,
+            self.size(),
             self.cluster_size() >> 10,
             if self.readonly { ", read-only" } else { "" },
             self.cache_max.div_ceil(1 << 20),

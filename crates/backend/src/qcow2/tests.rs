@@ -767,3 +767,107 @@ fn malformed_images_are_errors_never_crashes() {
         );
     }
 }
+
+fn virtual_size(image: &Path) -> u64 {
+    let out = qemu_img(&["info", "--output=json", "-f", "qcow2", "-U", image.to_str().unwrap()]);
+    let key = "\"virtual-size\":";
+    // The last one is the image's own (its protocol child's, the file length, comes first).
+    let at = out.rfind(key).unwrap_or_else(|| panic!("no virtual size in {out}"));
+    out[at + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+/// What a crash would leave of an image that is still open: its file as it is now.
+fn crash_copy(image: &Path, name: &str) -> PathBuf {
+    let copy = image.with_file_name(name);
+    std::fs::copy(image, &copy).unwrap();
+    copy
+}
+
+#[test]
+fn a_qcow2_image_grows_online_durably_and_refuses_to_shrink() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("grow");
+    let img = d.join("g.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    let disk = Arc::new(Disk::open_qcow2(&img, &Qcow2Options::default()).unwrap());
+    let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 4).unwrap();
+    let mut head = pattern(64 << 10, 1);
+    io(&mut e, OpKind::Write, 0, &mut head).unwrap();
+    let r = io(&mut e, OpKind::Write, 2 << 20, &mut pattern(4096, 2));
+    assert!(matches!(r, Err(crate::BackendError::OutOfRange { .. })), "{r:?}");
+
+    // 3 GiB: the L1 table (one entry covers 512 MiB) moves to a bigger cluster and the old
+    // one is freed.
+    let new = 3u64 << 30;
+    assert_eq!(disk.resize(new).unwrap(), new);
+    assert_eq!((disk.size(), disk.qcow2().unwrap().0.size()), (new, new));
+    assert!(disk.describe().contains(&new.to_string()), "{}", disk.describe());
+    // On disk already (the resize flushed): a crash now keeps the new size, consistently.
+    let crashed = crash_copy(&img, "crash1.qcow2");
+    check_clean(&crashed);
+    assert_eq!(virtual_size(&crashed), new);
+
+    // The new end takes allocating writes (which may reuse the old L1 cluster: the new
+    // header must be on disk first), and the data before the resize is intact.
+    let mut tail = vec![0x5au8; 64 << 10];
+    io(&mut e, OpKind::Write, new - (64 << 10), &mut tail).unwrap();
+    let mut mid = pattern(256 << 10, 3);
+    io(&mut e, OpKind::Write, 1 << 30, &mut mid).unwrap();
+    let mut back = vec![0u8; 64 << 10];
+    io(&mut e, OpKind::Read, new - (64 << 10), &mut back).unwrap();
+    assert_eq!(back, tail);
+    io(&mut e, OpKind::Read, 0, &mut back).unwrap();
+    assert_eq!(back, head);
+    let mut zeros = vec![0xffu8; 64 << 10];
+    io(&mut e, OpKind::Read, 2 << 20, &mut zeros).unwrap();
+    assert!(zeros.iter().all(|&b| b == 0), "the new range reads as zeros");
+    io(&mut e, OpKind::Flush, 0, &mut []).unwrap();
+    check_clean(&crash_copy(&img, "crash2.qcow2"));
+
+    // Shrinking: refused, nothing changed.
+    let r = disk.resize(1 << 20);
+    assert!(matches!(r, Err(crate::BackendError::Unsupported(_))), "{r:?}");
+    assert!(r.unwrap_err().to_string().contains("shrinking a qcow2 image"));
+    assert_eq!(disk.size(), new);
+    let r = disk.resize(new + 1000);
+    assert!(matches!(r, Err(crate::BackendError::BadSize { .. })), "{r:?}");
+
+    drop(e);
+    drop(disk);
+    check_clean(&img);
+    assert_eq!(virtual_size(&img), new);
+    qemu_io(&img, "qcow2", &format!("read -P 0x5a {} 64k", new - (64 << 10)));
+    qemu_io(&img, "qcow2", "read -P 0 2M 1M");
+    let ro = Disk::open_qcow2(&img, &Qcow2Options { readonly: true, ..Qcow2Options::default() }).unwrap();
+    assert!(matches!(ro.resize(new * 2), Err(crate::BackendError::ReadOnly)));
+}
+
+#[test]
+fn growing_an_overlay_does_not_show_its_longer_backing_file() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = Dir::new("grow-backing");
+    let base = d.join("base.raw");
+    let top = d.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "4M"]);
+    qemu_io(&base, "raw", "write -P 0x11 0 4M");
+    // The overlay is shorter than its backing file (as after `qemu-img resize --shrink`).
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top.to_str().unwrap(), "2M"]);
+    let disk = Arc::new(Disk::open_qcow2(&top, &Qcow2Options::default()).unwrap());
+    let mut e = Engine::new(Arc::clone(&disk), EngineKind::Auto, 4).unwrap();
+    disk.resize(6 << 20).unwrap();
+    let mut buf = vec![0xffu8; 4 << 20];
+    io(&mut e, OpKind::Read, 2 << 20, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "2M..6M reads as zeros, not the backing file's 0x11");
+    let mut first = vec![0u8; 2 << 20];
+    io(&mut e, OpKind::Read, 0, &mut first).unwrap();
+    assert!(first.iter().all(|&b| b == 0x11), "below the old end the backing file still shows");
+    drop(e);
+    drop(disk);
+    check_clean(&top);
+    qemu_io(&top, "qcow2", "read -P 0 2M 4M");
+    qemu_io(&top, "qcow2", "read -P 0x11 0 2M");
+}

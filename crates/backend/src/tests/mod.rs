@@ -8,6 +8,7 @@
 mod inject;
 mod io;
 mod ops;
+mod resize;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
+use vblk_vhost_user::DeviceError;
+
 use super::export::qos_json;
 use super::options::{resolve_paths, ExportArgs};
 use super::rpc::{self, Request, Response, RpcError};
@@ -207,6 +209,19 @@ pub fn call(daemon: &Daemon, method: &str, p: Value) -> Result<Value, RpcError> 
             };
             daemon.stats(name.as_deref())
         }
+        "export_resize" => {
+            only(&p, &["name", "size", "allow_shrink"])?;
+            let name = name_param(&p)?;
+            // Bytes, or a size with a suffix ("40G").
+            let size = number_param(&p, "size")?.ok_or_else(|| RpcError::new(rpc::INVALID_PARAMS, "missing 'size'"))?;
+            let allow_shrink = match p.get("allow_shrink") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(RpcError::new(rpc::INVALID_PARAMS, "'allow_shrink' must be true or false")),
+            };
+            let size = daemon.get(&name)?.resize(size, allow_shrink).map_err(|e| resize_error(&name, e))?;
+            Ok(json!({"name": name, "size": size}))
+        }
         "export_set_qos" => {
             only(&p, &["name", "iops", "bps", "burst_ms"])?;
             let export = daemon.get(&name_param(&p)?)?;
@@ -229,5 +244,17 @@ pub fn call(daemon: &Daemon, method: &str, p: Value) -> Result<Value, RpcError> 
             Ok(qos_json(&export.throttle().limits()))
         }
         _ => Err(RpcError::new(rpc::METHOD_NOT_FOUND, format!("no method '{method}'"))),
+    }
+}
+
+/// A refused or failed resize as the caller should read it.
+fn resize_error(name: &str, e: DeviceError) -> RpcError {
+    match e {
+        DeviceError::ShrinkRefused { current, requested } => RpcError::failed(format!(
+            "{name}: {requested} bytes is smaller than the disk ({current} bytes): the guest would lose the data \
+             past the new end; shrink only with allow_shrink (vblk ctl resize --allow-shrink)"
+        )),
+        DeviceError::Backend(b @ vblk_backend::BackendError::BadSize { .. }) => RpcError::invalid_params(b),
+        e => RpcError::failed(format!("{name}: resize failed: {e}")),
     }
 }

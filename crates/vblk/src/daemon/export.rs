@@ -22,13 +22,12 @@ use vblk_backend::{Disk, EngineKind};
 use vblk_blk::qos::Throttle;
 use vblk_blk::DeviceParams;
 use vblk_metrics::ExportMetrics;
-use vblk_vhost_user::{DataPlaneOptions, Server, VblkDevice};
+use vblk_vhost_user::{DataPlaneOptions, DeviceError, Server, VblkDevice};
 
 use super::open::open_disk;
 use super::options::{EngineArg, ExportArgs};
 
 /// A running export.
-#[allow(dead_code)] // the device and disk are for resize, which comes next
 pub struct Export {
     name: String,
     /// The options it was started with, as given (what `export_list` shows).
@@ -165,11 +164,18 @@ impl Export {
         &self.disk
     }
 
+    /// Resize the disk while it is served and tell the frontend (`VblkDevice::resize`);
+    /// the size it has now. Holds the device for the resize (the frontend's messages wait).
+    pub fn resize(&self, size: u64, allow_shrink: bool) -> Result<u64, DeviceError> {
+        self.device().resize(size, allow_shrink)
+    }
+
     /// What `export_list` says about it.
     pub fn info(&self) -> Value {
         serde_json::json!({
             "name": self.name,
-            "image": self.describe,
+            // Described now: the size in it changes with a resize.
+            "image": self.disk.describe(),
             "socket": self.socket,
             "size": self.disk.size(),
             "readonly": self.readonly,
