@@ -282,12 +282,13 @@ impl SplitQueue {
         Ok(n)
     }
 
-    /// The next head to pop: a resubmitted one, or the next avail entry.
-    fn next_head(&mut self) -> Result<Option<u16>, QueueError> {
+    /// The next head to pop: a resubmitted one, or the next avail entry (`refresh`: re-read
+    /// `avail.idx` when every entry seen so far was popped).
+    fn next_head(&mut self, refresh: bool) -> Result<Option<u16>, QueueError> {
         if let Some(head) = self.resubmit.pop_front() {
             return Ok(Some(head));
         }
-        if self.shadow_avail == self.next_avail && self.refresh_avail()? == self.next_avail {
+        if self.shadow_avail == self.next_avail && (!refresh || self.refresh_avail()? == self.next_avail) {
             return Ok(None);
         }
         let head = self.avail.load_u16(self.layout.avail_entry(self.next_avail));
@@ -306,10 +307,23 @@ impl SplitQueue {
 
     /// Pop the next available chain into `chain`.
     pub fn pop(&mut self, chain: &mut Chain) -> Result<Popped, QueueError> {
+        self.pop_from(chain, true)
+    }
+
+    /// [`pop`](Self::pop), but only among the entries the last read of `avail.idx` showed:
+    /// [`Popped::Empty`] once those are popped, even if the driver has made more available
+    /// since. A batch that starts with [`pop`](Self::pop) and goes on with this ends at that
+    /// snapshot, so its requests can be completed and published while the driver is still
+    /// adding entries one by one (libblkio and Linux store `avail.idx` per request).
+    pub fn pop_seen(&mut self, chain: &mut Chain) -> Result<Popped, QueueError> {
+        self.pop_from(chain, false)
+    }
+
+    fn pop_from(&mut self, chain: &mut Chain, refresh: bool) -> Result<Popped, QueueError> {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        let Some(head) = self.next_head()? else { return Ok(Popped::Empty) };
+        let Some(head) = self.next_head(refresh)? else { return Ok(Popped::Empty) };
         self.in_flight[head as usize] = true;
         self.num_in_flight += 1;
         chain.reset(head, &self.mem);
