@@ -17,7 +17,8 @@
 //!
 //! With `--poll-us N` a worker that just did work keeps spinning on its avail rings and
 //! the io_uring completion queue for up to N µs with kicks disabled (no eventfd writes by
-//! the driver, no `poll` wakeups), then re-enables kicks and sleeps: adaptive polling.
+//! the driver, no `poll` wakeups), then re-enables kicks and sleeps: adaptive polling. The
+//! window adapts between 0 and N µs to when work actually comes ([`PollWindow`]).
 //!
 //! QoS: every ring's pipeline asks the export's [`Throttle`] before it pops a chain. A ring
 //! the throttle holds back keeps its chains in the avail ring, its kicks off, and is not
@@ -163,7 +164,7 @@ impl Worker {
                 stopping: stopping2,
                 qos,
                 _subscription: subscription,
-                poll_budget,
+                window: PollWindow::new(poll_budget),
                 engine,
                 rings,
                 completions: Vec::new(),
@@ -269,6 +270,52 @@ impl RingWorker {
     }
 }
 
+/// The adaptive polling window, as QEMU's `aio_poll` adapts its iothreads' (`poll-grow`,
+/// `poll-shrink`): how long a worker keeps spinning after its last work, between zero and
+/// the `--poll-us` budget. After each sleep the worker reports how long it was idle in all
+/// (the spin and the sleep) before work woke it:
+///
+/// - longer than the budget: no window within the budget would have caught it, so polling
+///   only burnt the CPU: the window halves, and below [`PollWindow::GROW_FROM`] drops to
+///   zero. A slow frontend (a TCG guest, a driver that sleeps between batches) soon costs no
+///   spinning. (QEMU's default `poll-shrink=0` drops to zero at once; halving keeps a fast
+///   client's window through a single late wakeup, e.g. a stalled vCPU of this VM);
+/// - longer than the window but within the budget: a longer window would have caught it
+///   without a wakeup: the window doubles, from [`PollWindow::GROW_FROM`], up to the budget.
+///
+/// While work keeps coming during a spin, the spin goes on and the window does not matter.
+#[derive(Debug, Clone, Copy)]
+struct PollWindow {
+    budget: Duration,
+    current: Duration,
+}
+
+impl PollWindow {
+    /// The first window after zero (QEMU's: 4 µs).
+    const GROW_FROM: Duration = Duration::from_micros(4);
+
+    /// Starts at the full budget (zero: never poll).
+    fn new(budget: Duration) -> Self {
+        PollWindow { budget, current: budget }
+    }
+
+    fn current(&self) -> Duration {
+        self.current
+    }
+
+    /// Work woke the worker after `idle` without any (spinning, then asleep).
+    fn woke(&mut self, idle: Duration) {
+        if idle > self.budget {
+            self.current /= 2;
+            if self.current < Self::GROW_FROM {
+                self.current = Duration::ZERO;
+            }
+        } else if idle > self.current {
+            self.current = (self.current * 2).max(Self::GROW_FROM).min(self.budget);
+        }
+    }
+}
+
 struct WorkerLoop {
     stop: Arc<File>,
     /// Set before `stop` is signalled, so a busy-polling worker notices without a syscall.
@@ -276,8 +323,9 @@ struct WorkerLoop {
     /// Signalled when the export's limits change (through `_subscription`).
     qos: Arc<File>,
     _subscription: Subscription,
-    /// How long to keep polling after the last work (zero: never poll).
-    poll_budget: Duration,
+    /// How long to keep polling after the last work: adapts between zero and the
+    /// `--poll-us` budget ([`PollWindow`]).
+    window: PollWindow,
     engine: Engine,
     rings: Vec<RingWorker>,
     completions: Vec<Completion>,
@@ -304,12 +352,16 @@ impl WorkerLoop {
         self.reap();
         self.publish_all();
         loop {
-            if !self.poll_budget.is_zero() {
+            // Since when the worker has had nothing to do: the idle time up to the next
+            // wakeup tells the polling window whether polling would have caught it.
+            let mut idle_since = None;
+            if !self.window.current().is_zero() {
                 let t = Instant::now();
-                let stop = self.busy_poll();
+                let polled = self.busy_poll();
                 self.metrics.polled(nanos(t.elapsed()));
-                if stop {
-                    break;
+                match polled {
+                    Some(since) => idle_since = Some(since),
+                    None => break,
                 }
             }
             let timeout = self.sleep_timeout();
@@ -322,7 +374,12 @@ impl WorkerLoop {
             // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd; `ts_ptr` is null
             // or points to `ts`, alive across the call; no signal mask is given.
             let n = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
-            self.metrics.slept(nanos(t.elapsed()));
+            let woke = Instant::now();
+            self.metrics.slept(nanos(woke.saturating_duration_since(t)));
+            if n > 0 && fds[STOP_FD].revents == 0 {
+                // Woken by work (not a timeout, not the stop fd).
+                self.window.woke(woke.saturating_duration_since(idle_since.unwrap_or(t)));
+            }
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -378,9 +435,11 @@ impl WorkerLoop {
     }
 
     /// Adaptive polling: with kicks disabled, spin on the avail rings and the completion
-    /// queue while work keeps arriving; after `poll_budget` without any, re-enable kicks
-    /// and return to sleeping. Returns `true` if the worker was asked to stop.
-    fn busy_poll(&mut self) -> bool {
+    /// queue while work keeps arriving; after the polling window without any, re-enable
+    /// kicks and return to sleeping. Returns since when the worker has been idle (`None`:
+    /// it was asked to stop).
+    fn busy_poll(&mut self) -> Option<Instant> {
+        let budget = self.window.current();
         for r in &mut self.rings {
             r.queue.queue_mut().disable_notification();
         }
@@ -391,7 +450,7 @@ impl WorkerLoop {
         let mut idle_passes = 0u32;
         loop {
             if self.stopping.load(Ordering::Acquire) {
-                return true;
+                return None;
             }
             let now = if self.any_held() { now_ns() } else { 0 };
             let mut work = false;
@@ -410,7 +469,7 @@ impl WorkerLoop {
                 idle_passes = idle_passes.wrapping_add(1);
                 match idle_since {
                     None => (idle_since, idle_passes) = (Some(Instant::now()), 0),
-                    Some(t) if idle_passes.is_multiple_of(32) && t.elapsed() >= self.poll_budget => break,
+                    Some(t) if idle_passes.is_multiple_of(32) && t.elapsed() >= budget => break,
                     Some(_) => {}
                 }
             }
@@ -422,7 +481,8 @@ impl WorkerLoop {
         }
         self.reap();
         self.publish_all();
-        false
+        // (Throttled rings: no idle stretch was timed; the sleep is then the throttle's.)
+        Some(idle_since.unwrap_or_else(Instant::now))
     }
 
     /// Is any ring held back by the throttle?
@@ -520,5 +580,40 @@ impl WorkerLoop {
         for r in &mut self.rings {
             r.queue.end_throttle();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn the_poll_window_drops_to_zero_when_work_comes_too_late_and_grows_back() {
+        let mut w = PollWindow::new(50 * US);
+        assert_eq!(w.current(), 50 * US, "starts at the budget");
+        w.woke(30 * US);
+        assert_eq!(w.current(), 50 * US, "caught within the window: unchanged");
+        w.woke(51 * US);
+        assert_eq!(w.current(), 25 * US, "later than any window could catch: halves");
+        for _ in 0..3 {
+            w.woke(1000 * US);
+        }
+        assert_eq!(w.current(), Duration::ZERO, "below 4 µs: off");
+        w.woke(10 * US);
+        assert_eq!(w.current(), 4 * US);
+        w.woke(10 * US);
+        assert_eq!(w.current(), 8 * US);
+        w.woke(10 * US);
+        assert_eq!(w.current(), 16 * US, "doubles while work comes after the window");
+        w.woke(3 * US);
+        assert_eq!(w.current(), 16 * US);
+        w.woke(40 * US);
+        w.woke(40 * US);
+        assert_eq!(w.current(), 50 * US, "never beyond the budget");
+        let mut off = PollWindow::new(Duration::ZERO);
+        off.woke(US);
+        assert_eq!(off.current(), Duration::ZERO, "--poll-us 0: never polls");
     }
 }
