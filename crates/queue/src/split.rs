@@ -251,8 +251,43 @@ impl SplitQueue {
                 size: self.layout.size,
             }));
         }
+        if idx.wrapping_sub(self.shadow_avail) > 1 {
+            self.prefetch(self.shadow_avail, idx);
+        }
         self.shadow_avail = idx;
         Ok(idx)
+    }
+
+    /// Start fetching what popping the entries `[from, to)` of the avail ring will read,
+    /// so that their cache misses (lines the driver just wrote, on another CPU) overlap
+    /// instead of following one another: the head descriptors of all of them, then, once
+    /// those are in, each chain's second descriptor and its first buffer (a block
+    /// request's header). Only hints: nothing is validated here, and `pop` reads and
+    /// checks everything as before.
+    fn prefetch(&self, from: u16, to: u16) {
+        let size = self.layout.size;
+        let n = to.wrapping_sub(from).min(size);
+        for i in 0..n {
+            let head = self.avail.load_u16(self.layout.avail_entry(from.wrapping_add(i)));
+            if head < size {
+                self.desc.prefetch(self.layout.desc(head));
+            }
+        }
+        for i in 0..n {
+            let head = self.avail.load_u16(self.layout.avail_entry(from.wrapping_add(i)));
+            if head >= size {
+                continue;
+            }
+            let d = self.read_desc(head);
+            if d.has_next() && d.next < size {
+                self.desc.prefetch(self.layout.desc(d.next));
+            }
+            if !d.is_indirect() {
+                if let Ok(iov) = self.mem.iov(d.addr, d.len.min(64)) {
+                    vblk_virtio::memory::prefetch(iov.as_iovec().iov_base as *const u8);
+                }
+            }
+        }
     }
 
     /// Are there available entries we have not popped? (Re-reads `avail.idx`.)
