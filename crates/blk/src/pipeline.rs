@@ -146,6 +146,8 @@ pub struct BlkQueue {
     throttle: Option<Arc<Throttle>>,
     /// Set while the throttle holds this ring's chains back.
     throttled: Option<Held>,
+    /// Used entries were added since the last publish.
+    unpublished: bool,
 }
 
 /// A ring held back by its throttle.
@@ -209,6 +211,7 @@ impl BlkQueue {
             timing: true,
             throttle: None,
             throttled: None,
+            unpublished: false,
         }
     }
 
@@ -321,7 +324,12 @@ impl BlkQueue {
                     Err(e) => break Err(e),
                 }
             }
-            let popped = match self.queue.pop(&mut self.spare_chain) {
+            // The first pop may re-read `avail.idx`; the rest of the batch takes what that read
+            // showed, so the batch ends there and is completed and published while the driver
+            // may still be adding requests (see `Ring::pop_seen`).
+            let popped =
+                if n == 0 { self.queue.pop(&mut self.spare_chain) } else { self.queue.pop_seen(&mut self.spare_chain) };
+            let popped = match popped {
                 Ok(p) => p,
                 Err(e) => break Err(e),
             };
@@ -348,6 +356,7 @@ impl BlkQueue {
         // staged (never submitted, never completed, its memory never released).
         self.submit_staged(io);
         if n > 0 {
+            self.metrics.batch();
             if let Err(e) = io.submit() {
                 // The ops stay queued; the worker retries before it sleeps.
                 tracing::warn!(%e, "backend submit failed");
@@ -367,6 +376,7 @@ impl BlkQueue {
         // The byte was validated against this queue's memory table.
         let _ = self.queue.memory().write_iov(s.iov, 0, &[Status::IoErr as u8]);
         self.queue.add_used(head, used_len(0, s.writable_before));
+        self.unpublished = true;
         Ok(())
     }
 
@@ -575,11 +585,21 @@ impl BlkQueue {
         }
         slot.chain.release();
         self.queue.add_used(head, used_len(written, p.data_in));
+        self.unpublished = true;
     }
 
     /// Publish finished requests to the used ring. `true`: the driver wants a notification.
     pub fn publish(&mut self) -> bool {
-        self.queue.publish_used()
+        if !self.unpublished {
+            return false;
+        }
+        self.unpublished = false;
+        self.metrics.published();
+        let notify = self.queue.publish_used();
+        if notify {
+            self.metrics.notified();
+        }
+        notify
     }
 
     /// Re-enable kicks before sleeping; `true` if more work arrived meanwhile.

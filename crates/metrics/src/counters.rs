@@ -135,6 +135,9 @@ pub struct QueueMetrics {
     latency: [Counter; LATENCY_BUCKETS + 1],
     latency_sum_ns: Counter,
     throttled_ns: Counter,
+    batches: Counter,
+    publishes: Counter,
+    notifications: Counter,
 }
 
 /// The finished requests of one operation, and the bytes they moved.
@@ -187,6 +190,25 @@ impl QueueMetrics {
         self.throttled_ns.add(ns);
     }
 
+    /// A pass over the avail ring popped at least one chain (requests per batch: started /
+    /// batches).
+    #[inline]
+    pub fn batch(&self) {
+        self.batches.add(1);
+    }
+
+    /// Used entries were made visible to the driver (one `used.idx` store).
+    #[inline]
+    pub fn published(&self) {
+        self.publishes.add(1);
+    }
+
+    /// The driver was notified (a call eventfd write).
+    #[inline]
+    pub fn notified(&self) {
+        self.notifications.add(1);
+    }
+
     /// The counters now. Finished requests are read before started ones, so the in-flight
     /// count derived from them is never negative on a machine that keeps store order.
     pub fn snapshot(&self) -> QueueSnapshot {
@@ -200,6 +222,9 @@ impl QueueMetrics {
             merged: self.merged.get(),
             refused: self.refused.get(),
             throttled_ns: self.throttled_ns.get(),
+            batches: self.batches.get(),
+            publishes: self.publishes.get(),
+            notifications: self.notifications.get(),
             started: self.started.get(),
         }
     }
@@ -222,6 +247,12 @@ pub struct QueueSnapshot {
     pub latency: [u64; LATENCY_BUCKETS + 1],
     pub latency_sum_ns: u64,
     pub throttled_ns: u64,
+    /// Passes over the avail ring that popped at least one chain.
+    pub batches: u64,
+    /// `used.idx` stores (used entries made visible).
+    pub publishes: u64,
+    /// Notifications sent to the driver (call eventfd writes).
+    pub notifications: u64,
 }
 
 impl QueueSnapshot {
@@ -270,6 +301,9 @@ impl QueueSnapshot {
         self.refused = self.refused.wrapping_add(other.refused);
         self.latency_sum_ns = self.latency_sum_ns.wrapping_add(other.latency_sum_ns);
         self.throttled_ns = self.throttled_ns.wrapping_add(other.throttled_ns);
+        self.batches = self.batches.wrapping_add(other.batches);
+        self.publishes = self.publishes.wrapping_add(other.publishes);
+        self.notifications = self.notifications.wrapping_add(other.notifications);
     }
 }
 

@@ -15,6 +15,9 @@
 //! | `vblk_merged_requests_total` | counter: requests that rode in another's backend I/O | `export`, `queue` |
 //! | `vblk_refused_chains_total` | counter: chains refused before becoming requests | `export`, `queue` |
 //! | `vblk_throttled_seconds_total` | counter: time the queue was held back by its export's QoS limit (requests left waiting in its ring) | `export`, `queue` |
+//! | `vblk_queue_batches_total` | counter: passes over the avail ring that popped at least one chain (requests per batch = requests / batches) | `export`, `queue` |
+//! | `vblk_used_publishes_total` | counter: used-ring index stores (completions made visible to the driver) | `export`, `queue` |
+//! | `vblk_notifications_total` | counter: notifications sent to the driver (call eventfd writes) | `export`, `queue` |
 //! | `vblk_worker_poll_seconds_total` | counter: time busy-polling (adaptive polling, work included) | `export`, `worker` |
 //! | `vblk_worker_sleep_seconds_total` | counter: time asleep in `poll(2)` | `export`, `worker` |
 //! | `vblk_queue_info` | gauge, always 1: which worker serves a queue | `export`, `queue`, `worker` |
@@ -182,6 +185,24 @@ impl Collector for Exposition {
             "Time the queue was held back by its export's QoS limit (requests left waiting in its ring).",
             per_queue(|s| s.throttled_ns).into_iter().map(|(l, v)| (l, secs(v))),
         )?;
+        counter(
+            &mut enc,
+            "vblk_queue_batches",
+            "Passes over the avail ring that popped at least one descriptor chain.",
+            per_queue(|s| s.batches),
+        )?;
+        counter(
+            &mut enc,
+            "vblk_used_publishes",
+            "Used-ring index stores: completions made visible to the driver.",
+            per_queue(|s| s.publishes),
+        )?;
+        counter(
+            &mut enc,
+            "vblk_notifications",
+            "Notifications sent to the driver (call eventfd writes).",
+            per_queue(|s| s.notifications),
+        )?;
         let workers = |f: fn(&crate::WorkerSnapshot) -> u64| {
             exports
                 .iter()
@@ -246,6 +267,10 @@ mod tests {
         q1.finished(Op::Read, None, 4096, Some(1_500)); // bucket le=2e-06
         q1.finished(Op::Write, Some(ErrorStatus::IoErr), 512, Some(3_000_000)); // le=0.004096
         q1.merged(2);
+        q1.batch();
+        q1.published();
+        q1.published();
+        q1.notified();
         a.worker(0).unwrap().slept(1_500_000_000);
         let b = Arc::new(ExportMetrics::new(1, 1));
         reg.register("b@snap-1", b).unwrap();
@@ -268,6 +293,10 @@ mod tests {
         assert_eq!(s(r#"vblk_request_latency_seconds_count{export="a",queue="1"}"#), 2.0);
         assert!((s(r#"vblk_request_latency_seconds_sum{export="a",queue="1"}"#) - 0.0030015).abs() < 1e-12);
         assert_eq!(s(r#"vblk_merged_requests_total{export="a",queue="1"}"#), 2.0);
+        assert_eq!(s(r#"vblk_queue_batches_total{export="a",queue="1"}"#), 1.0);
+        assert_eq!(s(r#"vblk_used_publishes_total{export="a",queue="1"}"#), 2.0);
+        assert_eq!(s(r#"vblk_notifications_total{export="a",queue="1"}"#), 1.0);
+        assert_eq!(s(r#"vblk_notifications_total{export="a",queue="0"}"#), 0.0);
         assert_eq!(s(r#"vblk_throttled_seconds_total{export="a",queue="0"}"#), 0.0);
         assert_eq!(s(r#"vblk_worker_sleep_seconds_total{export="a",worker="0"}"#), 1.5);
         assert_eq!(s(r#"vblk_worker_poll_seconds_total{export="a",worker="0"}"#), 0.0);

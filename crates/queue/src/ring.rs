@@ -82,6 +82,17 @@ impl Ring {
         each!(self, q => q.pop(chain))
     }
 
+    /// Pop, but only what the split ring's last `avail.idx` read showed
+    /// ([`SplitQueue::pop_seen`]); the packed ring has no index to snapshot and pops as
+    /// [`pop`](Self::pop) does.
+    #[inline]
+    pub fn pop_seen(&mut self, chain: &mut Chain) -> Result<Popped, QueueError> {
+        match self {
+            Ring::Split(q) => q.pop_seen(chain),
+            Ring::Packed(q) => q.pop(chain),
+        }
+    }
+
     #[inline]
     pub fn add_used(&mut self, head: u16, len: u32) -> bool {
         each!(self, q => q.add_used(head, len))

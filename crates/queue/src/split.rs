@@ -251,8 +251,43 @@ impl SplitQueue {
                 size: self.layout.size,
             }));
         }
+        if idx.wrapping_sub(self.shadow_avail) > 1 {
+            self.prefetch(self.shadow_avail, idx);
+        }
         self.shadow_avail = idx;
         Ok(idx)
+    }
+
+    /// Start fetching what popping the entries `[from, to)` of the avail ring will read,
+    /// so that their cache misses (lines the driver just wrote, on another CPU) overlap
+    /// instead of following one another: the head descriptors of all of them, then, once
+    /// those are in, each chain's second descriptor and its first buffer (a block
+    /// request's header). Only hints: nothing is validated here, and `pop` reads and
+    /// checks everything as before.
+    fn prefetch(&self, from: u16, to: u16) {
+        let size = self.layout.size;
+        let n = to.wrapping_sub(from).min(size);
+        for i in 0..n {
+            let head = self.avail.load_u16(self.layout.avail_entry(from.wrapping_add(i)));
+            if head < size {
+                self.desc.prefetch(self.layout.desc(head));
+            }
+        }
+        for i in 0..n {
+            let head = self.avail.load_u16(self.layout.avail_entry(from.wrapping_add(i)));
+            if head >= size {
+                continue;
+            }
+            let d = self.read_desc(head);
+            if d.has_next() && d.next < size {
+                self.desc.prefetch(self.layout.desc(d.next));
+            }
+            if !d.is_indirect() {
+                if let Ok(iov) = self.mem.iov(d.addr, d.len.min(64)) {
+                    vblk_virtio::memory::prefetch(iov.as_iovec().iov_base as *const u8);
+                }
+            }
+        }
     }
 
     /// Are there available entries we have not popped? (Re-reads `avail.idx`.)
@@ -282,12 +317,13 @@ impl SplitQueue {
         Ok(n)
     }
 
-    /// The next head to pop: a resubmitted one, or the next avail entry.
-    fn next_head(&mut self) -> Result<Option<u16>, QueueError> {
+    /// The next head to pop: a resubmitted one, or the next avail entry (`refresh`: re-read
+    /// `avail.idx` when every entry seen so far was popped).
+    fn next_head(&mut self, refresh: bool) -> Result<Option<u16>, QueueError> {
         if let Some(head) = self.resubmit.pop_front() {
             return Ok(Some(head));
         }
-        if self.shadow_avail == self.next_avail && self.refresh_avail()? == self.next_avail {
+        if self.shadow_avail == self.next_avail && (!refresh || self.refresh_avail()? == self.next_avail) {
             return Ok(None);
         }
         let head = self.avail.load_u16(self.layout.avail_entry(self.next_avail));
@@ -306,10 +342,23 @@ impl SplitQueue {
 
     /// Pop the next available chain into `chain`.
     pub fn pop(&mut self, chain: &mut Chain) -> Result<Popped, QueueError> {
+        self.pop_from(chain, true)
+    }
+
+    /// [`pop`](Self::pop), but only among the entries the last read of `avail.idx` showed:
+    /// [`Popped::Empty`] once those are popped, even if the driver has made more available
+    /// since. A batch that starts with [`pop`](Self::pop) and goes on with this ends at that
+    /// snapshot, so its requests can be completed and published while the driver is still
+    /// adding entries one by one (libblkio and Linux store `avail.idx` per request).
+    pub fn pop_seen(&mut self, chain: &mut Chain) -> Result<Popped, QueueError> {
+        self.pop_from(chain, false)
+    }
+
+    fn pop_from(&mut self, chain: &mut Chain, refresh: bool) -> Result<Popped, QueueError> {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        let Some(head) = self.next_head()? else { return Ok(Popped::Empty) };
+        let Some(head) = self.next_head(refresh)? else { return Ok(Popped::Empty) };
         self.in_flight[head as usize] = true;
         self.num_in_flight += 1;
         chain.reset(head, &self.mem);

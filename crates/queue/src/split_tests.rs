@@ -335,3 +335,21 @@ fn ring_addresses_are_checked() {
         ));
     }
 }
+
+#[test]
+fn pop_seen_stops_at_the_last_avail_idx_read() {
+    let mut r = TestRing::new(8);
+    r.request(0, 512, true);
+    r.request(3, 512, true);
+    r.push_avail(0);
+    let mut q = r.queue(RingFeatures::default());
+    let mut c = Chain::new();
+    assert_eq!(q.pop_seen(&mut c).unwrap(), Popped::Empty, "nothing seen yet");
+    assert_eq!(q.pop(&mut c).unwrap(), Popped::Chain, "pop reads avail.idx");
+    assert_eq!(c.head(), 0);
+    r.push_avail(3);
+    assert_eq!(q.pop_seen(&mut c).unwrap(), Popped::Empty, "made available after the read");
+    assert_eq!(q.pop(&mut c).unwrap(), Popped::Chain);
+    assert_eq!(c.head(), 3);
+    assert_eq!(q.num_in_flight(), 2);
+}

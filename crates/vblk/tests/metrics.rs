@@ -177,6 +177,12 @@ fn counters_match_the_io_exactly() {
     assert_eq!(s.queue("vblk_merged_requests_total"), 0.0, "one request at a time: nothing to merge");
     assert_eq!(s.queue("vblk_refused_chains_total"), 0.0);
     assert_eq!(s.queue("vblk_throttled_seconds_total"), 0.0);
+    // One request at a time: a batch, a publish and (the driver asks for them) a notification
+    // per request at most, and at least one of each.
+    for name in ["vblk_queue_batches_total", "vblk_used_publishes_total", "vblk_notifications_total"] {
+        let v = s.queue(name);
+        assert!((1.0..=10.0).contains(&v), "{name} = {v}");
+    }
     assert_eq!(s.get(r#"vblk_queue_info{export="metrics-test",queue="0",worker="0"}"#), 1.0);
     let slept = s.get(r#"vblk_worker_sleep_seconds_total{export="metrics-test",worker="0"}"#);
     let polled = s.get(r#"vblk_worker_poll_seconds_total{export="metrics-test",worker="0"}"#);

@@ -17,7 +17,8 @@
 //!
 //! With `--poll-us N` a worker that just did work keeps spinning on its avail rings and
 //! the io_uring completion queue for up to N µs with kicks disabled (no eventfd writes by
-//! the driver, no `poll` wakeups), then re-enables kicks and sleeps: adaptive polling.
+//! the driver, no `poll` wakeups), then re-enables kicks and sleeps: adaptive polling. The
+//! window adapts between 0 and N µs to when work actually comes ([`PollWindow`]).
 //!
 //! QoS: every ring's pipeline asks the export's [`Throttle`] before it pops a chain. A ring
 //! the throttle holds back keeps its chains in the avail ring, its kicks off, and is not
@@ -164,7 +165,7 @@ impl Worker {
                 stopping: stopping2,
                 qos,
                 _subscription: subscription,
-                poll_budget,
+                window: PollWindow::new(poll_budget),
                 engine,
                 rings,
                 completions: Vec::new(),
@@ -270,6 +271,57 @@ impl RingWorker {
     }
 }
 
+/// The adaptive polling window, as QEMU's `aio_poll` adapts its iothreads' (`poll-grow`,
+/// `poll-shrink`): how long a worker keeps spinning after its last work, between zero and
+/// the `--poll-us` budget. After each sleep the worker reports how long it was idle in all
+/// (the spin and the sleep) before work woke it:
+///
+/// - longer than the budget: no window within the budget would have caught it, so polling
+///   only burnt the CPU: the window halves, and below [`PollWindow::GROW_FROM`] drops to
+///   zero. A slow frontend (a TCG guest, a driver that sleeps between batches) soon costs no
+///   spinning. (QEMU's default `poll-shrink=0` drops to zero at once; halving keeps a fast
+///   client's window through a single late wakeup, e.g. a stalled vCPU of this VM);
+/// - longer than the window but within the budget: a longer window would have caught it
+///   without a wakeup: the window doubles, from [`PollWindow::GROW_FROM`], up to the budget.
+///
+/// While work keeps coming during a spin, the spin goes on and the window does not matter.
+#[derive(Debug, Clone, Copy)]
+struct PollWindow {
+    budget: Duration,
+    current: Duration,
+}
+
+impl PollWindow {
+    /// The first window after zero (QEMU's: 4 µs).
+    const GROW_FROM: Duration = Duration::from_micros(4);
+
+    /// Starts at the full budget (zero: never poll).
+    fn new(budget: Duration) -> Self {
+        PollWindow { budget, current: budget }
+    }
+
+    fn current(&self) -> Duration {
+        self.current
+    }
+
+    /// Whether there is a budget to adapt within (`--poll-us` > 0).
+    fn adaptive(&self) -> bool {
+        !self.budget.is_zero()
+    }
+
+    /// Work woke the worker after `idle` without any (spinning, then asleep).
+    fn woke(&mut self, idle: Duration) {
+        if idle > self.budget {
+            self.current /= 2;
+            if self.current < Self::GROW_FROM {
+                self.current = Duration::ZERO;
+            }
+        } else if idle > self.current {
+            self.current = (self.current * 2).max(Self::GROW_FROM).min(self.budget);
+        }
+    }
+}
+
 struct WorkerLoop {
     stop: Arc<File>,
     /// Set before `stop` is signalled, so a busy-polling worker notices without a syscall.
@@ -277,8 +329,9 @@ struct WorkerLoop {
     /// Signalled when the export's limits change (through `_subscription`).
     qos: Arc<File>,
     _subscription: Subscription,
-    /// How long to keep polling after the last work (zero: never poll).
-    poll_budget: Duration,
+    /// How long to keep polling after the last work: adapts between zero and the
+    /// `--poll-us` budget ([`PollWindow`]).
+    window: PollWindow,
     engine: Engine,
     rings: Vec<RingWorker>,
     completions: Vec<Completion>,
@@ -314,14 +367,18 @@ impl WorkerLoop {
         // (one clock read per switch, none at all untimed).
         let mut mark = self.timing.then(Instant::now);
         loop {
-            if !self.poll_budget.is_zero() {
-                let stop = self.busy_poll();
+            // Since when the worker has had nothing to do: the idle time up to the next
+            // wakeup tells the polling window whether polling would have caught it.
+            let mut idle_since = None;
+            if !self.window.current().is_zero() {
+                let polled = self.busy_poll();
                 // Polling, and the work done since the worker woke up.
                 if let Some(ns) = lap(&mut mark) {
                     self.metrics.polled(ns);
                 }
-                if stop {
-                    break;
+                match polled {
+                    Some(since) => idle_since = Some(since),
+                    None => break,
                 }
             }
             let timeout = self.sleep_timeout();
@@ -330,17 +387,26 @@ impl WorkerLoop {
                 tv_nsec: (ns % 1_000_000_000) as libc::c_long,
             });
             let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
-            if self.poll_budget.is_zero() {
+            if self.window.current().is_zero() {
                 // The work done since the worker woke up.
                 if let Some(ns) = lap(&mut mark) {
                     self.metrics.polled(ns);
                 }
             }
+            // The polling window learns from the length of each sleep (no clock without a
+            // --poll-us budget).
+            let slept_from = self.window.adaptive().then(Instant::now);
             // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd; `ts_ptr` is null
             // or points to `ts`, alive across the call; no signal mask is given.
             let n = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
             if let Some(ns) = lap(&mut mark) {
                 self.metrics.slept(ns);
+            }
+            if let Some(t) = slept_from {
+                if n > 0 && fds[STOP_FD].revents == 0 {
+                    // Woken by work (not a timeout, not the stop fd).
+                    self.window.woke(Instant::now().saturating_duration_since(idle_since.unwrap_or(t)));
+                }
             }
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -397,9 +463,11 @@ impl WorkerLoop {
     }
 
     /// Adaptive polling: with kicks disabled, spin on the avail rings and the completion
-    /// queue while work keeps arriving; after `poll_budget` without any, re-enable kicks
-    /// and return to sleeping. Returns `true` if the worker was asked to stop.
-    fn busy_poll(&mut self) -> bool {
+    /// queue while work keeps arriving; after the polling window without any, re-enable
+    /// kicks and return to sleeping. Returns since when the worker has been idle (`None`:
+    /// it was asked to stop).
+    fn busy_poll(&mut self) -> Option<Instant> {
+        let budget = self.window.current();
         for r in &mut self.rings {
             r.queue.queue_mut().disable_notification();
         }
@@ -410,7 +478,7 @@ impl WorkerLoop {
         let mut idle_passes = 0u32;
         loop {
             if self.stopping.load(Ordering::Acquire) {
-                return true;
+                return None;
             }
             let now = if self.any_held() { now_ns() } else { 0 };
             let mut work = false;
@@ -429,7 +497,7 @@ impl WorkerLoop {
                 idle_passes = idle_passes.wrapping_add(1);
                 match idle_since {
                     None => (idle_since, idle_passes) = (Some(Instant::now()), 0),
-                    Some(t) if idle_passes.is_multiple_of(32) && t.elapsed() >= self.poll_budget => break,
+                    Some(t) if idle_passes.is_multiple_of(32) && t.elapsed() >= budget => break,
                     Some(_) => {}
                 }
             }
@@ -441,7 +509,8 @@ impl WorkerLoop {
         }
         self.reap();
         self.publish_all();
-        false
+        // (Throttled rings: no idle stretch was timed; the sleep is then the throttle's.)
+        Some(idle_since.unwrap_or_else(Instant::now))
     }
 
     /// Is any ring held back by the throttle?
@@ -539,5 +608,40 @@ impl WorkerLoop {
         for r in &mut self.rings {
             r.queue.end_throttle();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn the_poll_window_drops_to_zero_when_work_comes_too_late_and_grows_back() {
+        let mut w = PollWindow::new(50 * US);
+        assert_eq!(w.current(), 50 * US, "starts at the budget");
+        w.woke(30 * US);
+        assert_eq!(w.current(), 50 * US, "caught within the window: unchanged");
+        w.woke(51 * US);
+        assert_eq!(w.current(), 25 * US, "later than any window could catch: halves");
+        for _ in 0..3 {
+            w.woke(1000 * US);
+        }
+        assert_eq!(w.current(), Duration::ZERO, "below 4 µs: off");
+        w.woke(10 * US);
+        assert_eq!(w.current(), 4 * US);
+        w.woke(10 * US);
+        assert_eq!(w.current(), 8 * US);
+        w.woke(10 * US);
+        assert_eq!(w.current(), 16 * US, "doubles while work comes after the window");
+        w.woke(3 * US);
+        assert_eq!(w.current(), 16 * US);
+        w.woke(40 * US);
+        w.woke(40 * US);
+        assert_eq!(w.current(), 50 * US, "never beyond the budget");
+        let mut off = PollWindow::new(Duration::ZERO);
+        off.woke(US);
+        assert_eq!(off.current(), Duration::ZERO, "--poll-us 0: never polls");
     }
 }

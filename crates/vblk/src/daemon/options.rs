@@ -112,10 +112,12 @@ pub struct ExportArgs {
     /// Use the host page cache instead of O_DIRECT.
     #[arg(long)]
     pub no_direct: bool,
-    /// Adaptive polling: after work, spin on the rings for this many µs before sleeping
-    /// (0: always sleep on the kick eventfds). Idle queues cost nothing: spinning stops
-    /// this long after the last request. [default: 50; 0 for RBD images, whose completions
-    /// come from librbd's threads, which a spinning worker would keep off the CPU]
+    /// Adaptive polling: after work, spin on the rings for up to this many µs before
+    /// sleeping (0: always sleep on the kick eventfds). The window adapts like QEMU's
+    /// iothread polling: it halves (down to 0) when work comes later than this after the
+    /// last (a slow frontend soon costs no spinning) and doubles back from 4 µs when work
+    /// comes within it. Idle queues cost nothing. [default: 50; 0 for RBD images, whose completions come
+    /// from librbd's threads, which a spinning worker would keep off the CPU]
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub poll_us: Option<u32>,
     /// Do not merge contiguous requests into one backend I/O.

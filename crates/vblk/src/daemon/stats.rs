@@ -7,7 +7,7 @@
 //!  "total": QUEUE, "queues": [QUEUE...], "workers": [{"worker": 0, "poll_seconds": 1.5, "sleep_seconds": 8.2}]}
 //! QUEUE = {"requests": {"read": 10, "write": 3, ...}, "bytes": {"read": 40960, ...},
 //!          "errors": {"ioerr": 0, "unsupp": 0}, "in_flight": 0, "merged": 1, "refused": 0,
-//!          "throttled_seconds": 0.0,
+//!          "throttled_seconds": 0.0, "batches": 9, "publishes": 9, "notifications": 8,
 //!          "latency": {"count": 13, "sum_seconds": 0.0002, "buckets": [[0.000001, 2], ..., [null, 0]]}}
 //! ```
 //! Latency buckets are not cumulative: `[upper bound in seconds (null: +Inf), requests]`.
@@ -55,6 +55,9 @@ fn queue_json(q: &QueueSnapshot) -> Value {
         "in_flight": q.in_flight(),
         "merged": q.merged,
         "refused": q.refused,
+        "batches": q.batches,
+        "publishes": q.publishes,
+        "notifications": q.notifications,
         "throttled_seconds": q.throttled_ns as f64 / 1e9,
         "latency": {"count": q.latency_count(), "sum_seconds": q.latency_sum_ns as f64 / 1e9, "buckets": buckets},
     })
