@@ -149,17 +149,29 @@ impl Rig {
         let head = self.drv.add(bufs).unwrap();
         self.drv.publish();
         self.dev.process_available(&mut self.io).unwrap();
-        let mut done = Vec::new();
-        while self.io.in_flight() > 0 {
-            self.io.wait(&mut done).unwrap();
-            for c in done.drain(..) {
-                self.dev.complete(c);
-            }
-        }
-        self.dev.publish();
+        self.complete_all();
         let (h, len) = self.drv.pop_used().unwrap().expect("request completed");
         assert_eq!(h, head);
         (len, self.status_byte(slot))
+    }
+
+    /// Wait for every backend I/O in flight, complete its requests and publish them.
+    fn complete_all(&mut self) {
+        let mut done = Vec::new();
+        while self.io.in_flight() > 0 {
+            self.io.wait(&mut done).unwrap();
+            done.drain(..).for_each(|c| self.dev.complete(c));
+        }
+        self.dev.publish();
+    }
+
+    /// Take every used entry the device published; how many there were.
+    fn pop_all_used(&mut self) -> u64 {
+        let mut count = 0;
+        while self.drv.pop_used().unwrap().is_some() {
+            count += 1;
+        }
+        count
     }
 
     fn write(&mut self, sector: u64, data: &[u8]) -> u8 {
@@ -236,12 +248,7 @@ fn a_request_split_over_many_descriptors_and_an_indirect_table_works() {
         let head = r.drv.add_indirect(&bufs, 0x50_0000).unwrap();
         r.drv.publish();
         r.dev.process_available(&mut r.io).unwrap();
-        let mut done = Vec::new();
-        while r.io.in_flight() > 0 {
-            r.io.wait(&mut done).unwrap();
-            done.drain(..).for_each(|c| r.dev.complete(c));
-        }
-        r.dev.publish();
+        r.complete_all();
         assert_eq!(r.drv.pop_used().unwrap().unwrap().0, head);
         assert_eq!(r.status_byte(0), OK);
         assert_eq!(r.read(100, data.len() as u32).1, data);
@@ -462,17 +469,8 @@ fn many_requests(r: &mut Rig) {
     assert_eq!(r.dev.in_flight() as u64, n);
     let before = r.dev.metrics().snapshot();
     assert_eq!(before.in_flight(), n, "the metrics see the same requests in flight");
-    let mut done = Vec::new();
-    while r.io.in_flight() > 0 {
-        r.io.wait(&mut done).unwrap();
-        done.drain(..).for_each(|c| r.dev.complete(c));
-    }
-    r.dev.publish();
-    let mut count = 0;
-    while r.drv.pop_used().unwrap().is_some() {
-        count += 1;
-    }
-    assert_eq!(count, n);
+    r.complete_all();
+    assert_eq!(r.pop_all_used(), n);
     for i in 0..n {
         assert_eq!(r.status_byte(i), OK);
         assert_eq!(r.read(i * 8, 4096).1, pattern(4096, i as u8));
@@ -514,12 +512,7 @@ fn requests_popped_before_a_ring_breaks_still_complete() {
             r.mem.write_at(RINGS + 16 * bufs.len() as u64, &d.to_bytes()).unwrap();
         }
         assert!(r.dev.process_available(&mut r.io).is_err(), "the ring is broken");
-        let mut done = Vec::new();
-        while r.io.in_flight() > 0 {
-            r.io.wait(&mut done).unwrap();
-            done.drain(..).for_each(|c| r.dev.complete(c));
-        }
-        r.dev.publish();
+        r.complete_all();
         assert_eq!(r.dev.in_flight(), 0, "nothing stranded");
         assert_eq!(r.drv.pop_used().unwrap().map(|(h, _)| h), Some(head));
         assert_eq!(r.status_byte(0), OK);
@@ -605,30 +598,14 @@ fn a_throttled_queue_pops_only_what_is_admitted_and_still_merges() {
         assert!(until >= before + 100_000_000 && until <= now_ns() + 102_000_000, "{until} vs {before}");
         assert_eq!(r.dev.metrics().snapshot().merged, 10, "the eleven admitted writes are one I/O");
         assert_eq!(r.dev.process_available(&mut r.io).unwrap(), 0, "asked again early: still held");
-        let mut done = Vec::new();
-        while r.io.in_flight() > 0 {
-            r.io.wait(&mut done).unwrap();
-            done.drain(..).for_each(|c| r.dev.complete(c));
-        }
-        r.dev.publish();
-        let mut count = 0;
-        while r.drv.pop_used().unwrap().is_some() {
-            count += 1;
-        }
-        assert_eq!(count, 11);
+        r.complete_all();
+        assert_eq!(r.pop_all_used(), 11);
 
         t.set_limits(Limits::UNLIMITED);
         assert_eq!(r.dev.process_available(&mut r.io).unwrap(), 9);
         assert_eq!(r.dev.throttled_until(), None);
-        while r.io.in_flight() > 0 {
-            r.io.wait(&mut done).unwrap();
-            done.drain(..).for_each(|c| r.dev.complete(c));
-        }
-        r.dev.publish();
-        while r.drv.pop_used().unwrap().is_some() {
-            count += 1;
-        }
-        assert_eq!(count, n);
+        r.complete_all();
+        assert_eq!(11 + r.pop_all_used(), n, "the nine held back complete too");
         (0..n).for_each(|i| assert_eq!(r.status_byte(i), OK));
         let s = r.dev.metrics().snapshot();
         assert_eq!(s.merged, 18);

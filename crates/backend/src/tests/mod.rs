@@ -161,6 +161,23 @@ pub(crate) fn open_new(dir: &TempDir, name: &str, size: u64, direct: bool) -> Ar
     Arc::new(Disk::open(&dir.path(name), &opts).expect("open disk"))
 }
 
+/// Run `f` with a loop device (`losetup`) over a new sparse image of `size` bytes in `dir`:
+/// `f(device path, image path)`. The device is detached afterwards, also when `f` panics.
+/// Needs root and loop devices (the tests that use it are `#[ignore]`).
+pub(crate) fn with_loop_device(dir: &TempDir, size: u64, f: impl FnOnce(&str, &Path)) {
+    use std::process::Command;
+    let img = dir.path("loop.img");
+    drop(open_new(dir, "loop.img", size, false));
+    let out = Command::new("losetup").args(["-f", "--show"]).arg(&img).output().expect("losetup");
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&dev, &img)));
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
 pub(crate) fn engine(disk: &Arc<Disk>, kind: EngineKind) -> Engine {
     Engine::new(disk.clone(), kind, 16).expect("engine")
 }

@@ -262,15 +262,9 @@ fn human_sizes() {
 #[test]
 #[ignore]
 fn loop_block_device() {
-    use std::process::Command;
     let dir = TempDir::new();
-    let img = dir.path("loop.img");
-    drop(open_new(&dir, "loop.img", 8 * MIB, false));
-    let out = Command::new("losetup").args(["-f", "--show"]).arg(&img).output().expect("losetup");
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let result = std::panic::catch_unwind(|| {
-        let disk = Arc::new(Disk::open(Path::new(&dev), &DiskOptions::default()).expect("open dev"));
+    with_loop_device(&dir, 8 * MIB, |dev, _| {
+        let disk = Arc::new(Disk::open(Path::new(dev), &DiskOptions::default()).expect("open dev"));
         assert!(disk.is_block_device());
         assert_eq!(disk.size(), 8 * MIB);
         assert_eq!(disk.logical_block_size(), 512);
@@ -287,10 +281,6 @@ fn loop_block_device() {
             run(&mut e, data_less(OpKind::Flush, 0, 0, false)).result.expect("flush");
         }
     });
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
-    if let Err(p) = result {
-        std::panic::resume_unwind(p);
-    }
 }
 
 #[test]

@@ -134,18 +134,13 @@ fn resizes_from_several_threads_leave_one_consistent_size() {
 fn a_block_device_takes_the_size_of_the_device() {
     use std::process::Command;
     let dir = TempDir::new();
-    let img = dir.path("loop.img");
-    drop(open_new(&dir, "loop.img", 8 * MIB, false));
-    let out = Command::new("losetup").args(["-f", "--show"]).arg(&img).output().expect("losetup");
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let result = std::panic::catch_unwind(|| {
-        let disk = Arc::new(Disk::open(Path::new(&dev), &DiskOptions::default()).expect("open dev"));
+    with_loop_device(&dir, 8 * MIB, |dev, img| {
+        let disk = Arc::new(Disk::open(Path::new(dev), &DiskOptions::default()).expect("open dev"));
         assert_eq!(disk.size(), 8 * MIB);
         assert_eq!(disk.resize(8 * MIB).unwrap(), 8 * MIB, "unchanged device");
-        std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(12 * MIB).unwrap();
+        std::fs::OpenOptions::new().write(true).open(img).unwrap().set_len(12 * MIB).unwrap();
         assert_eq!(disk.size(), 8 * MIB, "not yet re-read");
-        let st = Command::new("losetup").args(["-c", &dev]).status().expect("losetup -c");
+        let st = Command::new("losetup").args(["-c", dev]).status().expect("losetup -c");
         assert!(st.success());
         assert_eq!(disk.resize_target(4 * MIB).unwrap(), 12 * MIB, "the number is ignored");
         assert_eq!(disk.resize(4 * MIB).unwrap(), 12 * MIB);
@@ -155,8 +150,4 @@ fn a_block_device_takes_the_size_of_the_device() {
         write_ok(&mut e, 12 * MIB - 4096, &mut end, &[], false);
         assert_eq!(read_back(&mut e, 12 * MIB - 4096, 4096, 0, &[]), end.bytes());
     });
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
-    if let Err(p) = result {
-        std::panic::resume_unwind(p);
-    }
 }
