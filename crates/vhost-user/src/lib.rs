@@ -11,5 +11,6 @@ mod worker;
 
 pub use device::{DataPlaneOptions, DeviceError, VblkDevice, MAX_MEM_SLOTS, MAX_MEM_TABLE_REGIONS};
 pub use server::{
-    serve_stream, serve_stream_with_timeout, ConnectionEnd, Server, ServerError, DEFAULT_MESSAGE_TIMEOUT,
+    claim_socket_path, serve_stream, serve_stream_with_timeout, ConnectionEnd, Server, ServerError,
+    DEFAULT_MESSAGE_TIMEOUT,
 };

@@ -47,6 +47,18 @@ pub enum ConnectionEnd {
 /// length), so any time limit well above a scheduling delay is safe.
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Make `path` free for a listening socket: a live socket there (someone accepts on it) is
+/// an error; a stale one, left by a process that died, is removed.
+pub fn claim_socket_path(path: &Path) -> Result<(), ServerError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerError::SocketInUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 /// A vhost-user-blk server on a unix socket.
 pub struct Server {
     listener: UnixListener,
@@ -61,12 +73,7 @@ impl Server {
     /// Listen on `path` with permission bits `mode`. A stale socket file (nobody
     /// accepting on it) is replaced; a live one is an error.
     pub fn bind(path: &Path, mode: u32, device: VblkDevice) -> Result<Self, ServerError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ServerError::SocketInUse(path.to_owned()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
+        claim_socket_path(path)?;
         let bind_err = |source| ServerError::Bind { path: path.to_owned(), source };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;

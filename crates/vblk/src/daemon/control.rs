@@ -11,10 +11,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 
 use vblk_vhost_user::DeviceError;
+
+use vblk_vhost_user::claim_socket_path;
 
 use super::export::qos_json;
 use super::options::{resolve_paths, ExportArgs};
@@ -31,12 +33,7 @@ pub struct ControlServer {
 
 impl ControlServer {
     pub fn start(path: &Path, daemon: Arc<Daemon>) -> Result<ControlServer> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                bail!("control socket {} is in use by another process", path.display());
-            }
-            let _ = std::fs::remove_file(path);
-        }
+        claim_socket_path(path).map_err(|e| anyhow::anyhow!("control {e}"))?;
         let listener =
             UnixListener::bind(path).with_context(|| format!("cannot listen on control socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

@@ -22,7 +22,7 @@ use vblk_backend::{Disk, EngineKind};
 use vblk_blk::qos::Throttle;
 use vblk_blk::DeviceParams;
 use vblk_metrics::ExportMetrics;
-use vblk_vhost_user::{DataPlaneOptions, DeviceError, Server, VblkDevice};
+use vblk_vhost_user::{claim_socket_path, DataPlaneOptions, DeviceError, Server, VblkDevice};
 
 use super::open::open_disk;
 use super::options::{EngineArg, ExportArgs};
@@ -47,7 +47,6 @@ pub struct Export {
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
 }
 
-#[allow(dead_code)]
 impl Export {
     /// Open the disk and serve it on its socket. `timing`: measure request latencies (for
     /// the metrics histogram and `vblk top`).
@@ -57,9 +56,7 @@ impl Export {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16));
         let threads = (args.threads.unwrap_or(num_queues) as usize).min(num_queues as usize);
         // A socket in use is refused before the disk is opened (or created).
-        if UnixStream::connect(&args.socket).is_ok() {
-            anyhow::bail!("socket {} is in use by another process", args.socket.display());
-        }
+        claim_socket_path(&args.socket)?;
         let disk = Arc::new(open_disk(args)?);
         // A snapshot is read-only whatever --readonly says: the guest is told so.
         let readonly = args.readonly || disk.readonly();
@@ -158,10 +155,6 @@ impl Export {
     /// export's thread takes it for every vhost-user message.
     pub fn device(&self) -> MutexGuard<'_, VblkDevice> {
         self.device.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn disk(&self) -> &Arc<Disk> {
-        &self.disk
     }
 
     /// Resize the disk while it is served and tell the frontend (`VblkDevice::resize`);
