@@ -63,7 +63,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use disk::{Disk, DiskOptions, Flusher};
-pub use engine::{Engine, EngineKind, MAX_DEPTH};
+pub use engine::{Engine, EngineKind, INLINE_BATCH, MAX_DEPTH};
 pub use inject::{FaultSpec, FaultSpecError, Faults};
 pub use vblk_rbd::RbdError;
 

@@ -316,7 +316,11 @@ impl BlkQueue {
         }
         let mut n = 0;
         let mut stamped = false;
+        let limit = io.batch_limit();
         let ring = loop {
+            if n >= limit {
+                break Ok(());
+            }
             if limited {
                 match self.admit(&mut stamped) {
                     Ok(true) => {}

@@ -10,10 +10,13 @@
 //!
 //! with a timeout while a submission waits to be retried or a ring is throttled.
 //!
-//! A kick runs the queue's pipeline ([`BlkQueue::process_available`]) until the ring is
-//! empty with notifications re-enabled; completions finish requests; after each round
-//! every queue with finished requests publishes its used ring and, if the driver wants
-//! it, signals the call eventfd ([`RingWorker::publish`] is the one place that does).
+//! A kick runs the queue's pipeline ([`BlkQueue::process_available`]) batch by batch until
+//! the ring is empty with notifications re-enabled; completions finish requests; after each
+//! batch and each round every queue with finished requests publishes its used ring and, if
+//! the driver wants it, signals the call eventfd ([`RingWorker::publish`] is the one place
+//! that does). An engine that does the I/O while it submits (null, synchronous) takes short
+//! batches ([`Engine::batch_limit`]), so the driver gets completions while the rest of
+//! what it queued is still being served, instead of sleeping through the whole ring.
 //!
 //! With `--poll-us N` a worker that just did work keeps spinning on its avail rings and
 //! the io_uring completion queue for up to N µs with kicks disabled (no eventfd writes by
@@ -201,33 +204,33 @@ struct RingWorker {
 }
 
 impl RingWorker {
-    /// Run the pipeline until the ring is empty and kicks are re-enabled, or until the
-    /// throttle holds it back (kicks then stay off: the worker comes back at the time the
-    /// throttle gave).
-    fn service(&mut self, engine: &mut Engine) {
+    /// One batch of the pipeline; once the ring is empty, kicks are re-enabled. `true`: the
+    /// ring has more (the batch ended at the engine's limit, or requests came while kicks
+    /// were being re-enabled). `false`: empty with kicks on, held back by the throttle
+    /// (kicks then stay off: the worker comes back at the time the throttle gave), or broken.
+    fn serve_batch(&mut self, engine: &mut Engine) -> bool {
         if self.broken {
-            return;
+            return false;
         }
-        loop {
-            let more = self.queue.process_available(engine).and_then(|_| {
-                if self.held() {
-                    self.queue.queue_mut().disable_notification();
-                    Ok(false)
-                } else {
-                    self.queue.enable_notification()
+        let more = self.queue.process_available(engine).and_then(|n| {
+            if self.held() {
+                self.queue.queue_mut().disable_notification();
+                Ok(false)
+            } else if n >= engine.batch_limit() {
+                Ok(true)
+            } else {
+                self.queue.enable_notification()
+            }
+        });
+        match more {
+            Ok(more) => more,
+            Err(e) => {
+                tracing::error!(ring = self.index, error = %e, "virtqueue broken; stopping it");
+                self.broken = true;
+                if let Some(err) = &self.err {
+                    signal(err);
                 }
-            });
-            match more {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::error!(ring = self.index, error = %e, "virtqueue broken; stopping it");
-                    self.broken = true;
-                    if let Some(err) = &self.err {
-                        signal(err);
-                    }
-                    return;
-                }
+                false
             }
         }
     }
@@ -358,8 +361,8 @@ impl WorkerLoop {
             .map(|fd: RawFd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
         // Work may have been made available while the ring was being (re)configured.
-        for r in &mut self.rings {
-            r.service(&mut self.engine);
+        for i in 0..self.rings.len() {
+            self.service(i);
         }
         self.reap();
         self.publish_all();
@@ -426,7 +429,8 @@ impl WorkerLoop {
             }
             let now = if self.any_held() { now_ns() } else { 0 };
             let mut serviced = false;
-            for (i, r) in self.rings.iter_mut().enumerate() {
+            for i in 0..self.rings.len() {
+                let r = &self.rings[i];
                 let pfd = &mut fds[FIRST_KICK_FD + i];
                 let kicked = pfd.revents != 0;
                 if kicked {
@@ -438,9 +442,9 @@ impl WorkerLoop {
                 if !run {
                     continue;
                 }
-                r.service(&mut self.engine);
+                self.service(i);
                 serviced = true;
-                if r.broken {
+                if self.rings[i].broken {
                     // Stop listening to a broken ring's kicks (poll skips negative fds).
                     pfd.fd = -1;
                 }
@@ -504,13 +508,24 @@ impl WorkerLoop {
             std::hint::spin_loop();
         }
         // Kicks on again; whatever raced with that is serviced before sleeping.
-        for r in &mut self.rings {
-            r.service(&mut self.engine);
+        for i in 0..self.rings.len() {
+            self.service(i);
         }
         self.reap();
         self.publish_all();
         // (Throttled rings: no idle stretch was timed; the sleep is then the throttle's.)
         Some(idle_since.unwrap_or_else(Instant::now))
+    }
+
+    /// Run ring `i`'s pipeline until the ring is empty and its kicks are re-enabled (or the
+    /// throttle holds it back), publishing what completed after every batch: the batches
+    /// of an engine that does the I/O in `submit` are short ([`Engine::batch_limit`]), so
+    /// the driver gets the first completions while the rest are served.
+    fn service(&mut self, i: usize) {
+        while self.rings[i].serve_batch(&mut self.engine) {
+            self.poll_completions();
+            self.rings[i].publish();
+        }
     }
 
     /// Is any ring held back by the throttle?
