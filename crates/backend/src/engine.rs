@@ -130,11 +130,14 @@ impl Engine {
     /// [`Engine::submit`], so a long batch holds back every completion in it until the last
     /// one is done: the driver sleeps meanwhile, and the worker then waits, idle, for it to
     /// wake up and refill the ring (the lockstep of issue 15). Batches of
-    /// [`INLINE_BATCH`] overlap the two. The other engines only queue requests in `submit`:
+    /// [`INLINE_BATCH`] overlap the two; the same for a qcow2 image in memory, whose
+    /// allocated data is read and written in `submit` too. The other engines only queue
+    /// requests in `submit`:
     /// their batch is whatever the ring holds (fewer `io_uring_enter`s, longer merges).
     pub fn batch_limit(&self) -> usize {
         match self.flavour {
             Flavour::Null | Flavour::Sync(_) => INLINE_BATCH,
+            Flavour::Qcow2(ref q) if q.runs_at_submit() => INLINE_BATCH,
             _ => usize::MAX,
         }
     }

@@ -123,6 +123,13 @@ impl Qcow2Engine {
         self.routed
     }
 
+    /// Whether the fast path's reads and writes run in `submit` (inline, on a memory-backed
+    /// image): then the queue takes short batches, as on the synchronous raw engine
+    /// ([`crate::Engine::batch_limit`]).
+    pub(crate) fn runs_at_submit(&self) -> bool {
+        self.uring.is_none() && self.inline
+    }
+
     /// `"qcow2+io_uring"`, `"qcow2+sync"` or `"qcow2"` (service threads only).
     pub(crate) fn name(&self) -> &'static str {
         match (&self.uring, self.inline) {
