@@ -132,8 +132,8 @@ impl Engine {
     /// wake up and refill the ring (the lockstep of issue 15). Batches of
     /// [`INLINE_BATCH`] overlap the two; the same for a qcow2 image in memory, whose
     /// allocated data is read and written in `submit` too. The other engines only queue
-    /// requests in `submit`:
-    /// their batch is whatever the ring holds (fewer `io_uring_enter`s, longer merges).
+    /// requests in `submit`: their batch is whatever the ring holds (fewer
+    /// `io_uring_enter`s, longer merges).
     pub fn batch_limit(&self) -> usize {
         match self.flavour {
             Flavour::Null | Flavour::Sync(_) => INLINE_BATCH,

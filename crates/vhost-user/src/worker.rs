@@ -14,9 +14,10 @@
 //! the ring is empty with notifications re-enabled; completions finish requests; after each
 //! batch and each round every queue with finished requests publishes its used ring and, if
 //! the driver wants it, signals the call eventfd ([`RingWorker::publish`] is the one place
-//! that does). An engine that does the I/O while it submits (null, synchronous) takes short
-//! batches ([`Engine::batch_limit`]), so the driver gets completions while the rest of
-//! what it queued is still being served, instead of sleeping through the whole ring.
+//! that does). An engine that does the I/O while it submits (null, synchronous, qcow2 in
+//! memory) takes short batches ([`Engine::batch_limit`]), so the driver gets completions
+//! while the rest of what it queued is still being served, instead of sleeping through the
+//! whole ring.
 //!
 //! With `--poll-us N` a worker that just did work keeps spinning on its avail rings and
 //! the io_uring completion queue for up to N µs with kicks disabled (no eventfd writes by
@@ -225,13 +226,19 @@ impl RingWorker {
         match more {
             Ok(more) => more,
             Err(e) => {
-                tracing::error!(ring = self.index, error = %e, "virtqueue broken; stopping it");
-                self.broken = true;
-                if let Some(err) = &self.err {
-                    signal(err);
-                }
+                self.break_ring(&e);
                 false
             }
+        }
+    }
+
+    /// The ring is broken (the driver broke the protocol): stop serving it and tell the
+    /// frontend through the err eventfd, if it gave one.
+    fn break_ring(&mut self, e: &dyn std::fmt::Display) {
+        tracing::error!(ring = self.index, error = %e, "virtqueue broken; stopping it");
+        self.broken = true;
+        if let Some(err) = &self.err {
+            signal(err);
         }
     }
 
@@ -254,11 +261,7 @@ impl RingWorker {
         match self.queue.process_available(engine) {
             Ok(n) => n > 0,
             Err(e) => {
-                tracing::error!(ring = self.index, error = %e, "virtqueue broken; stopping it");
-                self.broken = true;
-                if let Some(err) = &self.err {
-                    signal(err);
-                }
+                self.break_ring(&e);
                 false
             }
         }
